@@ -1,0 +1,40 @@
+# ard_kernels: `make test` and `make bench` set up .venv by themselves on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines get the CPU build of torch and a Triton whose interpreter runs the kernels there.
+TORCH_CPU := torch==2.13.0
+TRITON_CPU := triton==3.7.1
+STAMP := $(VENV)/.ard_kernels-installed
+
+.PHONY: test bench lint wheel clean install
+
+install: $(STAMP)
+
+$(STAMP): requirements-dev.txt setup.py pyproject.toml Makefile
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		echo "Reusing this Python's CUDA build of torch (--system-site-packages)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(PIP) install -q $(TORCH_CPU) $(TRITON_CPU); \
+	fi
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check ard_kernels tests benchmarks setup.py
+
+wheel: $(STAMP)
+	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	@ls -l dist/*.whl
+
+clean:
+	rm -rf build dist *.egg-info results ard_kernels/*.so

@@ -1,0 +1,175 @@
+"""The public ops: validate inputs first, then dispatch on ``backend=``.
+
+``backend`` is one of "auto", "reference", "sdpa", "flex" (attention only) or "triton";
+:func:`ard_kernels.available_backends` says which run here. "auto" picks the fastest one for
+the tensors' device (Triton on CUDA; eager PyTorch on the CPU) and logs once when it has to
+fall back to a slower path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import masks, reference
+from ._backends import resolve
+from ._validation import (
+    check_block_size,
+    check_int,
+    check_positive,
+    check_same,
+    check_shape,
+    check_tensor,
+)
+
+TRITON_HEAD_DIMS = range(16, 257, 8)
+
+
+def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_lse=False, backend="auto"):
+    """``O = softmax(Q·Kᵀ·scale + log M)·V``, M the block mask of ``pattern``.
+
+    Key token ``j`` is in block ``j // block_size``; the queries are the last Lq tokens of the
+    key sequence (Lq = Lk in training, one block at a KV-cached step). See
+    :func:`ard_kernels.reference.block_attention_ref` for the exact semantics and
+    :mod:`ard_kernels.masks` for the patterns.
+
+    Args:
+        q: (B, H, Lq, D); k, v: (B, H, Lk, D); fp16, bf16 or fp32, one dtype and device. Any
+            strides: a (B, N, H, D) tensor viewed as (B, H, N, D) by ``transpose(1, 2)`` is fine.
+        block_size: tokens per block, >= 1 (the last block may be partial).
+        pattern: "causal" (M4), "diagonal" (M1), "window" (M2), "first" (M3), or a bool table
+            (nb, nb), nb = ceil(Lk / block_size), with no empty row.
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return the fp32 log-sum-exp (B, H, Lq) of each query row.
+        backend: "auto" | "reference" | "sdpa" | "flex" | "triton".
+
+    Returns:
+        O (B, H, Lq, D) in q's dtype; with ``return_lse`` the tuple (O, lse).
+    """
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
+    check_same("q", q, k=k, v=v)
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    check_shape("k", k, (b, h, lk, d))
+    check_shape("v", v, (b, h, lk, d))
+    check_block_size(block_size)
+    masks.check_lengths(lq, lk, block_size)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        check_positive("scale", scale)
+    table = masks.pattern_table(pattern, masks.num_blocks(lk, block_size))
+
+    chosen = resolve(backend, "block_attention", q.device)
+    if chosen == "triton" and d not in TRITON_HEAD_DIMS:
+        if backend == "triton":
+            raise ValueError(f"q: backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={d}")
+        chosen = "sdpa"
+    if chosen == "sdpa" and return_lse:
+        if backend == "sdpa":
+            raise ValueError(
+                "return_lse: SDPA does not expose the log-sum-exp; use backend 'reference', 'flex' or 'triton'"
+            )
+        chosen = "reference"
+    if chosen == "reference":
+        return reference.block_attention_ref(q, k, v, block_size, table, scale, return_lse)
+    if chosen == "sdpa":
+        from .ops.attention_peers import block_attention_sdpa
+
+        return block_attention_sdpa(q, k, v, block_size, table, scale)
+    if chosen == "flex":
+        from .ops.attention_peers import block_attention_flex
+
+        return block_attention_flex(q, k, v, block_size, table, scale, return_lse)
+    from .ops.block_attention import block_attention_triton
+
+    return block_attention_triton(q, k, v, block_size, table, scale, return_lse)
+
+
+def _check_conditioning(x, block_size, **conds):
+    """x (B, N, C) and each conditioning tensor (B, nb, C), nb = ceil(N / block_size)."""
+    check_tensor("x", x, 3)
+    check_block_size(block_size)
+    b, n, c = x.shape
+    if n < 1 or c < 1:
+        raise ValueError(f"x: expected non-empty (B, N, C), got shape {tuple(x.shape)}")
+    nb = masks.num_blocks(n, block_size)
+    for name, t in conds.items():
+        check_tensor(name, t, 3)
+        check_shape(name, t, (b, nb, c))
+    check_same("x", x, **conds)
+
+
+def modulated_layer_norm(x, shift, scale, block_size, eps=1e-6, backend="auto"):
+    """``y[b, n] = LN(x[b, n])·(1 + scale[b, n // block_size]) + shift[b, n // block_size]``.
+
+    LayerNorm without affine (DiT's ``norm1``/``norm2``) fused with adaLN modulation whose
+    conditioning is kept per (sample, block).
+
+    Args:
+        x: (B, N, C); shift, scale: (B, nb, C), nb = ceil(N / block_size); one dtype and device.
+        eps: added to the variance, > 0.
+
+    Returns:
+        (B, N, C) in x's dtype; differentiable in x, shift and scale.
+    """
+    _check_conditioning(x, block_size, shift=shift, scale=scale)
+    check_positive("eps", eps)
+    chosen = resolve(backend, "modulated_layer_norm", x.device)
+    if chosen == "reference":
+        return reference.modulated_layer_norm_ref(x, shift, scale, block_size, eps)
+    from .ops.modulated_layer_norm import modulated_layer_norm_triton
+
+    return modulated_layer_norm_triton(x, shift, scale, block_size, eps)
+
+
+def gated_residual(x, y, gate, block_size, inplace=False, backend="auto"):
+    """``out[b, n] = x[b, n] + gate[b, n // block_size]·y[b, n]``.
+
+    Args:
+        x, y: (B, N, C); gate: (B, nb, C), nb = ceil(N / block_size); one dtype and device.
+        inplace: write the result into ``x`` (inference only: refused when grad is needed).
+
+    Returns:
+        (B, N, C) in x's dtype (``x`` itself when ``inplace``).
+    """
+    _check_conditioning(x, block_size, gate=gate)
+    check_tensor("y", y, 3)
+    check_shape("y", y, tuple(x.shape))
+    check_same("x", x, y=y)
+    if inplace and torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, gate)):
+        raise RuntimeError("inplace: gated_residual(inplace=True) is for inference; a tensor here requires grad")
+    chosen = resolve(backend, "gated_residual", x.device)
+    if chosen == "reference":
+        out = reference.gated_residual_ref(x, y, gate, block_size)
+        return x.copy_(out) if inplace else out
+    from .ops.gated_residual import gated_residual_triton
+
+    return gated_residual_triton(x, y, gate, block_size, inplace)
+
+
+def timestep_embedding(t, dim, max_period=10000, backend="auto"):
+    """``emb = [cos(t·f_i), sin(t·f_i)]``, ``f_i = exp(−ln(max_period)·i/(dim//2))``: DiT's embedding.
+
+    Args:
+        t: tensor of any shape (fractional timesteps allowed); math in fp32.
+        dim: embedding width >= 1 (odd widths get a trailing zero column).
+
+    Returns:
+        (*t.shape, dim) fp32.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t: expected a real dtype, got {t.dtype}")
+    check_int("dim", dim, 1)
+    check_positive("max_period", max_period)
+    chosen = resolve(backend, "timestep_embedding", t.device)
+    if chosen == "reference":
+        return reference.timestep_embedding_ref(t, dim, max_period)
+    from .ops.timestep_embedding import timestep_embedding_triton
+
+    return timestep_embedding_triton(t, dim, max_period)

@@ -1,0 +1,38 @@
+"""Shared test set-up: the Triton interpreter on CPU-only machines, the ``cuda`` marker, seeds.
+
+TRITON_INTERPRET must be set before any Triton kernel is defined, so it is decided here, at
+the top of the first module pytest imports, before the tests import ard_kernels.ops.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same RNG state, so a failure reproduces."""
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture
+def triton_device():
+    """The device the Triton kernels run on here: CUDA, or the CPU through the interpreter."""
+    return torch.device("cuda" if HAS_CUDA and not INTERPRETED else "cpu")
