@@ -1,0 +1,163 @@
+"""Compile every Triton kernel of the package for real GPUs, on a machine that has none.
+
+``python -m ard_kernels.aot_check [--arch 90 80] [--json]`` runs Triton's full pipeline
+(TTIR → TTGIR → LLVM → PTX → cubin through ptxas) for each kernel configuration that the op
+modules list in their ``aot_specs()``. The Triton interpreter, which runs the kernels on the CPU
+in tests, accepts code that the GPU compiler rejects (shapes, dtypes of ``tl.dot`` operands,
+layouts); this check catches those before a GPU ever sees the code, and reports what the
+compiled kernel looks like: shared memory, registers, spills, and whether Hopper's ``wgmma``
+(``warp_group_dot``) carries the matrix products.
+
+A spec is a dict: ``name``, ``kernel`` (a ``@triton.jit`` function, possibly wrapped by
+``autotune``/``heuristics``), ``signature`` ({arg: "*bf16" | "i32" | "fp32" | "constexpr"}),
+``constexprs`` ({arg: value}), and optional ``num_warps``, ``num_stages``, ``archs``.
+
+It must run without TRITON_INTERPRET (the interpreter replaces the kernels by Python
+functions); the tests call it in a subprocess for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+OP_MODULES = (
+    "ard_kernels.ops.block_attention",
+    "ard_kernels.ops.modulated_layer_norm",
+    "ard_kernels.ops.gated_residual",
+    "ard_kernels.ops.timestep_embedding",
+)
+
+
+def _jit_function(kernel):
+    """Unwrap Autotuner / Heuristics layers down to the JITFunction."""
+    while not hasattr(kernel, "arg_names") or not hasattr(kernel, "cache_key"):
+        if not hasattr(kernel, "fn"):
+            raise TypeError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
+        kernel = kernel.fn
+    return kernel
+
+
+def make_signature(kernel, dtype="bf16", overrides=None, floats=()):
+    """A compile signature from the kernel's own parameters.
+
+    ``*_ptr`` arguments point to ``dtype`` unless ``overrides`` names another (``{"MEAN_ptr":
+    "*fp32"}``); constexpr parameters stay "constexpr"; names in ``floats`` are fp32 scalars;
+    every other scalar is an i32 (sizes and strides).
+    """
+    fn = _jit_function(kernel)
+    overrides = overrides or {}
+    sig = {}
+    for param in fn.params:
+        name = param.name
+        if name in overrides:
+            sig[name] = overrides[name]
+        elif param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.lower().endswith("_ptr"):
+            sig[name] = f"*{dtype}"
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes from ``ptxas -v`` (the cubin itself does not say)."""
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        return {}
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": max(spills, default=0)}
+
+
+def compile_spec(spec: dict, arch: int) -> dict:
+    """Compile one spec for ``sm_<arch>``; returns a row describing the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(spec["kernel"])
+    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+    options = {k: spec[k] for k in ("num_warps", "num_stages") if k in spec}
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    seconds = time.perf_counter() - start
+    ttgir = compiled.asm.get("ttgir", "")
+    row = {
+        "name": spec["name"],
+        "arch": arch,
+        "compile_s": round(seconds, 2),
+        "shared_bytes": int(compiled.metadata.shared),
+        "wgmma": "warp_group_dot" in ttgir,
+        "mma": ("warp_group_dot" in ttgir) or ("nvidia_mma" in ttgir) or ("#mma" in ttgir),
+    }
+    row.update(_ptxas_report(compiled.asm["ptx"], arch))
+    return row
+
+
+def collect_specs(modules=OP_MODULES) -> list:
+    specs = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # the op has not been written (yet)
+            raise
+        if hasattr(module, "aot_specs"):
+            specs.extend(module.aot_specs())
+    return specs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
+    parser.add_argument("--filter", default="", help="only specs whose name contains this")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels, nothing can be compiled")
+    rows, failures = [], []
+    for spec in collect_specs():
+        if args.filter not in spec["name"]:
+            continue
+        for arch in args.arch:
+            if arch not in spec.get("archs", (arch,)):
+                continue
+            try:
+                rows.append(compile_spec(spec, arch))
+            except Exception as exc:  # report every failing kernel, not just the first
+                failures.append({"name": spec["name"], "arch": arch, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+    if args.json:
+        print(json.dumps({"compiled": rows, "failed": failures}, indent=1))
+    else:
+        cols = ["name", "arch", "compile_s", "shared_bytes", "registers", "spill_bytes", "wgmma", "mma"]
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for row in rows:
+            print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+        for f in failures:
+            print(f"FAILED {f['name']} sm_{f['arch']}: {f['error']}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Gated residual with per-(sample, block) gates (Triton): ``out[b, n] = x[b, n] + gate[b, n // block_size]·y[b, n]``.
+
+DiT's ``x + gate·f(x)`` after attention and after the MLP, with adaLN-Zero gates kept per block.
+Forward reads x and y once and writes out once (or writes into x, in place, for inference);
+a gate row is read once per row tile. Backward: ``dx = dout``, ``dy = gate·dout`` and
+``dgate = Σ_rows dout·y`` per (sample, block), reduced deterministically: each program owns
+a fixed slice of a block's rows and a C-chunk, writes its partial sum to its own slot, and the
+slots are summed in a fixed order.
+
+Registered as ``ard_kernels::gated_residual_fwd`` / ``_bwd`` (autograd) and
+``ard_kernels::gated_residual_inplace`` (mutates x, no autograd) custom ops.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .modulated_layer_norm import _row_groups
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    X_ptr, Y_ptr, GATE_ptr, OUT_ptr,
+    N, C, block_size, num_blocks, tiles_per_block,
+    stride_x_b, stride_x_n, stride_x_c,
+    stride_y_b, stride_y_n, stride_y_c,
+    stride_g_b, stride_g_n, stride_g_c,
+    stride_o_b, stride_o_n, stride_o_c,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Axis 0: row tiles (never straddling a block) in row order; axis 1: C-chunks.
+    pid = tl.program_id(0)
+    tile = pid % tiles_per_block
+    blk = (pid // tiles_per_block) % num_blocks
+    b = (pid // tiles_per_block // num_blocks).to(tl.int64)
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = blk * block_size + m
+    row_ok = (m < block_size) & (n < N)
+    n64 = n.to(tl.int64)  # B·N·C exceeds 2**31 at text-to-image sizes
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    gate = tl.load(GATE_ptr + b * stride_g_b + blk.to(tl.int64) * stride_g_n + cols * stride_g_c,
+                   mask=col_ok, other=0.0).to(tl.float32)
+    x = tl.load(X_ptr + b * stride_x_b + n64[:, None] * stride_x_n + cols[None, :] * stride_x_c,
+                mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :] * stride_y_c,
+                mask=mask, other=0.0).to(tl.float32)
+    out = x + gate[None, :] * y
+    tl.store(OUT_ptr + b * stride_o_b + n64[:, None] * stride_o_n + cols[None, :] * stride_o_c,
+             out.to(OUT_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    DOUT_ptr, Y_ptr, GATE_ptr, DY_ptr, DGATE_PART_ptr,
+    N, C, block_size, num_blocks, groups, rows_per_group,
+    stride_do_b, stride_do_n, stride_do_c,
+    stride_y_b, stride_y_n, stride_y_c,
+    stride_g_b, stride_g_n, stride_g_c,
+    stride_dy_b, stride_dy_n,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per (sample, block, row group, C-chunk); loops over its rows in BLOCK_M
+    # tiles keeping the dgate partial sum in registers. rows_per_group is a multiple of BLOCK_M.
+    pid = tl.program_id(0)
+    g = pid % groups
+    blk = (pid // groups) % num_blocks
+    b = (pid // groups // num_blocks).to(tl.int64)
+    blk64 = blk.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    gate = tl.load(GATE_ptr + b * stride_g_b + blk64 * stride_g_n + cols * stride_g_c,
+                   mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r in range(0, rows_per_group, BLOCK_M):
+        m = g * rows_per_group + r + tl.arange(0, BLOCK_M)
+        n = blk * block_size + m
+        row_ok = (m < block_size) & (n < N)
+        n64 = n.to(tl.int64)
+        mask = row_ok[:, None] & col_ok[None, :]
+        dout = tl.load(DOUT_ptr + b * stride_do_b + n64[:, None] * stride_do_n + cols[None, :] * stride_do_c,
+                       mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :] * stride_y_c,
+                    mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(dout * y, axis=0)
+        tl.store(DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n + cols[None, :],
+                 (dout * gate[None, :]).to(DY_ptr.dtype.element_ty), mask=mask)
+    tl.store(DGATE_PART_ptr + ((b * num_blocks + blk64) * groups + g) * C + cols, acc, mask=col_ok)
+
+
+def _tile(C, block_size, device):
+    """(BLOCK_M, BLOCK_C, num_warps) for the elementwise tiles.
+
+    GPU: a C-chunk that divides C when it can (no masked lanes for 384, 1152, 2048...) and
+    ~4K elements per program. Interpreter: the whole row and as many rows as possible, since
+    the cost is per program.
+    """
+    rows_cap = triton.next_power_of_2(block_size)
+    if device.type != "cuda":
+        block_c = triton.next_power_of_2(C)
+        return min(rows_cap, max(1, 4096 // block_c), 16), block_c, 4
+    block_c = next((w for w in (256, 128, 64) if C % w == 0), min(256, triton.next_power_of_2(C)))
+    return min(rows_cap, 4096 // block_c), block_c, 8
+
+
+def _launch_fwd(x, y, gate, out, block_size):
+    B, N, C = x.shape
+    nb = gate.shape[1]
+    block_m, block_c, num_warps = _tile(C, block_size, x.device)
+    tiles = triton.cdiv(block_size, block_m)
+    grid = (tiles * nb * B, triton.cdiv(C, block_c))
+    _gated_residual_fwd_kernel[grid](
+        x, y, gate, out,
+        N, C, block_size, nb, tiles,
+        x.stride(0), x.stride(1), x.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        gate.stride(0), gate.stride(1), gate.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+
+
+def gated_residual_fwd(x, y, gate, block_size):
+    """Launch the forward kernel into a new contiguous (B, N, C) tensor of x's dtype."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch_fwd(x, y, gate, out, block_size)
+    return out
+
+
+def gated_residual_bwd(dout, y, gate, block_size):
+    """Launch the backward kernel: returns (dy like y, dgate (B, nb, C) in gate's dtype)."""
+    B, N, C = y.shape
+    nb = gate.shape[1]
+    dy = torch.empty((B, N, C), dtype=y.dtype, device=y.device)
+    if dy.numel() == 0:
+        return dy, torch.zeros(gate.shape, dtype=gate.dtype, device=gate.device)
+    block_m, block_c, num_warps = _tile(C, block_size, y.device)
+    chunks = triton.cdiv(C, block_c)
+    groups, rows_per_group = _row_groups(block_size, block_m, B * nb * chunks, y.device)
+    part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=y.device)
+    _gated_residual_bwd_kernel[(groups * nb * B, chunks)](
+        dout, y, gate, dy, part,
+        N, C, block_size, nb, groups, rows_per_group,
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        gate.stride(0), gate.stride(1), gate.stride(2),
+        dy.stride(0), dy.stride(1),
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return dy, part.sum(dim=2).to(gate.dtype)
+
+
+@torch.library.custom_op("ard_kernels::gated_residual_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, block_size: int) -> torch.Tensor:
+    return gated_residual_fwd(x, y, gate, block_size)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, y, gate, block_size):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("ard_kernels::gated_residual_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, block_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_bwd(dout, y, gate, block_size)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, y, gate, block_size):
+    return y.new_empty(y.shape), gate.new_empty(gate.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, y, gate, block_size = inputs
+    ctx.save_for_backward(y, gate)
+    ctx.block_size = block_size
+
+
+def _backward(ctx, dout):
+    y, gate = ctx.saved_tensors
+    dy, dgate = torch.ops.ard_kernels.gated_residual_bwd(dout, y, gate, ctx.block_size)
+    return dout, dy, dgate, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("ard_kernels::gated_residual_inplace", mutates_args=("x",))
+def _inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, block_size: int) -> None:
+    if x.numel():
+        _launch_fwd(x, y, gate, x, block_size)
+
+
+@_inplace_op.register_fake
+def _inplace_fake(x, y, gate, block_size):
+    return None
+
+
+def gated_residual_triton(x, y, gate, block_size: int, inplace: bool = False):
+    """``out[b, n] = x[b, n] + gate[b, n // block_size]·y[b, n]`` (Triton), math in fp32.
+
+    Args:
+        x, y: (B, N, C) bf16/fp16/fp32, any strides (no copy is made).
+        gate: (B, nb, C), nb = ceil(N / block_size), x's dtype and device, any strides.
+        block_size: tokens per block (the last block may be partial).
+        inplace: write into x and return it (inference only). y must not overlap x.
+
+    Returns:
+        out (B, N, C) contiguous in x's dtype, differentiable in x, y and gate (dgate reduced
+        deterministically); or x itself when ``inplace``.
+
+    Raises:
+        RuntimeError: ``inplace=True`` while grad mode is on and an input requires grad.
+    """
+    if inplace:
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad):
+            raise RuntimeError(
+                "inplace: gated_residual(inplace=True) is inference-only, but an input requires grad "
+                "(use inplace=False, or run under torch.no_grad())"
+            )
+        torch.ops.ard_kernels.gated_residual_inplace(x, y, gate, int(block_size))
+        return x
+    return torch.ops.ard_kernels.gated_residual_fwd(x, y, gate, int(block_size))
+
+
+def aot_specs():
+    """GPU configurations for ``python -m ard_kernels.aot_check``: DiT and text-to-image widths."""
+    from ..aot_check import make_signature
+
+    specs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for C in (1152, 2048, 100):
+            block_m, block_c, num_warps = _tile(C, 256, torch.device("cuda"))
+            for kind, kernel in (("fwd", _gated_residual_fwd_kernel), ("bwd", _gated_residual_bwd_kernel)):
+                specs.append({
+                    "name": f"gated_residual_{kind}_{dtype}_C{C}",
+                    "kernel": kernel,
+                    "signature": make_signature(kernel, dtype, {"DGATE_PART_ptr": "*fp32"}),
+                    "constexprs": {"BLOCK_M": block_m, "BLOCK_C": block_c},
+                    "num_warps": num_warps,
+                })
+    return specs

@@ -1,0 +1,306 @@
+"""Fused LayerNorm + adaLN modulation with per-(sample, block) conditioning (Triton).
+
+``y[b, n] = LN(x[b, n])·(1 + scale[b, n // block_size]) + shift[b, n // block_size]``
+
+Forward: one pass over x (one read, one write of y); the shift/scale rows are read once per
+row tile because a tile never straddles two blocks. Saves the per-row mean and rstd (fp32).
+Backward: dx plus the per-(sample, block) reductions ``dshift = Σ_rows dy`` and
+``dscale = Σ_rows dy·x̂``. Each program owns a fixed slice of one block's rows and writes its
+partial sums to its own slot of a buffer; the slots are summed in a fixed order afterwards,
+so the gradients are bitwise reproducible (no atomics).
+
+Registered as ``ard_kernels::modulated_layer_norm_fwd`` / ``_bwd`` custom ops with fake
+implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _modulated_layer_norm_fwd_kernel(
+    X_ptr, SHIFT_ptr, SCALE_ptr, Y_ptr, MEAN_ptr, RSTD_ptr,
+    N, C, block_size, num_blocks, tiles_per_block, eps,
+    stride_x_b, stride_x_n, stride_x_c,
+    stride_sh_b, stride_sh_n, stride_sh_c,
+    stride_sc_b, stride_sc_n, stride_sc_c,
+    stride_y_b, stride_y_n,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program order: row tiles of one block, then blocks, then samples, so neighbours in the
+    # launch order stream neighbouring rows of x.
+    pid = tl.program_id(0)
+    tile = pid % tiles_per_block
+    blk = (pid // tiles_per_block) % num_blocks
+    b = (pid // tiles_per_block // num_blocks).to(tl.int64)
+
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = blk * block_size + m
+    row_ok = (m < block_size) & (n < N)
+    n64 = n.to(tl.int64)  # B·N·C exceeds 2**31 at text-to-image sizes
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    x = tl.load(X_ptr + b * stride_x_b + n64[:, None] * stride_x_n + cols[None, :] * stride_x_c,
+                mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = tl.rsqrt(var + eps)
+
+    blk64 = blk.to(tl.int64)
+    shift = tl.load(SHIFT_ptr + b * stride_sh_b + blk64 * stride_sh_n + cols * stride_sh_c,
+                    mask=col_ok, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE_ptr + b * stride_sc_b + blk64 * stride_sc_n + cols * stride_sc_c,
+                    mask=col_ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    tl.store(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :],
+             y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
+    tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
+
+
+@triton.jit
+def _modulated_layer_norm_bwd_kernel(
+    DY_ptr, X_ptr, SCALE_ptr, MEAN_ptr, RSTD_ptr, DX_ptr, DSHIFT_PART_ptr, DSCALE_PART_ptr,
+    N, C, block_size, num_blocks, groups, rows_per_group,
+    stride_dy_b, stride_dy_n, stride_dy_c,
+    stride_x_b, stride_x_n, stride_x_c,
+    stride_sc_b, stride_sc_n, stride_sc_c,
+    stride_dx_b, stride_dx_n,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per (sample, block, row group); it loops over its rows in BLOCK_M tiles and
+    # keeps the dshift/dscale partial sums in registers. rows_per_group is a multiple of BLOCK_M.
+    pid = tl.program_id(0)
+    g = pid % groups
+    blk = (pid // groups) % num_blocks
+    b = (pid // groups // num_blocks).to(tl.int64)
+    blk64 = blk.to(tl.int64)
+
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    scale = tl.load(SCALE_ptr + b * stride_sc_b + blk64 * stride_sc_n + cols * stride_sc_c,
+                    mask=col_ok, other=0.0).to(tl.float32)
+    gain = 1.0 + scale
+    acc_dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+
+    for r in range(0, rows_per_group, BLOCK_M):
+        m = g * rows_per_group + r + tl.arange(0, BLOCK_M)
+        n = blk * block_size + m
+        row_ok = (m < block_size) & (n < N)
+        n64 = n.to(tl.int64)
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X_ptr + b * stride_x_b + n64[:, None] * stride_x_n + cols[None, :] * stride_x_c,
+                    mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n + cols[None, :] * stride_dy_c,
+                     mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN_ptr + b * N + n64, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD_ptr + b * N + n64, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        acc_dshift += tl.sum(dy, axis=0)
+        acc_dscale += tl.sum(dy * xhat, axis=0)
+        # LayerNorm backward through x̂ with the modulated upstream gradient dy·(1 + scale).
+        g_xhat = dy * gain[None, :]
+        c1 = tl.sum(g_xhat * xhat, axis=1) / C
+        c2 = tl.sum(g_xhat, axis=1) / C
+        dx = (g_xhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n + cols[None, :],
+                 dx.to(DX_ptr.dtype.element_ty), mask=mask)
+
+    part = ((b * num_blocks + blk64) * groups + g) * C + cols
+    tl.store(DSHIFT_PART_ptr + part, acc_dshift, mask=col_ok)
+    tl.store(DSCALE_PART_ptr + part, acc_dscale, mask=col_ok)
+
+
+@functools.cache
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_target(device):
+    """Programs that fill the device a few times over; 1 under the interpreter (each costs ms)."""
+    if device.type != "cuda":
+        return 1
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _row_tile(C, block_size, device, target_elems):
+    """(BLOCK_M, BLOCK_C, num_warps) for a whole-row tile of width C.
+
+    GPU: about ``target_elems`` elements per program (several rows for small C) so each
+    program has enough bytes in flight, and about 16 elements per thread (warps grow with the
+    tile); the backward keeps five tiles live, so it asks for half the forward's. Interpreter:
+    as many rows as possible, because the cost is per program, not per element.
+    """
+    block_c = triton.next_power_of_2(C)
+    rows_cap = triton.next_power_of_2(block_size)
+    if device.type != "cuda":
+        return min(rows_cap, max(1, 4096 // block_c), 16), block_c, 4
+    block_m = min(rows_cap, max(1, target_elems // block_c), 16)
+    elems = block_m * block_c
+    num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
+    return block_m, block_c, num_warps
+
+
+def _row_groups(block_size, block_m, pairs, device):
+    """(groups, rows_per_group): split each block's rows into groups so that ``pairs`` (sample,
+    block) pairs × groups fill the device; at least 8 rows per group so the fp32 partial sums
+    (one C-row per group) stay small next to the rows themselves. rows_per_group is a multiple
+    of block_m."""
+    tiles = triton.cdiv(block_size, block_m)
+    min_tiles = triton.cdiv(min(8, block_size), block_m)
+    groups = max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(_programs_target(device), pairs)))
+    rows_per_group = triton.cdiv(tiles, groups) * block_m
+    return triton.cdiv(block_size, rows_per_group), rows_per_group
+
+
+def modulated_layer_norm_fwd(x, shift, scale, block_size, eps):
+    """Launch the forward kernel: returns (y (B, N, C) in x's dtype, mean (B, N) fp32, rstd (B, N) fp32).
+
+    Any strides are accepted for x, shift and scale (the kernel takes them); y is contiguous.
+    """
+    B, N, C = x.shape
+    nb = shift.shape[1]
+    y = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    if y.numel() == 0:
+        return y, mean, rstd
+    block_m, block_c, num_warps = _row_tile(C, block_size, x.device, 8192)
+    tiles = triton.cdiv(block_size, block_m)
+    grid = (tiles * nb * B,)
+    _modulated_layer_norm_fwd_kernel[grid](
+        x, shift, scale, y, mean, rstd,
+        N, C, block_size, nb, tiles, eps,
+        x.stride(0), x.stride(1), x.stride(2),
+        shift.stride(0), shift.stride(1), shift.stride(2),
+        scale.stride(0), scale.stride(1), scale.stride(2),
+        y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
+    """Launch the backward kernel: returns (dx like x, dshift (B, nb, C), dscale (B, nb, C)).
+
+    dshift/dscale are accumulated in fp32 per (sample, block, row group) and summed over the
+    groups in a fixed order (deterministic), then cast to shift_dtype / scale's dtype.
+    """
+    B, N, C = x.shape
+    nb = scale.shape[1]
+    dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    if dx.numel() == 0:
+        zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=x.device)
+        return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
+    block_m, block_c, num_warps = _row_tile(C, block_size, x.device, 4096)
+    groups, rows_per_group = _row_groups(block_size, block_m, B * nb, x.device)
+    dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
+    dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
+    grid = (groups * nb * B,)
+    _modulated_layer_norm_bwd_kernel[grid](
+        dy, x, scale, mean, rstd, dx, dshift_part, dscale_part,
+        N, C, block_size, nb, groups, rows_per_group,
+        dy.stride(0), dy.stride(1), dy.stride(2),
+        x.stride(0), x.stride(1), x.stride(2),
+        scale.stride(0), scale.stride(1), scale.stride(2),
+        dx.stride(0), dx.stride(1),
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return dx, dshift_part.sum(dim=2).to(shift_dtype), dscale_part.sum(dim=2).to(scale.dtype)
+
+
+@torch.library.custom_op("ard_kernels::modulated_layer_norm_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block_size: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return modulated_layer_norm_fwd(x, shift, scale, block_size, eps)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, shift, scale, block_size, eps):
+    B, N, C = x.shape
+    stats = x.new_empty((B, N), dtype=torch.float32)
+    return x.new_empty((B, N, C)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("ard_kernels::modulated_layer_norm_bwd", mutates_args=())
+def _bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # shift is passed only for its dtype (the schema carries no dtypes); it is never read.
+    return modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift.dtype)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, x, shift, scale, mean, rstd, block_size):
+    return x.new_empty(x.shape), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, block_size, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, mean, rstd)
+    ctx.block_size = block_size
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, shift, scale, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, dshift, dscale = torch.ops.ard_kernels.modulated_layer_norm_bwd(dy, x, shift, scale, mean, rstd,
+                                                                       ctx.block_size)
+    return dx, dshift, dscale, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1e-6):
+    """``y[b, n] = LN(x[b, n])·(1 + scale[b, n // block_size]) + shift[b, n // block_size]`` (Triton).
+
+    LayerNorm without affine (biased variance, eps inside the root), math in fp32.
+
+    Args:
+        x: (B, N, C) bf16/fp16/fp32, any strides (no copy is made).
+        shift, scale: (B, nb, C), nb = ceil(N / block_size), x's dtype and device, any strides.
+        block_size: tokens per block (the last block may be partial).
+        eps: LayerNorm epsilon.
+
+    Returns:
+        y (B, N, C) contiguous, x's dtype. Differentiable in x, shift and scale; the
+        dshift/dscale reductions are deterministic. Inputs are assumed validated
+        (:func:`ard_kernels.modulated_layer_norm` validates).
+    """
+    return torch.ops.ard_kernels.modulated_layer_norm_fwd(x, shift, scale, int(block_size), float(eps))[0]
+
+
+def aot_specs():
+    """GPU configurations for ``python -m ard_kernels.aot_check``: DiT and text-to-image widths."""
+    from ..aot_check import make_signature
+
+    cuda = torch.device("cuda")
+    specs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for C in (1152, 2048, 8192):
+            for kind, kernel, target in (("fwd", _modulated_layer_norm_fwd_kernel, 8192),
+                                         ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
+                block_m, block_c, num_warps = _row_tile(C, 256, cuda, target)
+                stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
+                         "DSCALE_PART_ptr": "*fp32"}
+                specs.append({
+                    "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}",
+                    "kernel": kernel,
+                    "signature": make_signature(kernel, dtype, stats, floats=("eps",)),
+                    "constexprs": {"BLOCK_M": block_m, "BLOCK_C": block_c},
+                    "num_warps": num_warps,
+                })
+    return specs

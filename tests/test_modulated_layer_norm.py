@@ -1,0 +1,187 @@
+"""Fused LayerNorm + per-block modulation (Triton) against the reference and DiT's per-token form.
+
+CPU: fp32 through the Triton interpreter on tiny grids (odd C, N not a multiple of the block,
+strided inputs, determinism, custom-op registration, a fullgraph trace). GPU (``cuda``): bf16/
+fp16/fp32 at DiT sizes, judged by the error of PyTorch's own low-precision computation, and
+torch.compile(fullgraph=True) through forward and backward.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ard_kernels as ak
+from ard_kernels.ops.modulated_layer_norm import modulated_layer_norm_triton
+from ard_kernels.reference import _per_token, modulated_layer_norm_ref
+
+EPS = 1e-6
+# (B, N, C, block_size): odd widths (masked tiles), partial last blocks, nb = 1, block_size = 1.
+CPU_SHAPES = [(2, 7, 72, 3), (1, 5, 100, 8), (2, 6, 64, 2), (1, 4, 1152, 3), (2, 5, 96, 1)]
+
+
+def make_inputs(b, n, c, block_size, dtype=torch.float32, device="cpu", requires_grad=True):
+    nb = -(-n // block_size)
+    x = torch.randn(b, n, c, device=device).mul(2).add(0.5).to(dtype)
+    shift = torch.randn(b, nb, c, device=device).to(dtype)
+    scale = torch.randn(b, nb, c, device=device).mul(0.5).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (x, shift, scale)]
+
+
+def grads(fn, inputs, dy):
+    out = fn(*inputs)
+    return [out, *torch.autograd.grad(out, inputs, dy)]
+
+
+def grads32(fn, inputs, dy):
+    """Output and gradients of ``fn`` on fp32 copies of the inputs: the fp32 oracle."""
+    return grads(fn, [t.detach().float().requires_grad_() for t in inputs], dy.float())
+
+
+def per_token(x, shift, scale, block_size):
+    """DiT's modulate on conditioning repeated per token, in fp32."""
+    n = x.shape[1]
+    xf = F.layer_norm(x.float(), (x.shape[-1],), eps=EPS)
+    return xf * (1 + _per_token(scale.float(), n, block_size)) + _per_token(shift.float(), n, block_size)
+
+
+@pytest.mark.parametrize("b,n,c,block_size", CPU_SHAPES)
+def test_matches_reference_and_per_token(b, n, c, block_size, triton_device):
+    inputs = make_inputs(b, n, c, block_size, device=triton_device)
+    dy = torch.randn(b, n, c, device=triton_device)
+    ours = grads(lambda *a: modulated_layer_norm_triton(*a, block_size, EPS), inputs, dy)
+    ref = grads(lambda *a: modulated_layer_norm_ref(*a, block_size, EPS), inputs, dy)
+    tok = grads(lambda *a: per_token(*a, block_size), inputs, dy)
+    for name, o, r, t in zip(["y", "dx", "dshift", "dscale"], ours, ref, tok):
+        assert o.shape == r.shape and o.dtype == r.dtype, name
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name} vs ref: {m}")
+        torch.testing.assert_close(o, t, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name} vs per-token: {m}")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+def test_low_precision_interpreted(dtype, tol, triton_device):
+    """bf16/fp16 storage, fp32 math: within about one ulp of the fp32 reference (the interpreter
+    truncates fp32 -> bf16 instead of rounding, hence one ulp rather than half)."""
+    inputs = make_inputs(2, 7, 72, 3, dtype=dtype, device=triton_device)
+    dy = torch.randn(2, 7, 72, device=triton_device).to(dtype)
+    ours = grads(lambda *a: modulated_layer_norm_triton(*a, 3, EPS), inputs, dy)
+    ref32 = grads32(lambda *a: modulated_layer_norm_ref(*a, 3, EPS), inputs, dy)
+    for o, r in zip(ours, ref32):
+        assert o.dtype == dtype
+        torch.testing.assert_close(o.float(), r, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_public_api(backend, triton_device):
+    inputs = make_inputs(2, 7, 72, 3, device=triton_device)
+    dy = torch.randn(2, 7, 72, device=triton_device)
+    ours = grads(lambda *a: ak.modulated_layer_norm(*a, 3, eps=EPS, backend=backend), inputs, dy)
+    ref = grads(lambda *a: modulated_layer_norm_ref(*a, 3, EPS), inputs, dy)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
+
+
+def test_strided_inputs(triton_device):
+    """x as a transposed view, shift/scale as chunks of one adaLN output: no copies needed."""
+    b, n, c, block_size, nb = 2, 7, 80, 3, 3
+    x = torch.randn(b, c, n, device=triton_device).requires_grad_()
+    mod = torch.randn(b, nb, 6 * c, device=triton_device).requires_grad_()
+    dy = torch.randn(b, c, n, device=triton_device).transpose(1, 2)
+
+    def run(fn):
+        shift, scale = mod.chunk(6, dim=-1)[:2]
+        assert not x.transpose(1, 2).is_contiguous() and not shift.is_contiguous()
+        y = fn(x.transpose(1, 2), shift, scale, block_size, EPS)
+        return [y, *torch.autograd.grad(y, (x, mod), dy)]
+
+    for o, r in zip(run(modulated_layer_norm_triton), run(modulated_layer_norm_ref)):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
+
+
+def test_backward_is_deterministic(triton_device):
+    inputs = make_inputs(1, 9, 72, 4, device=triton_device)
+    dy = torch.randn(1, 9, 72, device=triton_device)
+    first = grads(lambda *a: modulated_layer_norm_triton(*a, 4, EPS), inputs, dy)
+    second = grads(lambda *a: modulated_layer_norm_triton(*a, 4, EPS), inputs, dy)
+    for f, s in zip(first, second):
+        assert torch.equal(f, s)
+
+
+def test_opcheck_and_fullgraph_trace(triton_device):
+    """Schema, fake and autograd registrations agree with the kernel; a fullgraph trace has no break."""
+    x, shift, scale = make_inputs(1, 5, 64, 2, device=triton_device)
+    torch.library.opcheck(torch.ops.ard_kernels.modulated_layer_norm_fwd.default, (x, shift, scale, 2, EPS),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    fn = torch.compile(lambda a, s, k: modulated_layer_norm_triton(a, s, k, 2, EPS), backend="aot_eager",
+                       fullgraph=True)
+    dy = torch.randn_like(x)
+    ours = grads(fn, [x, shift, scale], dy)
+    ref = grads(lambda *a: modulated_layer_norm_ref(*a, 2, EPS), [x, shift, scale], dy)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------------------- GPU
+def assert_lowp_close(name, ours, ref32, torch_lowp):
+    """Our error vs the fp32 reference is at most 2× PyTorch's own low-precision error + 1e-5
+    (relative to the largest value: in fp32 PyTorch's block sums can match the reference
+    exactly while ours sum in another order)."""
+    err = (ours.float() - ref32.float()).abs().max().item()
+    base = (torch_lowp.float() - ref32.float()).abs().max().item()
+    slack = 1e-5 * max(1.0, ref32.float().abs().max().item())
+    assert err <= 2 * base + slack, f"{name}: error {err:.3g} vs PyTorch low-precision error {base:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,n,c,block_size", [(2, 1024, 1152, 256), (1, 1000, 2048, 256), (3, 700, 384, 256),
+                                              (1, 300, 8192, 128), (2, 77, 100, 10)])
+def test_cuda_dtypes(dtype, b, n, c, block_size):
+    inputs = make_inputs(b, n, c, block_size, dtype=dtype, device="cuda")
+    dy = torch.randn(b, n, c, device="cuda").to(dtype)
+    ours = grads(lambda *a: modulated_layer_norm_triton(*a, block_size, EPS), inputs, dy)
+    ref32 = grads32(lambda *a: modulated_layer_norm_ref(*a, block_size, EPS), inputs, dy)
+    lowp = grads(lambda a, s, k: F.layer_norm(a, (c,), eps=EPS) * (1 + _per_token(k, n, block_size))
+                 + _per_token(s, n, block_size), inputs, dy)
+    for name, o, r, t in zip(["y", "dx", "dshift", "dscale"], ours, ref32, lowp):
+        assert o.dtype == dtype, name
+        assert_lowp_close(name, o, r, t)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    inputs = make_inputs(2, 1024, 1152, 256, dtype=torch.bfloat16, device="cuda")
+    dy = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
+    fn = torch.compile(lambda a, s, k: ak.modulated_layer_norm(a, s, k, 256, backend="triton") * 2, fullgraph=True)
+    ours = grads(fn, inputs, dy)
+    eager = grads(lambda a, s, k: modulated_layer_norm_triton(a, s, k, 256, EPS) * 2, inputs, dy)
+    for o, e in zip(ours, eager):
+        torch.testing.assert_close(o, e, atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_large():
+    inputs = make_inputs(1, 4 * 256, 1152, 256, dtype=torch.bfloat16, device="cuda")
+    dy = torch.randn(1, 1024, 1152, device="cuda", dtype=torch.bfloat16)
+    first = grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
+    second = grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
+    for f, s in zip(first, second):
+        assert torch.equal(f, s)
+
+
+def test_many_row_groups(monkeypatch, triton_device):
+    """The GPU split of a block's rows over several programs (partial sums per group), forced here."""
+    from ard_kernels.ops import modulated_layer_norm as mln
+
+    monkeypatch.setattr(mln, "_programs_target", lambda device: 64)
+    monkeypatch.setattr(mln, "_row_tile", lambda c, bs, device, target: (2, triton_next_pow2(c), 4))
+    assert mln._row_groups(11, 2, 2, triton_device) == (2, 6)  # two groups of 6 rows (3 tiles)
+    inputs = make_inputs(1, 20, 72, 11, device=triton_device)
+    dy = torch.randn(1, 20, 72, device=triton_device)
+    ours = grads(lambda *a: modulated_layer_norm_triton(*a, 11, EPS), inputs, dy)
+    ref = grads(lambda *a: modulated_layer_norm_ref(*a, 11, EPS), inputs, dy)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
