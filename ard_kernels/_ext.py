@@ -1,0 +1,153 @@
+"""The compiled CUDA extension ``ard_kernels._C`` (csrc/): loaded once, optional, never an import error.
+
+It registers two ops under ``torch.ops.ard_kernels`` (write position ``pos = offset_host + offset[0]``,
+or ``offset_host`` alone when ``offset`` is None):
+
+* ``kv_append(k_cache!, v_cache!, k, v, offset?, offset_host, status!, stream)``:
+  ``k_cache[:, :, pos:pos+n] = k``, ``v_cache[:, :, pos:pos+n] = v``;
+* ``qkv_split_append(qkv, k_cache!, v_cache!, offset?, offset_host, status!, num_heads, stream) -> q``:
+  ``q, k, v = qkv.reshape(B, n, 3, H, D).permute(2, 0, 3, 1, 4)``, k and v appended as above, q
+  returned contiguous (B, H, n, D).
+
+Caches (B, H, capacity, D), k, v (B, H, n, D), qkv (B, n, 3·H·D): CUDA, contiguous, one dtype of
+bf16/fp16/fp32, D a multiple of 8. ``status`` is an int32 CUDA tensor: when ``pos < 0`` or
+``pos + n > capacity`` the kernels write nothing into the caches and set ``status[0] = 1``.
+``stream`` is ``torch.cuda.current_stream().cuda_stream`` (or -1: torch's current stream, looked up
+by the op): the extension is built without c10/cuda so that it also compiles against a CPU-only torch.
+
+The wrappers :func:`kv_append` and :func:`qkv_split_append` below fill in the stream and the
+status and raise on overflow: before the launch when the offset is a host int (no sync), after
+it, by reading ``status`` (one sync), when the offset is a device tensor and ``check=True``.
+``check=False`` is the sync-free mode for CUDA-graph capture: read ``status`` yourself later.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import warnings
+
+import torch
+
+logger = logging.getLogger("ard_kernels")
+
+_error = None
+
+
+@functools.cache
+def load():
+    """Import ``ard_kernels._C`` once; returns the module, or None (with one warning) if it is missing.
+
+    ARD_KERNELS_BUILD_CUDA=0 means the extension was deliberately not built: no warning then.
+    """
+    global _error
+    try:
+        module = importlib.import_module("ard_kernels._C")
+    except ImportError as exc:  # not built, or built against another torch
+        _error = exc
+        if os.environ.get("ARD_KERNELS_BUILD_CUDA", "").strip() != "0":
+            warnings.warn(
+                f"ard_kernels: CUDA extension not available ({exc}); the KV cache uses the PyTorch path. "
+                "Build it with `pip install --no-build-isolation -e .` where nvcc is installed.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+    _register_fakes()
+    logger.debug("ard_kernels: loaded CUDA extension from %s", getattr(module, "__file__", "?"))
+    return module
+
+
+def extension_available() -> bool:
+    """True when ``torch.ops.ard_kernels.kv_append`` and ``qkv_split_append`` exist (compiled extension)."""
+    return load() is not None
+
+
+def extension_error():
+    """Why the extension did not load (an ImportError), or None."""
+    load()
+    return _error
+
+
+def _register_fakes():
+    """Shape-only (meta / FakeTensor) implementations, so the ops trace under torch.compile and export."""
+
+    @torch.library.register_fake("ard_kernels::kv_append")
+    def _kv_append_fake(k_cache, v_cache, k, v, offset, offset_host, status, stream):
+        return None
+
+    @torch.library.register_fake("ard_kernels::qkv_split_append")
+    def _qkv_split_append_fake(qkv, k_cache, v_cache, offset, offset_host, status, num_heads, stream):
+        b, n, _ = qkv.shape
+        return qkv.new_empty((b, num_heads, n, k_cache.shape[-1]))
+
+
+def current_stream(device: torch.device) -> int:
+    """The raw ``cudaStream_t`` of the current stream on ``device``, as the ops expect it.
+
+    While torch.compile traces, -1 instead: the op then asks torch for its current stream at run
+    time, so no stream of the tracing moment is baked into the graph.
+    """
+    if torch.compiler.is_compiling():
+        return -1
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _position(offset, n, capacity):
+    """Split ``offset`` into (device tensor or None, host int); a host int is bounds-checked here."""
+    if isinstance(offset, torch.Tensor):
+        return offset, 0
+    offset = int(offset)
+    if offset < 0 or offset + n > capacity:
+        raise ValueError(f"offset: appending {n} tokens at offset {offset} overflows the cache capacity {capacity}")
+    return None, offset
+
+
+def check_status(status: torch.Tensor, what: str = "KV cache append") -> None:
+    """Raise ValueError if a kernel flagged an overflow in ``status`` (reads it: one sync); resets it."""
+    if int(status[0].item()) != 0:
+        status.zero_()
+        raise ValueError(f"{what}: the write position plus the new tokens exceeded the cache capacity; "
+                         "nothing was written")
+
+
+def kv_append(k_cache, v_cache, k, v, offset, status=None, check=True):
+    """``k_cache[:, :, o:o+n] = k``, ``v_cache[:, :, o:o+n] = v`` in place with the CUDA kernel.
+
+    Args:
+        k_cache, v_cache: (B, H, capacity, D) CUDA; k, v: (B, H, n, D), same dtype (bf16/fp16/fp32).
+        offset: host int (checked before the launch) or int64 CUDA tensor of 1 element (checked on the
+            device; see ``check``).
+        status: int32 CUDA tensor (1,) for the overflow flag; None allocates one.
+        check: with a tensor offset, read ``status`` after the launch and raise on overflow (a sync);
+            False leaves that to the caller (sync-free, CUDA-graph capturable).
+
+    Returns:
+        None. Raises ValueError on overflow, with the caches untouched.
+    """
+    dev_offset, host_offset = _position(offset, k.shape[2], k_cache.shape[2])
+    if status is None:
+        status = torch.zeros(1, dtype=torch.int32, device=k_cache.device)
+    stream = current_stream(k_cache.device) if k_cache.is_cuda else 0
+    torch.ops.ard_kernels.kv_append(k_cache, v_cache, k, v, dev_offset, host_offset, status, stream)
+    if check and dev_offset is not None:
+        check_status(status, "kv_append")
+
+
+def qkv_split_append(qkv, k_cache, v_cache, offset, num_heads, status=None, check=True):
+    """``q, k, v = split(qkv)``; k, v appended to the caches at ``offset``; returns q (B, H, n, D).
+
+    One pass over ``qkv`` (B, n, 3·H·D) laid out as DiT's qkv Linear output (``reshape(B, n, 3, H, D)``).
+    Arguments as for :func:`kv_append`.
+    """
+    dev_offset, host_offset = _position(offset, qkv.shape[1], k_cache.shape[2])
+    if status is None:
+        status = torch.zeros(1, dtype=torch.int32, device=k_cache.device)
+    stream = current_stream(k_cache.device) if k_cache.is_cuda else 0
+    q = torch.ops.ard_kernels.qkv_split_append(qkv, k_cache, v_cache, dev_offset, host_offset, status, num_heads,
+                                               stream)
+    if check and dev_offset is not None:
+        check_status(status, "qkv_split_append")
+    return q

@@ -1,0 +1,172 @@
+"""History-KV-cache writes: the CUDA append / split-append kernels against the PyTorch ways.
+
+``us`` = median µs (``triton.testing.do_bench`` on CUDA, a perf_counter loop on CPU); ``gbps`` =
+effective bandwidth: the bytes an ideal kernel moves over ``us``, the same count for every
+provider of an op (append: k and v read once and written once, 4·B·H·n·D·bytes; split-append:
+qkv read once, q, k, v written once, 6·B·H·n·D·bytes), so gbps ranks providers like 1/us.
+Each step writes the last block of the cache (history = max_blocks − 1 blocks before it), as
+step K−1 of the sampler does, so torch.cat copies the largest history.
+
+Ops and providers:
+- ``append`` (k, v (B, H, n, D) into the caches): ``cuda`` (kv_append kernel, one launch),
+  ``slice_copy`` (``cache[:, :, o:o+n].copy_(k)`` for k and v), ``torch_cat`` (the published
+  code's ``torch.cat([history, k], dim=2)`` for k and v);
+- ``split_append`` (qkv (B, n, 3·H·D) → q (B, H, n, D) + cache): ``cuda`` (qkv_split_append,
+  one launch), ``q_contiguous_slice_copy`` (the unfused path: ``q.contiguous()`` + two slice copies
+  from the permuted views), ``q_contiguous_cat`` (``q.contiguous()`` + torch.cat of k and v);
+- ``cache_step`` (one sampler step of the history layers: ``HistoryKVCache.split_append`` for each
+  layer): providers ``cache_cuda`` and ``cache_torch``; gbps counts all layers' bytes.
+
+Shapes (CUDA, bf16): ImageNet ARD, DiT-XL/2 (B 1 and 64, H 16, D 72, 256-token blocks, 4 blocks,
+6 history layers) and text-to-image (B 2, H 16, D 128, 4096-token blocks, 4 blocks). CPU: one
+small shape, PyTorch providers only. Writes results/bench_kv_cache.json (and a markdown table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make "benchmarks" and "ard_kernels" importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ard_kernels import _ext  # noqa: E402
+from ard_kernels.kv_cache import HistoryKVCache  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+NAME = "bench_kv_cache"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (name, B, H, D, block tokens n, max_blocks, history layers)
+GPU_SHAPES = [
+    ("imagenet_B1", 1, 16, 72, 256, 4, 6),
+    ("imagenet_B64", 64, 16, 72, 256, 4, 6),
+    ("t2i_B2", 2, 16, 128, 4096, 4, 6),
+]
+CPU_SHAPES = [("cpu_small", 1, 4, 72, 64, 4, 2)]
+OPS = ("append", "split_append", "cache_step")
+CPU_ARGV: list = []
+GPU_ARGV: list = []
+QUICK_ARGV = ["--quick"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog=NAME, description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=str(common.default_device()))
+    p.add_argument("--dtype", default=None, choices=tuple(_DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--quick", action="store_true", help="first two shapes only")
+    p.add_argument("--out", default=None, help="directory of bench_kv_cache.json (default results/)")
+    p.add_argument("--no-json", action="store_true")
+    return p.parse_args(argv)
+
+
+def _cases(op, b, h, d, n, blocks, dtype, device, use_ext):
+    """{provider: zero-argument callable} for one op and shape; each call writes the last block."""
+    cap = n * blocks
+    off = cap - n
+    kc = torch.zeros(b, h, cap, d, dtype=dtype, device=device)
+    vc = torch.zeros_like(kc)
+    status = torch.zeros(1, dtype=torch.int32, device=device)
+    stream = _ext.current_stream(device) if device.type == "cuda" else 0
+    cases = {}
+    if op == "append":
+        k = torch.randn(b, h, n, d, device=device).to(dtype)
+        v = torch.randn_like(k)
+        if use_ext:
+            cases["cuda"] = lambda: torch.ops.ard_kernels.kv_append(kc, vc, k, v, None, off, status, stream)
+
+        def slice_copy():
+            kc[:, :, off:off + n].copy_(k)
+            vc[:, :, off:off + n].copy_(v)
+
+        cases["slice_copy"] = slice_copy
+        hist_k, hist_v = kc[:, :, :off].contiguous(), vc[:, :, :off].contiguous()
+        cases["torch_cat"] = lambda: (torch.cat([hist_k, k], dim=2), torch.cat([hist_v, v], dim=2))
+    elif op == "split_append":
+        qkv = torch.randn(b, n, 3 * h * d, device=device).to(dtype)
+        if use_ext:
+            cases["cuda"] = lambda: torch.ops.ard_kernels.qkv_split_append(qkv, kc, vc, None, off, status, h, stream)
+
+        def unfused():
+            q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            q = q.contiguous()
+            kc[:, :, off:off + n].copy_(k)
+            vc[:, :, off:off + n].copy_(v)
+            return q
+
+        cases["q_contiguous_slice_copy"] = unfused
+        hist_k, hist_v = kc[:, :, :off].contiguous(), vc[:, :, :off].contiguous()
+
+        def cat():
+            q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            return q.contiguous(), torch.cat([hist_k, k], dim=2), torch.cat([hist_v, v], dim=2)
+
+        cases["q_contiguous_cat"] = cat
+    return cases
+
+
+def _step_cases(b, h, d, n, blocks, layers, dtype, device, use_ext):
+    """One sampler step of every history layer through HistoryKVCache (the write position held at the last block)."""
+    qkvs = [torch.randn(b, n, 3 * h * d, device=device).to(dtype) for _ in range(layers)]
+    cases = {}
+    for backend in (["cuda"] if use_ext else []) + ["torch"]:
+        cache = HistoryKVCache(layers, b, h, d, n, blocks, dtype=dtype, device=device, backend=backend)
+        cache.advance(n * (blocks - 1))
+
+        def step(cache=cache):
+            for layer in range(layers):
+                cache.split_append(layer, qkvs[layer])
+
+        cases[f"cache_{backend}"] = step
+    return cases
+
+
+def main(argv: Sequence[str] | None = None) -> list:
+    args = _parse(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    gpu = device.type == "cuda"
+    dtype_name = args.dtype or ("bf16" if gpu else "fp32")
+    dtype = _DTYPES[dtype_name]
+    use_ext = gpu and _ext.extension_available()
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    if args.quick:
+        shapes = shapes[:2]
+    ops = [o for o in args.ops.split(",") if o]
+    es = torch.finfo(dtype).bits // 8
+    rows = []
+    for name, b, h, d, n, blocks, layers in shapes:
+        shape = f"{name} B{b} H{h} D{d} n{n}×{blocks}"
+        for op in ops:
+            if op == "cache_step":
+                cases = _step_cases(b, h, d, n, blocks, layers, dtype, device, use_ext)
+                nbytes = 6 * b * h * n * d * es * layers
+            else:
+                cases = _cases(op, b, h, d, n, blocks, dtype, device, use_ext)
+                nbytes = (4 if op == "append" else 6) * b * h * n * d * es
+            for provider, fn in cases.items():
+                ms = common.time_ms(fn, device)
+                rows.append({"op": op, "shape": shape, "provider": provider, "mode": f"{device.type}-{dtype_name}",
+                             "us": 1e3 * ms, "gbps": nbytes / (ms * 1e-3) / 1e9})
+            del cases
+            if gpu:
+                torch.cuda.empty_cache()
+    base = {(r["op"], r["shape"]): r["us"] for r in rows
+            if r["provider"] in ("slice_copy", "q_contiguous_slice_copy", "cache_torch")}
+    for r in rows:
+        ref = base.get((r["op"], r["shape"]))
+        r["speedup_vs_unfused"] = ref / r["us"] if ref else None
+    print(common.markdown_table(rows))
+    if not args.no_json:
+        path = common.write_json(NAME, rows, args.out)
+        print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,147 @@
+"""The optional CUDA extension ard_kernels._C: built wherever nvcc exists, importable, and its ops
+refuse CPU tensors clearly. Runs on CPU-only machines (CI compiles it against the CPU torch).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ard_kernels import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("ard_kernels_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # guarded by `if __name__ == "__main__"`: defines only
+    return module
+
+
+SETUP = _setup_module()
+BUILD_EXPECTED = SETUP.want_cuda()
+needs_ext = pytest.mark.skipif(not _ext.extension_available(), reason="ard_kernels._C not built")
+
+
+def _python(code):
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not BUILD_EXPECTED, reason="no nvcc here, or ARD_KERNELS_BUILD_CUDA=0")
+def test_extension_is_built_where_nvcc_exists():
+    assert _ext.extension_available(), (
+        f"nvcc is installed but ard_kernels._C does not import ({_ext.extension_error()}); "
+        "build it with `pip install --no-build-isolation -e .` (make install)"
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize("op", ["kv_append", "qkv_split_append"])
+def test_ops_refuse_cpu_tensors(op):
+    kc = torch.zeros(1, 2, 8, 8)
+    status = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="expected CUDA tensors; use the PyTorch path"):
+        if op == "kv_append":
+            torch.ops.ard_kernels.kv_append(kc, kc.clone(), kc[:, :, :2].clone(), kc[:, :, :2].clone(), None, 0,
+                                            status, 0)
+        else:
+            torch.ops.ard_kernels.qkv_split_append(torch.zeros(1, 2, 48), kc, kc.clone(), None, 0, status, 2, 0)
+
+
+@needs_ext
+def test_fake_implementations_give_shapes():
+    kc = torch.empty(2, 4, 32, 72, device="meta", dtype=torch.bfloat16)
+    qkv = torch.empty(2, 5, 3 * 4 * 72, device="meta", dtype=torch.bfloat16)
+    status = torch.empty(1, dtype=torch.int32, device="meta")
+    q = torch.ops.ard_kernels.qkv_split_append(qkv, kc, kc, None, 0, status, 4, 0)
+    assert q.shape == (2, 4, 5, 72) and q.dtype == torch.bfloat16 and q.device.type == "meta"
+    torch.ops.ard_kernels.kv_append(kc, kc, kc[:, :, :3], kc[:, :, :3], None, 0, status, 0)
+
+
+@needs_ext
+@pytest.mark.parametrize("python_first", [True, False])
+def test_namespace_shared_with_python_custom_ops(python_first):
+    """The C++ fragment and torch.library.custom_op ops live side by side in ``ard_kernels``."""
+    define = (
+        "@torch.library.custom_op('ard_kernels::_probe_py', mutates_args=())\n"
+        "def probe(x: torch.Tensor) -> torch.Tensor:\n"
+        "    return x + 1\n"
+    )
+    load = "import ard_kernels._C\n"
+    code = "import torch\n" + (define + load if python_first else load + define) + (
+        "assert torch.ops.ard_kernels._probe_py(torch.zeros(1)).item() == 1\n"
+        "assert torch.ops.ard_kernels.qkv_split_append is not None\n"
+        "import ard_kernels.ops\n"
+        "print('ok')\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_import_never_fails_without_the_extension():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ard_kernels._C':\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ard_kernels\n"
+        "import warnings\n"
+        "from ard_kernels import _ext\n"
+        "from ard_kernels.kv_cache import HistoryKVCache\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert not _ext.extension_available() and not _ext.extension_available()\n"
+        "assert len(w) == 1, [str(x.message) for x in w]\n"
+        "print(HistoryKVCache(1, 1, 1, 8, 2, 2).backend)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARD_KERNELS_BUILD_CUDA"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "torch", result.stderr
+
+
+@pytest.mark.parametrize(
+    "arch_list,expected",
+    [
+        ("8.0;9.0+PTX", ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90",
+                         "arch=compute_90,code=compute_90"]),
+        ("9.0a", ["arch=compute_90a,code=sm_90a"]),
+        ("7.5 8.6", ["arch=compute_75,code=sm_75", "arch=compute_86,code=sm_86"]),
+    ],
+)
+def test_arch_list_parsing(arch_list, expected):
+    assert SETUP.gencode_flags(arch_list) == [f"-gencode={e}" for e in expected]
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        SETUP.gencode_flags("sm_90")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUILD_EXPECTED, reason="no nvcc here, or ARD_KERNELS_BUILD_CUDA=0")
+def test_fresh_build_imports(tmp_path):
+    """setup.py builds the extension from scratch (nvcc objects + C++ bindings) into a clean directory."""
+    env = dict(os.environ, MAX_JOBS="2", TORCH_CUDA_ARCH_LIST="9.0")
+    build = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (so,) = (tmp_path / "lib" / "ard_kernels").glob("_C*.so")
+    code = (
+        "import torch\n"
+        f"torch.ops.load_library({str(so)!r})\n"
+        "kc = torch.zeros(1, 1, 4, 8)\n"
+        "try:\n"
+        "    torch.ops.ard_kernels.kv_append(kc, kc, kc, kc, None, 0, torch.zeros(1, dtype=torch.int32), 0)\n"
+        "except RuntimeError as e:\n"
+        "    print('refused' if 'expected CUDA tensors' in str(e) else e)\n"
+    )
+    result = _python(code)
+    assert result.stdout.strip() == "refused", result.stderr
