@@ -46,8 +46,9 @@ def pattern_table(pattern: Pattern, nb: int) -> torch.Tensor:
     if nb < 1:
         raise ValueError(f"nb: expected a positive number of blocks, got {nb}")
     if isinstance(pattern, str):
-        i = torch.arange(nb).unsqueeze(1)
-        j = torch.arange(nb).unsqueeze(0)
+        # Built on the CPU even under a `with torch.device("meta"|"cuda")` context: schedules read it.
+        i = torch.arange(nb, device="cpu").unsqueeze(1)
+        j = torch.arange(nb, device="cpu").unsqueeze(0)
         if pattern == "causal":
             return j <= i
         if pattern == "diagonal":

@@ -1,0 +1,384 @@
+"""DiT, the teacher: ``x_{l+1} = x_l + g·f(LN(x_l)·(1 + s) + b)`` with (b, s, g) from adaLN-Zero.
+
+A thin, checkpoint-compatible re-implementation of the original DiT (Peebles & Xie): every
+parameter carries the original name and shape, so ``DiT-XL-2-256x256.pt`` loads with
+``strict=True``. What differs is the plumbing: conditioning is kept per (sample, block)
+``c: (B, nb, C)`` rather than per sample, so the same blocks serve the teacher (one block of
+T tokens) and the ARD student (K blocks of T tokens, :mod:`ard_kernels.models.ardit`), and the
+hot ops go through :mod:`ard_kernels.api` with a selectable backend:
+
+- attention: :func:`ard_kernels.block_attention` (``attn_backend``);
+- LayerNorm + modulate and the gated residual: :func:`ard_kernels.modulated_layer_norm`,
+  :func:`ard_kernels.gated_residual` (``mod_backend``);
+- the sinusoidal timestep features: :func:`ard_kernels.timestep_embedding` (``mod_backend``).
+
+Shapes: images (B, C_in, H, W) with H = W = ``input_size``; T = (H / p)² tokens of width
+``hidden_size``; outputs (B, C_out, H, W), C_out = 2·C_in with ``learn_sigma`` (prediction,
+then variance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import api
+from ..adaln import adaln_modulation
+from .configs import DiTConfig, get_config
+
+FREQUENCY_EMBEDDING_SIZE = 256
+NORM_EPS = 1e-6
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """DiT's fixed 2-D position table: ``[φ(col), φ(row)]`` per token, ``φ(p) = [sin(p·ω_i), cos(p·ω_i)]``.
+
+    ``ω_i = 10000^(−i / (embed_dim/4))``, i < embed_dim/4. Token ``n = row·grid_size + col``; the
+    first half of the channels encodes the column, the second half the row (the order the
+    original's ``meshgrid(w, h)`` produces). Computed in float64 as the original, returned
+    (grid_size², embed_dim) fp32.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim: expected a multiple of 4 for a 2-D sin-cos table, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+
+    def phi(p):  # (N,) -> (N, embed_dim / 2)
+        out = p[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    row = pos.repeat_interleave(grid_size)
+    col = pos.repeat(grid_size)
+    return torch.cat([phi(col), phi(row)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """``(B, C, H, W) → (B, T, hidden)`` by a stride-p convolution (``x_embedder.proj``)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size: expected a multiple of patch_size {patch_size}, got {input_size}")
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        # Token-major memory: the residual stream the row-wise kernels (LN, residual) read.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+
+
+class TimestepEmbedder(nn.Module):
+    """``t ↦ Linear(SiLU(Linear(sincos_256(t))))``: (…) → (…, hidden) in the weights' dtype."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.backend = "auto"
+
+    def forward(self, t):
+        # The sinusoid is fp32 (large t·f); the MLP runs in the weights' dtype (bf16 models too).
+        t_freq = api.timestep_embedding(t, self.frequency_embedding_size, backend=self.backend)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label → (hidden,) row; row ``num_classes`` is the null class of classifier-free guidance.
+
+    With ``dropout_prob > 0`` the table has ``num_classes + 1`` rows and, in training, labels are
+    replaced by the null class with that probability (DiT's label dropout).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = int(dropout_prob > 0)
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train: bool, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (``attn.qkv``, ``attn.proj``) through :func:`ard_kernels.block_attention`.
+
+    ``qkv`` lays out [q | k | v] × (heads, head_dim) along its output, as the original (timm)
+    attention, which is the layout :class:`ard_kernels.kv_cache.HistoryKVCache` splits.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.backend = "auto"
+
+    def forward(self, x, block_size, pattern, kv=None):
+        """x (B, n, C) → (B, n, C) under the block ``pattern``.
+
+        ``kv``, when given, maps the qkv projection (B, n, 3C) to (q, keys, values) with keys from
+        elsewhere (a KV cache): the n queries are then the last n tokens of the key sequence.
+        """
+        b, n, c = x.shape
+        qkv = self.qkv(x)
+        if kv is None:
+            q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = kv(qkv)
+        o = api.block_attention(q, k, v, block_size, pattern, backend=self.backend)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    """``fc2(GELU_tanh(fc1(x)))``, hidden width ``mlp_ratio·C`` (``mlp.fc1``, ``mlp.fc2``)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim, bias=True)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def adaln_chunks(c, modulation: nn.Sequential, chunks: int):
+    """``SiLU(c)·Wᵀ + b`` split into ``chunks`` tensors (B, nb, C): one row per (sample, block)."""
+    return adaln_modulation(c, modulation[1], chunks)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block on tokens (B, N, C) with per-block conditioning c (B, nb, C).
+
+    ``x += gate_msa·attn(LN(x)·(1 + scale_msa) + shift_msa)``, then the same with the MLP; the
+    six modulation vectors come from ``adaLN_modulation = (SiLU, Linear(C, 6C))`` applied to c
+    once per block of ``block_size`` tokens, never repeated per token.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.backend = "auto"
+
+    def modulation(self, c):
+        """The six (B, nb, C) modulation vectors of conditioning c (B, nb, C)."""
+        return adaln_chunks(c, self.adaLN_modulation, 6)
+
+    def forward(self, x, c, block_size, pattern, kv=None, attn_block_size: int | None = None, mod=None):
+        """x (B, N, C), c (B, nb, C) with nb = ceil(N / block_size) → (B, N, C).
+
+        ``kv`` and ``attn_block_size`` (default ``block_size``) go to the attention: a cached step
+        attends over a key sequence blocked differently from its own tokens. ``mod``, when given,
+        replaces :meth:`modulation` of c (the sampler computes all K blocks' vectors up front).
+        """
+        attn_bs = block_size if attn_block_size is None else attn_block_size
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c) if mod is None else mod
+        be = self.backend
+        # In inference the residual stream is ours alone: update it in place (no new (B, N, C) buffer).
+        inplace = not torch.is_grad_enabled()
+        h = api.modulated_layer_norm(x, shift_msa, scale_msa, block_size, eps=NORM_EPS, backend=be)
+        x = api.gated_residual(x, self.attn(h, attn_bs, pattern, kv), gate_msa, block_size,
+                               inplace=inplace, backend=be)
+        h = api.modulated_layer_norm(x, shift_mlp, scale_mlp, block_size, eps=NORM_EPS, backend=be)
+        return api.gated_residual(x, self.mlp(h), gate_mlp, block_size, inplace=inplace, backend=be)
+
+
+class FinalLayer(nn.Module):
+    """``linear(LN(x)·(1 + scale) + shift)``: tokens (B, N, C) → (B, N, p²·C_out); (shift, scale) per block."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.backend = "auto"
+
+    def forward(self, x, c, block_size):
+        shift, scale = adaln_chunks(c, self.adaLN_modulation, 2)
+        x = api.modulated_layer_norm(x, shift, scale, block_size, eps=NORM_EPS, backend=self.backend)
+        return self.linear(x)
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT with the original's parameter names: ``model(x, t, y)``.
+
+    Args:
+        config: a :class:`DiTConfig` or a name from :data:`ard_kernels.models.CONFIGS` ("DiT-XL/2").
+        input_size: latent side H = W (32 for 256² images through the SD VAE).
+        in_channels: latent channels C_in.
+        num_classes: class count; with ``class_dropout_prob > 0`` the label table gets a null row.
+        learn_sigma: output 2·C_in channels (prediction, variance) instead of C_in.
+        class_dropout_prob: label dropout in training (classifier-free guidance).
+        attn_backend: backend of :func:`ard_kernels.block_attention`.
+        mod_backend: backend of the modulation ops and the timestep features.
+    """
+
+    def __init__(self, config="DiT-XL/2", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                 learn_sigma: bool = True, class_dropout_prob: float = 0.1, attn_backend: str = "auto",
+                 mod_backend: str = "auto"):
+        super().__init__()
+        cfg: DiTConfig = get_config(config)
+        self.config = cfg
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.patch_size = cfg.patch_size
+        self.num_heads = cfg.num_heads
+        self.hidden_size = cfg.hidden_size
+
+        self.x_embedder = PatchEmbed(input_size, cfg.patch_size, in_channels, cfg.hidden_size)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, cfg.hidden_size, class_dropout_prob)
+        # Fixed, yet a Parameter (requires_grad=False) as in the original: it is in the state dict.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, cfg.hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
+        )
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, self.out_channels)
+        self.initialize_weights()
+        self.set_backends(attn_backend, mod_backend)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image, T = (input_size / patch_size)²."""
+        return self.x_embedder.num_patches
+
+    def set_backends(self, attn: str | None = None, mod: str | None = None) -> "DiT":
+        """Choose the backend of attention (``attn``) and of the modulation ops (``mod``); None keeps it."""
+        if attn is not None:
+            self.attn_backend = attn
+        if mod is not None:
+            self.mod_backend = mod
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = self.attn_backend
+            elif isinstance(m, (DiTBlock, FinalLayer, TimestepEmbedder)):
+                m.backend = self.mod_backend
+        return self
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier-uniform Linears, N(0, 0.02) embeddings, adaLN-Zero (zeros)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.x_embedder.grid_size)[None])
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for head in self._heads():
+            nn.init.zeros_(head.adaLN_modulation[-1].weight)
+            nn.init.zeros_(head.adaLN_modulation[-1].bias)
+            nn.init.zeros_(head.linear.weight)
+            nn.init.zeros_(head.linear.bias)
+
+    def _heads(self):
+        return [self.final_layer]
+
+    def embed(self, x):
+        """Images (B', C_in, H, W) → tokens (B', T, hidden) with the position table added."""
+        return self.x_embedder(x) + self.pos_embed
+
+    def unpatchify(self, x):
+        """Tokens (B, T, p²·C_out) → images (B, C_out, H, W); token n = row·grid + col, patch (p, q, c)."""
+        c, p = self.out_channels, self.patch_size
+        g = self.x_embedder.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y):
+        """``ε̂, Σ̂ = DiT(x_t, t, y)``.
+
+        Args:
+            x: (B, C_in, H, W) latents in the model's dtype.
+            t: (B,) timesteps (fractional allowed).
+            y: (B,) int64 class labels (``num_classes`` = null class).
+
+        Returns:
+            (B, C_out, H, W).
+        """
+        tokens = self.embed(x)
+        c = (self.t_embedder(t) + self.y_embedder(y, self.training))[:, None]  # (B, 1, hidden): one block
+        n = self.num_tokens
+        for block in self.blocks:
+            tokens = block(tokens, c, n, "diagonal")
+        return self.unpatchify(self.final_layer(tokens, c, n))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels: int = 3):
+        """Classifier-free guidance on a doubled batch, as the original DiT.
+
+        The first half of ``x`` is used for both halves; ``y`` holds the class labels then the null
+        labels. The first ``guidance_channels`` output channels become ``ε_u + s·(ε_c − ε_u)`` in
+        both halves, the rest pass through. The default 3 reproduces the original DiT exactly (its
+        code guides ``model_out[:, :3]``); pass ``guidance_channels=self.in_channels`` to guide
+        every prediction channel, as :meth:`ARDiT.sample` does.
+        """
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        eps, rest = model_out[:, :guidance_channels], model_out[:, guidance_channels:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+    @classmethod
+    def from_checkpoint(cls, state_dict_or_path, config=None, **kwargs) -> "DiT":
+        """A teacher loaded strictly from a DiT checkpoint (e.g. ``DiT-XL-2-256x256.pt``).
+
+        ``config`` and the size arguments are inferred from the tensor shapes unless given; the
+        file is read with ``torch.load(weights_only=True)`` or safetensors (see
+        :func:`ard_kernels.models.convert.read_state_dict`).
+        """
+        from .convert import infer_dit_kwargs, read_state_dict
+
+        sd = read_state_dict(state_dict_or_path)
+        inferred = infer_dit_kwargs(sd)
+        inferred_config = inferred.pop("config")
+        inferred.update(kwargs)
+        model = cls(inferred_config if config is None else config, **inferred)
+        model.load_state_dict(sd, strict=True)
+        return model
+
+    @staticmethod
+    def expected_num_params(config="DiT-XL/2", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                            learn_sigma: bool = True, class_dropout_prob: float = 0.1) -> int:
+        """Parameter count from the formula (``pos_embed`` included, as the original counts it)."""
+        cfg = get_config(config)
+        c, p, d = cfg.hidden_size, cfg.patch_size, cfg.depth
+        out = in_channels * (2 if learn_sigma else 1)
+        mlp = int(c * cfg.mlp_ratio)
+        tokens = (input_size // p) ** 2
+        per_block = (3 * c * c + 3 * c) + (c * c + c) + (c * mlp + mlp) + (mlp * c + c) + (6 * c * c + 6 * c)
+        embed = in_channels * p * p * c + c + tokens * c
+        t_emb = FREQUENCY_EMBEDDING_SIZE * c + c + c * c + c
+        y_emb = (num_classes + int(class_dropout_prob > 0)) * c
+        final = c * p * p * out + p * p * out + 2 * c * c + 2 * c
+        return embed + t_emb + y_emb + d * per_block + final
+
