@@ -1,0 +1,201 @@
+"""End-to-end sampling latency: ARD N=6 and step distillation N=0 (K=4 steps), the teacher's 25-step DDIM.
+
+``ms`` = median time of one whole sampling call for a batch (noise in, final latent out, no VAE),
+``ms_per_img`` = ms / B. Stacks, all on the same weights:
+
+- ``published``: :class:`benchmarks.published_ard.PublishedARD` — the published code's formulation
+  (per-token adaLN rows, SDPA with float masks, ``torch.cat`` history cache);
+- ``eager``: :meth:`ard_kernels.models.ARDiT.sample`, backends "auto" (Triton on CUDA);
+- ``graphs``: the same with ``use_cuda_graphs=True`` (CUDA only);
+- ``compile``: opt-in (``--compile``), each step's forward through ``torch.compile``.
+
+The teacher (``ard_kernels.models.DiT`` + :class:`ard_kernels.diffusion.DDIMSampler`, no guidance)
+runs once per batch under the ``eager`` stack. ``vs_N0_%`` = time of N=6 over N=0 in the same stack
+and batch. ``TFLOP/s`` uses the analytic FLOPs of :mod:`ard_kernels.flops` (per-block conditioning
+for every stack: the useful work, not what the published formulation spends).
+
+Run: ``python benchmarks/bench_e2e.py`` (DiT-XL/2 bf16, B 1/8/64 on CUDA; DiT-S/4 fp32, B 1/4 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make "benchmarks" and "ard_kernels" importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+NAME = "e2e"
+CPU_ARGV = ["--config", "DiT-S/4", "--batches", "1,4", "--teacher-steps", "25"]
+QUICK_ARGV = ["--config", "DiT-tiny/2", "--batches", "1", "--teacher-steps", "2", "--history-layers", "2"]
+GPU_ARGV: list[str] = []
+STACKS = ("published", "eager", "graphs", "compile")
+
+
+def _parse(argv: Sequence[str] | None):
+    gpu = common.on_gpu()
+    p = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="DiT-XL/2" if gpu else "DiT-S/4")
+    p.add_argument("--batches", default="1,8,64" if gpu else "1,4", help="comma-separated batch sizes")
+    p.add_argument("--history-layers", type=int, default=6)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--teacher-steps", type=int, default=25, help="0 skips the teacher")
+    p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--stacks", default="published,eager,graphs", help=f"comma-separated subset of {STACKS}")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile stack")
+    p.add_argument("--device", default=str(common.default_device()))
+    p.add_argument("--out", default=None, help="directory of e2e.json (default $ARD_BENCH_OUT or results/)")
+    p.add_argument("--no-json", action="store_true")
+    return p.parse_args(argv)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _build(config: str, n: int, steps: int, device, dtype, stacks: Sequence[str]) -> dict[str, torch.nn.Module]:
+    """ARDiT (+ the published formulation on its weights) with history_layers n."""
+    from ard_kernels.models import ARDiT
+
+    with torch.device(device):
+        ard = ARDiT(config, history_layers=n, steps=steps).eval()
+    _randomise(ard)
+    models = {"ard": ard.to(dtype)}
+    if "published" in stacks:
+        from benchmarks.published_ard import PublishedARD
+
+        with torch.device(device):
+            pub = PublishedARD(config, history_layers=n, steps=steps, input_size=ard.input_size).eval()
+        missing = pub.load_state_dict(ard.state_dict(), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise RuntimeError(f"published formulation does not load the ARDiT weights: {missing}")
+        models["published"] = pub.to(dtype)
+    return models
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module) -> None:
+    """Small random weights everywhere (adaLN-Zero and the zero heads would make every step trivial)."""
+    gens = {}
+    for name, p in model.named_parameters():
+        if name != "pos_embed":
+            g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(0))
+            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * 0.02)
+
+
+def _runner(stack: str, models, noise, y) -> Callable[[], object]:
+    if stack == "published":
+        return lambda: models["published"].sample(noise, y)
+    ard = models["ard"]
+    if stack == "eager":
+        return lambda: ard.sample(noise, y)
+    if stack == "graphs":
+        return lambda: ard.sample(noise, y, use_cuda_graphs=True)
+    if stack == "compile":
+        if not getattr(ard, "_bench_compiled", False):
+            ard.forward_step = torch.compile(ard.forward_step, dynamic=False)
+            ard._bench_compiled = True
+        return lambda: ard.sample(noise, y)
+    raise ValueError(f"stacks: expected names from {STACKS}, got {stack!r}")
+
+
+def _teacher(config, input_size, device, dtype):
+    from ard_kernels.models import DiT
+
+    with torch.device(device):
+        dit = DiT(config, input_size=input_size).eval()
+    _randomise(dit)
+    return dit.to(dtype)
+
+
+def _teacher_runner(dit, noise, y, steps):
+    try:
+        from ard_kernels.diffusion import DDIMSampler
+    except ImportError:  # pragma: no cover - the sampler ships with the package
+        DDIMSampler = None
+    device = noise.device
+    if DDIMSampler is not None:
+        sampler = DDIMSampler(steps)
+        return lambda: sampler.sample(dit, noise, y, cfg_scale=1.0, record_indices=(0,))
+    ts = torch.linspace(999, 0, steps, device=device)
+
+    def loop():  # a minimal DDIM-shaped loop: the same S forwards
+        x = noise
+        for t in ts:
+            x = x - 0.01 * dit(x, t.expand(x.shape[0]), y)[:, : x.shape[1]]
+        return x
+
+    return loop
+
+
+def run(args) -> list[dict]:
+    from ard_kernels import flops
+
+    device = torch.device(args.device)
+    dtype = _DTYPES[args.dtype]
+    batches = [int(b) for b in str(args.batches).split(",") if b]
+    stacks = [s for s in args.stacks.split(",") if s] + (["compile"] if args.compile else [])
+    if device.type != "cuda":
+        stacks = [s for s in stacks if s not in ("graphs", "compile")]
+    shape = flops.shape_from_config(args.config)
+    gflop = {n: flops.gflops(flops.ard_macs(shape, n, args.steps)) for n in {0, args.history_layers}}
+    gflop_teacher = flops.gflops(flops.teacher_macs(shape, args.teacher_steps)) if args.teacher_steps else 0.0
+    rows: list[dict] = []
+    base: dict[tuple, float] = {}
+    for n in sorted({0, args.history_layers}):
+        models = _build(args.config, n, args.steps, device, dtype, stacks)
+        variant = f"ARD N={n}" if n else "N=0 (step distillation)"
+        for b in batches:
+            g = torch.Generator(device="cpu").manual_seed(b)
+            noise = torch.randn(b, 4, shape.input_size, shape.input_size, generator=g).to(device, dtype)
+            y = torch.randint(0, 1000, (b,), generator=g).to(device)
+            for stack in stacks:
+                row = {"config": args.config, "dtype": args.dtype, "stack": stack, "variant": variant,
+                       "steps": args.steps, "batch": b}
+                try:
+                    ms = common.time_ms(_runner(stack, models, noise, y), device)
+                except Exception as exc:  # one stack failing must not hide the others
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                    rows.append(row)
+                    continue
+                base.setdefault((stack, b, n), ms)
+                row.update(ms=ms, ms_per_img=ms / b, **{"TFLOP/s": gflop[n] * b / ms})
+                if n and (stack, b, 0) in base:
+                    row["vs_N0_%"] = 100.0 * (ms / base[(stack, b, 0)] - 1.0)
+                rows.append(row)
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.teacher_steps:
+        dit = _teacher(args.config, shape.input_size, device, dtype)
+        for b in batches:
+            g = torch.Generator(device="cpu").manual_seed(b)
+            noise = torch.randn(b, 4, shape.input_size, shape.input_size, generator=g).to(device, dtype)
+            y = torch.randint(0, 1000, (b,), generator=g).to(device)
+            row = {"config": args.config, "dtype": args.dtype, "stack": "eager",
+                   "variant": f"teacher DDIM {args.teacher_steps}", "steps": args.teacher_steps, "batch": b}
+            try:
+                ms = common.time_ms(_teacher_runner(dit, noise, y, args.teacher_steps), device,
+                                    warmup=5, rep=20)
+                row.update(ms=ms, ms_per_img=ms / b, **{"TFLOP/s": gflop_teacher * b / ms})
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = _parse(argv)
+    rows = run(args)
+    if not args.no_json:
+        common.write_json(NAME, rows, args.out, argv=list(argv or []))
+    return rows
+
+
+if __name__ == "__main__":
+    print(common.markdown_table(main(sys.argv[1:])))

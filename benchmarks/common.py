@@ -1,0 +1,227 @@
+"""Shared benchmark helpers: timing, environment, JSON results, markdown tables, plots.
+
+Every ``benchmarks/bench_*.py`` exposes ``main(argv) -> list[dict]`` (one dict per measured row);
+these helpers keep timing and reporting uniform across them:
+
+- :func:`time_ms` — median milliseconds of a call: ``triton.testing.do_bench`` on CUDA (it flushes
+  the L2 and synchronises), a ``perf_counter`` loop on the CPU.
+- :func:`write_json` — ``{"benchmark", "env", "rows"}`` to ``<out>/<name>.json``; ``out`` defaults to
+  ``$ARD_BENCH_OUT`` (set by ``run_all.py --out``), else ``results/``.
+- :func:`markdown_table` — any rows, columns = the union of their keys in first-seen order.
+- :func:`plot_tflops`, :func:`plot_latency` — PNGs with matplotlib's Agg backend (no display).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if on_gpu() else "cpu")
+
+
+def sync(device=None) -> None:
+    if torch.device(device or default_device()).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device=None, warmup: int = 25, rep: int = 100,
+            cpu_budget_s: float = 1.0, cpu_max_iters: int = 20) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench(fn, warmup, rep, return_mode="median")`` (``warmup``/``rep`` in
+    ms of device time). CPU: one warm-up call, then as many calls as fit in ``cpu_budget_s``
+    (at least 3, at most ``cpu_max_iters``), median of their ``perf_counter`` times.
+    """
+    device = torch.device(device or default_device())
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    t0 = time.perf_counter()
+    fn()
+    est = time.perf_counter() - t0
+    n = max(3, min(cpu_max_iters, int(cpu_budget_s / max(est, 1e-6))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def git_commit() -> str:
+    """HEAD's short hash (with ``+dirty`` for local changes), or "uncommitted" without one."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def env_info() -> dict[str, str]:
+    """Date, commit and software/hardware versions to stamp on every result."""
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if on_gpu() else f"CPU ({platform.processor() or platform.machine()}, "
+                                                                 f"{os.cpu_count()} cores)",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "absent"
+    if on_gpu():
+        info["cuda"] = str(torch.version.cuda)
+    return info
+
+
+def write_json(name: str, rows: list[dict], out_dir: os.PathLike | None = None, **extra) -> Path:
+    """Write ``{"benchmark": name, "env": env_info(), "rows": rows, **extra}`` to ``out_dir/name.json``."""
+    out = Path(out_dir or os.environ.get("ARD_BENCH_OUT") or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "env": env_info(), "rows": rows, **extra}, indent=1,
+                               default=str) + "\n")
+    return path
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "–"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        if abs(v) >= 1:
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v).replace("|", "\\|")
+
+
+def columns_of(rows: Iterable[dict]) -> list[str]:
+    """Union of the rows' keys in first-seen order (benchmarks may differ in their columns)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows``; missing cells show "–"."""
+    if not rows:
+        return "(no rows)\n"
+    cols = list(columns) if columns else columns_of(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _first_key(row: dict, candidates: Sequence[str], contains: Sequence[str] = ()) -> str | None:
+    for c in candidates:
+        if c in row:
+            return c
+    for k in row:
+        if any(s in k.lower() for s in contains):
+            return k
+    return None
+
+
+def plot_tflops(rows: Sequence[dict], path: os.PathLike, title: str = "") -> Path | None:
+    """Grouped bars: TFLOP/s (any key containing "tflop") per shape (x) and provider (colour)."""
+    rows = [r for r in rows if isinstance(r, dict)]
+    if not rows:
+        return None
+    val = _first_key(rows[0], ("tflops", "TFLOP/s"), ("tflop",))
+    shape = _first_key(rows[0], ("shape", "case", "config"))
+    prov = _first_key(rows[0], ("provider", "backend", "stack", "impl"))
+    if not (val and shape and prov):
+        return None
+    shapes = list(dict.fromkeys(str(r.get(shape)) for r in rows))
+    provs = list(dict.fromkeys(str(r.get(prov)) for r in rows))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes) * max(1, len(provs)) / 3), 4))
+    width = 0.8 / max(1, len(provs))
+    for j, p in enumerate(provs):
+        ys = []
+        for s in shapes:
+            hit = [r.get(val) for r in rows if str(r.get(shape)) == s and str(r.get(prov)) == p]
+            ys.append(hit[0] if hit and isinstance(hit[0], (int, float)) else 0.0)
+        ax.bar([i + j * width for i in range(len(shapes))], ys, width, label=p)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+    ax.set_xticklabels(shapes, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(val)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_latency(rows: Sequence[dict], path: os.PathLike, title: str = "",
+                 y_key: str = "ms_per_img") -> Path | None:
+    """Lines: ``y_key`` against batch size (log-log), one line per (stack, variant)."""
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get(y_key), (int, float))]
+    if not rows:
+        return None
+    bkey = _first_key(rows[0], ("batch", "B"))
+    if not bkey:
+        return None
+    label_keys = [k for k in ("stack", "variant", "provider", "shape") if k in rows[0]]
+    lines: dict[str, list] = {}
+    for r in rows:
+        lines.setdefault(" / ".join(str(r[k]) for k in label_keys) or "rows", []).append((r[bkey], r[y_key]))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in lines.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(y_key)
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
