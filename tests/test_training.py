@@ -1,0 +1,171 @@
+"""ARD training: the loss, the EMA, checkpoints and resume, DDP and FSDP (gloo, 2 processes) against one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ard_kernels.models import ARDiT, DiT
+from ard_kernels.train import build_parser, latest_checkpoint, train
+from ard_kernels.training import ModelEMA, ard_loss, teacher_forced_states
+from ard_kernels.trajectories import TrajectoryConfig, generate, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ loss
+@pytest.mark.parametrize("c_out", [4, 8])
+def test_ard_loss_is_mean_of_head_mses(c_out):
+    pred = torch.randn(3, 4, c_out, 6, 6, requires_grad=True)
+    targets = torch.randn(3, 4, 4, 6, 6)
+    loss, per_head = ard_loss(pred, targets, return_per_head=True)
+    want = torch.stack([torch.nn.functional.mse_loss(pred[:, k, :4], targets[:, k]) for k in range(4)])
+    torch.testing.assert_close(per_head, want.detach())
+    torch.testing.assert_close(loss, want.mean())
+    loss.backward()
+    assert pred.grad[:, :, 4:].abs().sum() == 0  # the variance channels are not supervised
+    bf = ard_loss(pred.detach().bfloat16(), targets)
+    assert bf.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 6, 6), (3, 3, 8, 6, 6), (3, 4, 8, 5, 6)])
+def test_ard_loss_shape_errors(shape):
+    with pytest.raises(ValueError, match="pred"):
+        ard_loss(torch.randn(shape), torch.randn(3, 4, 4, 6, 6))
+
+
+def test_teacher_forced_states_errors():
+    with pytest.raises(ValueError, match="x_T"):
+        teacher_forced_states(torch.randn(2, 4, 6, 6), torch.randn(2, 4, 4, 6, 5))
+
+
+def test_model_ema_follows_the_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEMA(model, decay=0.9)
+    w = [model.weight.detach().clone()]
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        w.append(model.weight.detach().clone())
+        ema.update(model)
+    want = w[1]  # the first update copies, as DiT's EMA starts from the weights
+    for x in w[2:]:
+        want = 0.9 * want + 0.1 * x
+    torch.testing.assert_close(ema.module.weight, want)
+    assert ema.num_updates == 3
+
+
+# -------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("traj")
+    torch.manual_seed(0)
+    teacher = DiT("DiT-tiny/2", input_size=8, num_classes=10).eval()
+    with torch.no_grad():
+        for head in (teacher.final_layer.linear, teacher.final_layer.adaLN_modulation[-1]):
+            head.weight.normal_(std=0.02)
+    cfg = TrajectoryConfig(model="DiT-tiny/2", num=12, shard_size=5, steps=6, record_indices=[4, 2, 1, 0],
+                           input_size=8, num_classes=10)
+    generate(teacher, cfg, out, progress=False)
+    write_manifest(cfg, out)
+    return out
+
+
+def args_for(data_dir, out, *extra):
+    return build_parser().parse_args(["--model", "DiT-tiny/2", "--data", str(data_dir), "--out", str(out),
+                                      "--steps", "4", "--batch-size", "4", "--history-layers", "2",
+                                      "--log-every", "1", "--ckpt-every", "2", "--lr", "1e-3", "--no-progress",
+                                      "--seed", "1", *extra])
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    result = train(args_for(data_dir, out))
+    return out, result
+
+
+def test_checkpoint_layout_and_contents(straight_run):
+    out, result = straight_run
+    ckpt = latest_checkpoint(out)
+    assert ckpt.name == "step-0000004" and result["step"] == 4
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.safetensors",
+                                                      "state.json"]
+    student = ARDiT("DiT-tiny/2", history_layers=2, steps=4, input_size=8, num_classes=10)
+    student.load_state_dict(load_file(str(ckpt / "model.safetensors")))  # strict: the keys are ARDiT's own
+    student.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    for k, v in result["student"].state_dict().items():
+        torch.testing.assert_close(student.state_dict()[k].to(v.dtype), result["ema"].module.state_dict()[k])
+    opt = load_file(str(ckpt / "optimizer.safetensors"))
+    assert "state/blocks.0.attn.qkv.weight/exp_avg" in opt and "state/pos_embed/exp_avg" not in opt
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 4 and state["ema_updates"] == 4
+    rec = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert set(rec) >= {"step", "loss", "head_losses", "images_per_s", "grad_norm"} and len(rec["head_losses"]) == 4
+
+
+def test_resume_continues_exactly(data_dir, straight_run, tmp_path):
+    out, result = straight_run
+    train(args_for(data_dir, tmp_path, "--steps", "2"))
+    resumed = train(args_for(data_dir, tmp_path))  # same --out: picks up step 2
+    assert resumed["step"] == 4
+    torch.testing.assert_close(losses(tmp_path), losses(out), rtol=1e-5, atol=1e-6)
+    for (k, a), b in zip(result["student"].state_dict().items(), resumed["student"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_init_from_teacher_checkpoint(data_dir, tmp_path):
+    teacher = DiT("DiT-tiny/2", input_size=8, num_classes=10)
+    save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
+    result = train(args_for(data_dir, tmp_path / "run", "--init-from", str(tmp_path / "teacher.safetensors"),
+                            "--steps", "1", "--lr", "0"))
+    student = result["student"]
+    torch.testing.assert_close(student.blocks[1].attn.qkv.weight, teacher.blocks[1].attn.qkv.weight)
+    torch.testing.assert_close(student.final_layer3.linear.weight, teacher.final_layer.linear.weight)
+
+
+def torchrun(args, timeout=150):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "ard_kernels.train", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("mode", [["--device", "cpu"], ["--device", "cpu", "--fsdp", "--activation-checkpointing"]],
+                         ids=["ddp", "fsdp+ac"])
+def test_two_processes_match_one(data_dir, straight_run, tmp_path, mode):
+    """gloo, 2 ranks × 2 samples: the same global batches as one process × 4, so the same losses and weights."""
+    out, result = straight_run
+    a = args_for(data_dir, tmp_path)
+    common = ["--model", a.model, "--data", a.data, "--out", a.out, "--batch-size", "4", "--history-layers", "2",
+              "--log-every", "1", "--ckpt-every", "2", "--lr", "1e-3", "--no-progress", "--seed", "1", *mode]
+    if "--fsdp" in mode:  # also resume a sharded run: 2 steps, then on to 4 from the checkpoint
+        torchrun(common + ["--steps", "2"])
+    torchrun(common + ["--steps", "4"])
+    torch.testing.assert_close(losses(tmp_path), losses(out), rtol=1e-4, atol=1e-5)
+    got = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
+    for k, v in result["student"].state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    ema = load_file(str(latest_checkpoint(tmp_path) / "ema.safetensors"))
+    for k, v in result["ema"].module.state_dict().items():
+        torch.testing.assert_close(ema[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_label_dropout_is_reproduced_on_resume(data_dir, tmp_path):
+    """Label dropout comes from a generator seeded by (seed, step, rank), not from the global RNG."""
+    drop = ["--class-dropout", "0.5", "--steps", "3", "--ckpt-every", "1"]
+    train(args_for(data_dir, tmp_path / "a", *drop))
+    train(args_for(data_dir, tmp_path / "b", *drop, "--steps", "1"))
+    torch.manual_seed(123)  # a different global RNG state must not matter
+    train(args_for(data_dir, tmp_path / "b", *drop))
+    torch.testing.assert_close(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-5, atol=1e-6)
