@@ -37,7 +37,7 @@ OP_MODULES = (
 )
 
 
-def _jit_function(kernel):
+def jit_function(kernel):
     """Unwrap Autotuner / Heuristics layers down to the JITFunction."""
     while not hasattr(kernel, "arg_names") or not hasattr(kernel, "cache_key"):
         if not hasattr(kernel, "fn"):
@@ -53,7 +53,7 @@ def make_signature(kernel, dtype="bf16", overrides=None, floats=()):
     "*fp32"}``); constexpr parameters stay "constexpr"; names in ``floats`` are fp32 scalars;
     every other scalar is an i32 (sizes and strides).
     """
-    fn = _jit_function(kernel)
+    fn = jit_function(kernel)
     overrides = overrides or {}
     sig = {}
     for param in fn.params:
@@ -95,8 +95,14 @@ def compile_spec(spec: dict, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _jit_function(spec["kernel"])
-    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+    fn = jit_function(spec["kernel"])
+    constexprs = spec.get("constexprs", {})
+    # A scalar fixed in constexprs is what the JIT does with an int argument equal to 1 (a unit
+    # stride): it compiles it in. Pointers get the 16-byte alignment the JIT infers for torch's
+    # allocations, so loads vectorise as they will at run time.
+    signature = {k: ("constexpr" if k in constexprs else v) for k, v in spec["signature"].items()}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {k: spec[k] for k in ("num_warps", "num_stages") if k in spec}
     start = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -1,0 +1,285 @@
+"""Triton block attention (forward, lse and dq/dk/dv) against the reference and SDPA with a dense mask.
+
+On CPU the kernels run under the Triton interpreter (tiny grids, 16×16 tiles, fp32 math); on GPU
+(``cuda`` marker) bf16/fp16 are judged by the flash-attention rule: the kernel's error against an
+fp32 reference is at most twice the error of the same computation done by PyTorch in that dtype,
+plus 1e-5.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ard_kernels
+from ard_kernels import masks
+from ard_kernels.ops import block_attention as ba
+from ard_kernels.reference import block_attention_ref
+
+
+def _inputs(b, h, lq, lk, d, device, dtype=torch.float32, bnhd=False):
+    """q (B,H,Lq,D), k, v (B,H,Lk,D); with ``bnhd`` they are (B,N,H,D) tensors viewed by transpose."""
+    def make(n):
+        if bnhd:
+            return torch.randn(b, n, h, d, device=device, dtype=dtype).transpose(1, 2)
+        return torch.randn(b, h, n, d, device=device, dtype=dtype)
+
+    return [make(n).requires_grad_() for n in (lq, lk, lk)]
+
+
+def _run(fn, q, k, v):
+    """Output, lse and (dq, dk, dv) of a loss that uses both the output and the lse."""
+    out, lse = fn(q, k, v)
+    gen = torch.Generator().manual_seed(1)  # the same cotangents for every implementation compared
+    g_out = torch.randn(out.shape, generator=gen).to(out.device)
+    g_lse = torch.randn(lse.shape, generator=gen).to(lse.device)
+    loss = (out.float() * g_out).sum() + (lse * g_lse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return out, lse, grads
+
+
+def _random_table(nb, gen):
+    table = torch.rand(nb, nb, generator=gen) < 0.5
+    table[torch.arange(nb), torch.randint(nb, (nb,), generator=gen)] = True  # no empty row
+    return table
+
+
+# (B, H, block_size, Lk, Lq, D, pattern); "random" draws a bool table.
+CASES = [
+    (1, 2, 7, 21, 21, 72, "causal"),
+    (2, 1, 5, 13, 8, 16, "window"),       # partial last block, Lq < Lk
+    (1, 2, 13, 39, 13, 24, "causal"),     # KV-cached step: one block of queries, all keys
+    (1, 1, 7, 21, 21, 16, "diagonal"),
+    (1, 1, 7, 20, 17, 72, "first"),
+    (1, 2, 6, 24, 19, 24, "random"),
+    (1, 1, 1, 40, 37, 16, "random"),      # 40 blocks: the table is gathered per element, not as bit masks
+    (1, 1, 2, 64, 64, 16, "random"),      # 32 blocks: bit 31 of the row masks is the sign bit
+    (1, 1, 20, 20, 20, 16, "causal"),     # a single block
+    (1, 1, 5, 15, 5, 16, "diagonal"),     # keys no query sees: dk = dv = 0 there
+    (1, 1, 16, 48, 48, 16, "causal"),     # block boundaries on tile edges: no masked tile at all
+    (1, 1, 100, 300, 300, 72, "causal"),  # the issue's odd block size, three blocks
+]
+
+
+@pytest.mark.parametrize("b,h,bs,lk,lq,d,pattern", CASES)
+def test_matches_reference(b, h, bs, lk, lq, d, pattern, triton_device):
+    if pattern == "random":
+        pattern = _random_table(masks.num_blocks(lk, bs), torch.Generator().manual_seed(lk))
+    q, k, v = _inputs(b, h, lq, lk, d, triton_device)
+    table = masks.pattern_table(pattern, masks.num_blocks(lk, bs))
+    scale = 1.0 / math.sqrt(d)
+
+    out, lse, grads = _run(lambda *a: ba.block_attention_triton(*a, bs, table, scale, True), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, pattern, return_lse=True), q, k, v)
+
+    assert out.shape == (b, h, lq, d) and out.dtype == q.dtype
+    assert lse.shape == (b, h, lq) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("pattern", ["causal", "window", "first", "diagonal"])
+def test_matches_sdpa_with_dense_mask(pattern, triton_device):
+    bs, lk, lq, d = 6, 17, 11, 24
+    q, k, v = _inputs(1, 2, lq, lk, d, triton_device)
+    mask = masks.dense_mask(pattern, lq, lk, bs, device=triton_device)
+
+    def sdpa(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        return out, torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1)
+
+    def ours(q, k, v):
+        return ard_kernels.block_attention(q, k, v, bs, pattern, return_lse=True, backend="triton")
+
+    out, lse, grads = _run(ours, q, k, v)
+    ref_out, ref_lse, ref_grads = _run(sdpa, q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d", [16, 24, 40, 64, 72, 80, 96, 120, 128, 136, 200, 256])
+def test_head_dims(d, triton_device):
+    """Every head-dim split: D0 = 2^k and a masked power-of-two remainder (or none)."""
+    q, k, v = _inputs(1, 1, 10, 12, d, triton_device)
+    out, lse, grads = _run(lambda *a: ard_kernels.block_attention(*a, 4, "causal", return_lse=True,
+                                                                  backend="triton"), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, 4, "causal", return_lse=True), q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bnhd_strides_and_layout(triton_device):
+    """(B, N, H, D) tensors viewed as (B, H, N, D): no copy needed, output keeps that layout."""
+    q, k, v = _inputs(2, 3, 9, 14, 24, triton_device, bnhd=True)
+    assert not q.is_contiguous()
+    out, lse, grads = _run(lambda *a: ard_kernels.block_attention(*a, 5, "causal", return_lse=True,
+                                                                  backend="triton"), q, k, v)
+    assert out.stride() == q.stride()
+    assert grads[0].stride() == q.stride() and grads[1].stride() == k.stride()
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, 5, "causal", return_lse=True), q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_unaligned_strides(triton_device):
+    """Head dim not unit-stride (a (B, H, D, N) tensor transposed): the kernels' alignment hint is off."""
+    q, k, v = (torch.randn(1, 2, 24, n, device=triton_device).transpose(-1, -2).requires_grad_() for n in (11, 13, 13))
+    assert ba._row_align(q, k, v) == 1
+    out, lse, grads = _run(lambda *a: ard_kernels.block_attention(*a, 4, "window", return_lse=True,
+                                                                  backend="triton"), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, 4, "window", return_lse=True), q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype, triton_device):
+    """bf16/fp16 in and out (the interpreter computes in fp32; its fp32→bf16 cast truncates)."""
+    q, k, v = _inputs(1, 2, 14, 14, 72, triton_device, dtype=dtype)
+    out = ard_kernels.block_attention(q, k, v, 7, "causal", backend="triton")
+    ref = block_attention_ref(q.float(), k.float(), v.float(), 7, "causal")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    dq, = torch.autograd.grad(out.float().sum(), (q,))
+    dq_ref, = torch.autograd.grad(block_attention_ref(q, k, v, 7, "causal").float().sum(), (q,))
+    assert dq.dtype == dtype
+    torch.testing.assert_close(dq.float(), dq_ref.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("bm,bn", [(16, 16), (64, 32), (32, 128)])
+def test_schedule_classifies_tiles(seed, bm, bn):
+    """Full tiles hold only allowed pairs, skipped tiles none, masked tiles some (token-level check)."""
+    rng = np.random.default_rng(seed)
+    bs = int(rng.integers(1, 40))
+    lk = int(rng.integers(1, 200))
+    lq = int(rng.integers(1, lk + 1))
+    nb = masks.num_blocks(lk, bs)
+    table = _random_table(nb, torch.Generator().manual_seed(seed))
+    dense = masks.dense_mask(table, lq, lk, bs).numpy()
+    full, masked = ba._classify_tiles(table.numpy(), lq, lk, bs, bm, bn)
+    for m in range(full.shape[0]):
+        for n in range(full.shape[1]):
+            tile = np.zeros((bm, bn), dtype=bool)
+            part = dense[m * bm:(m + 1) * bm, n * bn:(n + 1) * bn]
+            tile[:part.shape[0], :part.shape[1]] = part
+            rows = part.shape[0]
+            assert full[m, n] == tile[:rows].all()
+            assert masked[m, n] == (tile.any() and not tile[:rows].all())
+
+
+def test_schedule_is_cached_and_small():
+    table = masks.pattern_table("causal", 4)
+    key = (table.numpy().tobytes(), 4, 1024, 1024, 256, ((128, 64),))
+    s1 = ba._schedule_host(*key)
+    assert s1 is ba._schedule_host(*key)
+    assert s1.dtype == torch.int32 and s1.numel() < 300
+    # 4×256 causal, 128×64 tiles: every visited tile is whole (no masked tile), 10 block pairs × 8.
+    full, masked = ba._classify_tiles(table.numpy(), 1024, 1024, 256, 128, 64)
+    assert not masked.any() and full.sum() == 10 * 2 * 4
+
+
+def test_custom_op_fake_and_compile(triton_device):
+    """torch.compile(fullgraph=True) traces the custom op and its autograd without breaks."""
+    torch.library.opcheck(
+        torch.ops.ard_kernels.block_attention_fwd,
+        (*(t.detach() for t in _inputs(1, 1, 5, 9, 16, triton_device)), masks.pattern_table("causal", 3), 3, 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    q, k, v = _inputs(1, 2, 9, 9, 16, triton_device)
+
+    def f(q, k, v):
+        return ard_kernels.block_attention(q, k, v, 3, "causal", backend="triton")
+
+    backend = "aot_eager" if triton_device.type == "cpu" else "inductor"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    out = compiled(q, k, v)
+    dq, = torch.autograd.grad(out.sum(), (q,))
+    ref = block_attention_ref(q, k, v, 3, "causal")
+    dq_ref, = torch.autograd.grad(ref.sum(), (q,))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(dq, dq_ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: low precision by the flash-attention rule, the ARD shapes, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _flash_rule(name, got, low, ref):
+    """|got − ref|_max <= 2·|low − ref|_max + 1e-5, low = PyTorch's result in the same dtype."""
+    err = (got.float() - ref.float()).abs().max().item()
+    bound = 2 * (low.float() - ref.float()).abs().max().item() + 1e-5
+    assert err <= bound, f"{name}: error {err:.3e} > 2 × PyTorch's {bound:.3e}"
+
+
+def _attention_in_dtype(q, k, v, mask):
+    """The same computation in PyTorch ops at the inputs' dtype (no upcast): the low-precision peer."""
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,bs,nb,lq_blocks,d,pattern", [
+    (4, 16, 256, 4, 4, 72, "causal"),
+    (2, 16, 256, 4, 1, 72, "causal"),
+    (4, 16, 256, 4, 4, 72, "diagonal"),
+    (2, 4, 256, 4, 4, 128, "window"),
+    (2, 4, 256, 4, 4, 128, "first"),
+    (2, 4, 100, 3, 3, 80, "causal"),
+    (1, 2, 1024, 4, 4, 128, "causal"),
+])
+def test_cuda_flash_rule(b, h, bs, nb, lq_blocks, d, pattern, dtype):
+    lk, lq = bs * nb, bs * lq_blocks
+    q, k, v = _inputs(b, h, lq, lk, d, "cuda", dtype=dtype, bnhd=True)
+    g = torch.randn(b, h, lq, d, device="cuda", dtype=dtype)
+
+    def run(fn, *inputs):
+        out = fn(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, g.to(out.dtype)))
+
+    ours = run(lambda *a: ard_kernels.block_attention(*a, bs, pattern, backend="triton"), q, k, v)
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = run(lambda *a: block_attention_ref(*a, bs, pattern), *f32)
+    mask = masks.dense_mask(pattern, lq, lk, bs, device="cuda")
+    low = run(lambda *a: _attention_in_dtype(*a, mask), q, k, v)
+    for name, got, lo, want in zip(("out", "dq", "dk", "dv"), ours, low, ref):
+        assert got.dtype == dtype
+        _flash_rule(name, got, lo, want)
+
+
+@pytest.mark.cuda
+def test_cuda_lse_and_fp32():
+    q, k, v = _inputs(2, 4, 256, 768, 72, "cuda")
+    out, lse = ard_kernels.block_attention(q, k, v, 256, "causal", return_lse=True, backend="triton")
+    ref_out, ref_lse = block_attention_ref(q, k, v, 256, "causal", return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    q, k, v = _inputs(2, 4, 512, 512, 72, "cuda", dtype=torch.bfloat16, bnhd=True)
+
+    def f(q, k, v):
+        return ard_kernels.block_attention(q, k, v, 256, "causal", backend="triton").float().square().mean()
+
+    loss = torch.compile(f, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_loss = f(q, k, v)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=1e-3)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
