@@ -55,3 +55,22 @@ def test_attention_fits_the_shared_memory_of_its_targets(report):
     limit = {80: 166912, 90: 232448}
     too_big = [r for r in report["compiled"] if r["shared_bytes"] > limit[r["arch"]]]
     assert not too_big, too_big
+
+
+def test_every_kernel_compiles_with_triton_36_for_sm90():
+    """The GPU machines run triton 3.6: compile every kernel with it too (make test provides it)."""
+    python = os.environ.get("ARD_KERNELS_TRITON36_PYTHON")
+    if not python:
+        pytest.skip("ARD_KERNELS_TRITON36_PYTHON unset: `make test` sets it to a venv with triton 3.6")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], capture_output=True,
+                             text=True, env=env, check=True).stdout.strip()
+    assert version.startswith("3.6"), f"{python} has triton {version}, expected 3.6"
+    proc = subprocess.run([python, "-m", "ard_kernels.aot_check", "--arch", "90", "--json"], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=900)
+    assert proc.stdout, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert not result["failed"], json.dumps(result["failed"], indent=1)[:6000]
+    assert any(r["wgmma"] for r in result["compiled"] if r["name"].startswith("block_attention_fwd_bf16_D72"))
