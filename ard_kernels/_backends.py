@@ -11,7 +11,6 @@ Nothing here queries a device at import time.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -36,18 +35,18 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Plain module constants, not cached functions: torch.compile traces resolve() inside the model
+# and warns on cached functions. Looking a package up is no device query.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
-@functools.cache
 def _has_flex() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAS_FLEX
 
 
 def triton_runs_on(device: torch.device) -> bool:

@@ -79,7 +79,8 @@ def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_ls
     if chosen == "sdpa":
         from .ops.attention_peers import block_attention_sdpa
 
-        return block_attention_sdpa(q, k, v, block_size, table, scale)
+        # A named pattern stays a name: its fast-path checks are then plain Python under torch.compile.
+        return block_attention_sdpa(q, k, v, block_size, pattern if isinstance(pattern, str) else table, scale)
     if chosen == "flex":
         from .ops.attention_peers import block_attention_flex
 

@@ -73,6 +73,25 @@ def pattern_table(pattern: Pattern, nb: int) -> torch.Tensor:
     return table
 
 
+def block_visible(pattern: Pattern, i: int, j: int) -> bool:
+    """Whether query block ``i`` may see key block ``j``, in plain Python for named patterns.
+
+    Host-side decisions (which fast path to take) use this rather than a table tensor, so that
+    ``torch.compile`` sees Python booleans, not data-dependent tensor values.
+    """
+    if isinstance(pattern, str):
+        if pattern == "causal":
+            return j <= i
+        if pattern == "diagonal":
+            return j == i
+        if pattern == "window":
+            return i - 1 <= j <= i
+        if pattern == "first":
+            return j == i or j == 0
+        raise ValueError(f"pattern: expected one of {PATTERNS} or a bool tensor (nb, nb), got {pattern!r}")
+    return bool(pattern[i, j])
+
+
 def query_block_ids(lq: int, lk: int, block_size: int, device=None) -> torch.Tensor:
     """Block index of each query token (the queries are the last ``lq`` of ``lk`` tokens)."""
     return torch.div(torch.arange(lk - lq, lk, device=device), block_size, rounding_mode="floor")

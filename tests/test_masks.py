@@ -61,3 +61,10 @@ def test_pattern_errors(pattern, nb, error, match):
 def test_length_errors(lq, lk, block_size, match):
     with pytest.raises(ValueError, match=match):
         masks.dense_mask("causal", lq, lk, block_size)
+
+
+@pytest.mark.parametrize("pattern", ["causal", "diagonal", "window", "first"])
+def test_block_visible_matches_the_table(pattern):
+    table = masks.pattern_table(pattern, 6)
+    assert [[masks.block_visible(pattern, i, j) for j in range(6)] for i in range(6)] == table.tolist()
+    assert masks.block_visible(table, 3, 1) == bool(table[3, 1])

@@ -222,3 +222,13 @@ def test_available_backends_on_cpu():
     names = ak.available_backends("cpu")
     assert names[:2] == ["reference", "sdpa"]
     assert ("triton" in names) == (__import__("os").environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("lq", [16, 4])
+def test_block_attention_sdpa_compiles_without_graph_breaks(pattern, lq):
+    """The model calls block_attention inside torch.compile: the SDPA path's host decisions must trace."""
+    q, k, v = qkv(1, 2, lq, 16, 8)
+    fn = torch.compile(lambda q, k, v: ak.block_attention(q, k, v, 4, pattern, backend="sdpa"),
+                       fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v), reference.block_attention_ref(q, k, v, 4, pattern))

@@ -14,31 +14,23 @@ import torch.nn.functional as F
 from .. import masks
 
 
-def _visible_key_rows(table: torch.Tensor, lq: int, lk: int, block_size: int) -> torch.Tensor:
-    """(nb_q_seen, nb) rows of the table for the query blocks that actually hold queries."""
-    first = (lk - lq) // block_size
-    last = (lk - 1) // block_size
-    return table[first:last + 1]
-
-
-def block_attention_sdpa(q, k, v, block_size, table, scale):
+def block_attention_sdpa(q, k, v, block_size, pattern, scale):
     """``softmax(Q·Kᵀ·scale + log M)·V`` via ``F.scaled_dot_product_attention``.
 
     Two shapes skip the dense mask so SDPA can take its flash/efficient paths: every query
     block seeing every key (a KV-cached causal step), and the block-diagonal pattern with whole
-    blocks (folded into the batch: each block is an independent sequence).
-    q: (B, H, Lq, D); k, v: (B, H, Lk, D); table: CPU bool (nb, nb). Returns (B, H, Lq, D).
+    blocks (folded into the batch: each block is an independent sequence). The choice is made in
+    plain Python (:func:`masks.block_visible`), so ``torch.compile`` traces it without guards on
+    tensor data. q: (B, H, Lq, D); k, v: (B, H, Lk, D); pattern: a name or a validated CPU bool
+    table (nb, nb). Returns (B, H, Lq, D).
     """
     lq, lk = q.shape[-2], k.shape[-2]
-    nb = table.shape[0]
-    rows = _visible_key_rows(table, lq, lk, block_size)
-    if bool(rows.all()):
+    nb = masks.num_blocks(lk, block_size)
+    first, last = (lk - lq) // block_size, (lk - 1) // block_size
+    if all(masks.block_visible(pattern, i, j) for i in range(first, last + 1) for j in range(nb)):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if (
-        lq == lk
-        and lk % block_size == 0
-        and torch.equal(table, torch.eye(nb, dtype=torch.bool))
-    ):
+    diagonal = all(masks.block_visible(pattern, i, j) == (i == j) for i in range(nb) for j in range(nb))
+    if lq == lk and lk % block_size == 0 and diagonal:
         b, h, _, d = q.shape
 
         def fold(t):
@@ -46,7 +38,7 @@ def block_attention_sdpa(q, k, v, block_size, table, scale):
 
         out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), scale=scale)
         return out.reshape(b, h, lq, d)
-    mask = masks.dense_mask(table, lq, lk, block_size, device=q.device)
+    mask = masks.dense_mask(pattern, lq, lk, block_size, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
