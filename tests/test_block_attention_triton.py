@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import ard_kernels
 from ard_kernels import masks
 from ard_kernels.ops import block_attention as ba
+from ard_kernels.ops import block_schedule
 from ard_kernels.reference import block_attention_ref
 
 
@@ -168,7 +169,7 @@ def test_schedule_classifies_tiles(seed, bm, bn):
     nb = masks.num_blocks(lk, bs)
     table = _random_table(nb, torch.Generator().manual_seed(seed))
     dense = masks.dense_mask(table, lq, lk, bs).numpy()
-    full, masked = ba._classify_tiles(table.numpy(), lq, lk, bs, bm, bn)
+    full, masked = block_schedule.classify_tiles(table.numpy(), lq, lk, bs, bm, bn)
     for m in range(full.shape[0]):
         for n in range(full.shape[1]):
             tile = np.zeros((bm, bn), dtype=bool)
@@ -182,12 +183,34 @@ def test_schedule_classifies_tiles(seed, bm, bn):
 def test_schedule_is_cached_and_small():
     table = masks.pattern_table("causal", 4)
     key = (table.numpy().tobytes(), 4, 1024, 1024, 256, ((128, 64),))
-    s1 = ba._schedule_host(*key)
-    assert s1 is ba._schedule_host(*key)
+    s1 = block_schedule.schedule_host(*key)
+    assert s1 is block_schedule.schedule_host(*key)
     assert s1.dtype == torch.int32 and s1.numel() < 300
     # 4×256 causal, 128×64 tiles: every visited tile is whole (no masked tile), 10 block pairs × 8.
-    full, masked = ba._classify_tiles(table.numpy(), 1024, 1024, 256, 128, 64)
+    full, masked = block_schedule.classify_tiles(table.numpy(), 1024, 1024, 256, 128, 64)
     assert not masked.any() and full.sum() == 10 * 2 * 4
+
+
+@pytest.mark.parametrize("nb", [5, 32, 40])  # bit-mask table (bit 31 = the sign at 32), dense table
+def test_schedule_layout(nb):
+    """The packed schedule decodes as block_schedule's docstring says, for every slot and direction."""
+    bs, lk, lq = 3, 3 * nb - 1, 2 * nb
+    table = _random_table(nb, torch.Generator().manual_seed(nb)).numpy()
+    pairs = ((16, 16), (32, 16))
+    s = block_schedule.schedule_host(table.tobytes(), nb, lq, lk, bs, pairs).tolist()
+    tab = s[s[0]:]
+    if nb <= block_schedule.SMALL_NB:
+        decoded = [[(tab[i] >> j) & 1 == 1 for j in range(nb)] for i in range(nb)]
+    else:
+        decoded = [[tab[i * nb + j] == 1 for j in range(nb)] for i in range(nb)]
+    assert np.array_equal(np.array(decoded), table)
+    for slot, (bm, bn) in enumerate(pairs):
+        full, masked = block_schedule.classify_tiles(table, lq, lk, bs, bm, bn)
+        for direction, (f, m) in enumerate(((full, masked), (full.T, masked.T))):
+            at = s[1 + 2 * slot + direction]
+            for row in range(f.shape[0]):
+                assert s[s[at + 2 * row]:s[at + 2 * row + 1]] == np.flatnonzero(f[row]).tolist()
+                assert s[s[at + 2 * row + 1]:s[at + 2 * row + 2]] == np.flatnonzero(m[row]).tolist()
 
 
 def test_custom_op_fake_and_compile(triton_device):

@@ -9,14 +9,14 @@ torch.compile(fullgraph=True) through forward and backward.
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+from _modulation_helpers import CPU_SHAPES, CUDA_SHAPES, assert_lowp_close, assert_repeatable, grads, grads32
 
 import ard_kernels as ak
 from ard_kernels.ops.modulated_layer_norm import modulated_layer_norm_triton
 from ard_kernels.reference import _per_token, modulated_layer_norm_ref
 
 EPS = 1e-6
-# (B, N, C, block_size): odd widths (masked tiles), partial last blocks, nb = 1, block_size = 1.
-CPU_SHAPES = [(2, 7, 72, 3), (1, 5, 100, 8), (2, 6, 64, 2), (1, 4, 1152, 3), (2, 5, 96, 1)]
 
 
 def make_inputs(b, n, c, block_size, dtype=torch.float32, device="cpu", requires_grad=True):
@@ -25,16 +25,6 @@ def make_inputs(b, n, c, block_size, dtype=torch.float32, device="cpu", requires
     shift = torch.randn(b, nb, c, device=device).to(dtype)
     scale = torch.randn(b, nb, c, device=device).mul(0.5).to(dtype)
     return [t.requires_grad_(requires_grad) for t in (x, shift, scale)]
-
-
-def grads(fn, inputs, dy):
-    out = fn(*inputs)
-    return [out, *torch.autograd.grad(out, inputs, dy)]
-
-
-def grads32(fn, inputs, dy):
-    """Output and gradients of ``fn`` on fp32 copies of the inputs: the fp32 oracle."""
-    return grads(fn, [t.detach().float().requires_grad_() for t in inputs], dy.float())
 
 
 def per_token(x, shift, scale, block_size):
@@ -100,10 +90,7 @@ def test_strided_inputs(triton_device):
 def test_backward_is_deterministic(triton_device):
     inputs = make_inputs(1, 9, 72, 4, device=triton_device)
     dy = torch.randn(1, 9, 72, device=triton_device)
-    first = grads(lambda *a: modulated_layer_norm_triton(*a, 4, EPS), inputs, dy)
-    second = grads(lambda *a: modulated_layer_norm_triton(*a, 4, EPS), inputs, dy)
-    for f, s in zip(first, second):
-        assert torch.equal(f, s)
+    assert_repeatable(lambda *a: modulated_layer_norm_triton(*a, 4, EPS), inputs, dy)
 
 
 def test_opcheck_and_fullgraph_trace(triton_device):
@@ -121,20 +108,9 @@ def test_opcheck_and_fullgraph_trace(triton_device):
 
 
 # --------------------------------------------------------------------------------------- GPU
-def assert_lowp_close(name, ours, ref32, torch_lowp):
-    """Our error vs the fp32 reference is at most 2× PyTorch's own low-precision error + 1e-5
-    (relative to the largest value: in fp32 PyTorch's block sums can match the reference
-    exactly while ours sum in another order)."""
-    err = (ours.float() - ref32.float()).abs().max().item()
-    base = (torch_lowp.float() - ref32.float()).abs().max().item()
-    slack = 1e-5 * max(1.0, ref32.float().abs().max().item())
-    assert err <= 2 * base + slack, f"{name}: error {err:.3g} vs PyTorch low-precision error {base:.3g}"
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("b,n,c,block_size", [(2, 1024, 1152, 256), (1, 1000, 2048, 256), (3, 700, 384, 256),
-                                              (1, 300, 8192, 128), (2, 77, 100, 10)])
+@pytest.mark.parametrize("b,n,c,block_size", CUDA_SHAPES)
 def test_cuda_dtypes(dtype, b, n, c, block_size):
     inputs = make_inputs(b, n, c, block_size, dtype=dtype, device="cuda")
     dy = torch.randn(b, n, c, device="cuda").to(dtype)
@@ -162,26 +138,20 @@ def test_cuda_compile_fullgraph():
 def test_cuda_deterministic_large():
     inputs = make_inputs(1, 4 * 256, 1152, 256, dtype=torch.bfloat16, device="cuda")
     dy = torch.randn(1, 1024, 1152, device="cuda", dtype=torch.bfloat16)
-    first = grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
-    second = grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
-    for f, s in zip(first, second):
-        assert torch.equal(f, s)
+    assert_repeatable(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
 
 
 def test_many_row_groups(monkeypatch, triton_device):
     """The GPU split of a block's rows over several programs (partial sums per group), forced here."""
+    from ard_kernels.ops import _rows
     from ard_kernels.ops import modulated_layer_norm as mln
 
-    monkeypatch.setattr(mln, "_programs_target", lambda device: 64)
-    monkeypatch.setattr(mln, "_row_tile", lambda c, bs, device, target: (2, triton_next_pow2(c), 4))
-    assert mln._row_groups(11, 2, 2, triton_device) == (2, 6)  # two groups of 6 rows (3 tiles)
+    monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
+    monkeypatch.setattr(mln, "_row_tile", lambda c, bs, device, target: (2, triton.next_power_of_2(c), 4))
+    assert _rows.row_groups(11, 2, 2, triton_device) == (2, 6)  # two groups of 6 rows (3 tiles)
     inputs = make_inputs(1, 20, 72, 11, device=triton_device)
     dy = torch.randn(1, 20, 72, device=triton_device)
     ours = grads(lambda *a: modulated_layer_norm_triton(*a, 11, EPS), inputs, dy)
     ref = grads(lambda *a: modulated_layer_norm_ref(*a, 11, EPS), inputs, dy)
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
-
-
-def triton_next_pow2(n):
-    return 1 << (n - 1).bit_length()

@@ -2,7 +2,8 @@
 
 ``M`` is a block mask: query token ``r`` (the queries are the last Lq of Lk tokens) sees key token
 ``c`` when ``table[(Lk - Lq + r) // block_size, c // block_size]``. The kernels only visit the
-(query tile, key tile) pairs the table allows, from a schedule built on the host:
+(query tile, key tile) pairs the table allows, from a schedule built on the host
+(:mod:`ard_kernels.ops.block_schedule`, which documents its layout):
 
 * per query tile, the key tiles wholly inside allowed blocks ("full": no per-element mask) and
   the key tiles that straddle a block boundary or the sequence end ("masked": the block table is
@@ -10,11 +11,11 @@
   loaded, so the time scales with the number of allowed block pairs;
 * the transpose (per key tile, the query tiles that see it) for the dK/dV pass.
 
-Schedules are built from the CPU table with numpy, cached per (table, Lq, Lk, block_size, tiles)
-and copied to the device once, so a launch never reads device memory on the host (no syncs;
-capturable in a CUDA graph once warm). The head dim is split into a power-of-two main part and a
-power-of-two remainder (72 = 64 + 8, the 8 padded to a 16-wide masked tile) and every product
-runs as two dots accumulating into the same tile, instead of padding 72 to 128.
+Schedules are cached per (table, Lq, Lk, block_size, tiles) and copied to the device once, so a
+launch never reads device memory on the host (no syncs; capturable in a CUDA graph once warm).
+The head dim is split into a power-of-two main part and a power-of-two remainder (72 = 64 + 8,
+the 8 padded to a 16-wide masked tile) and every product runs as two dots accumulating into the
+same tile, instead of padding 72 to 128.
 
 Backward (FlashAttention-2 style): ``delta = rowsum(dO ∘ O) − dlse``; a dK/dV kernel iterates over
 the query tiles that see each key tile, a dQ kernel over the key tiles each query tile sees.
@@ -29,10 +30,11 @@ import functools
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from . import block_schedule
 
 _LOG2E = 1.4426950408889634
 
@@ -59,6 +61,41 @@ def _allowed(S, tab_off, nb, block_size, q_off, rows, cols, Lq, Lk, SMALL_NB: tl
         return (((bits >> kb) & 1) != 0) & valid
     else:
         return tl.load(S + tab_off + qb * nb + kb, mask=valid, other=0) != 0
+
+
+@triton.jit
+def _program_tile(L, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
+    """(tile, bh = batch·H + head, batch b and head h as int64) of this program.
+
+    Programs run over the BLOCK-row tiles of L rows fastest, then heads, then batch; with
+    LAST_FIRST the tiles of each head run from the last one down.
+    """
+    num = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    if LAST_FIRST:
+        tile = num - 1 - pid % num
+    else:
+        tile = pid % num
+    bh = pid // num
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return tile, bh, b, h
+
+
+@triton.jit
+def _tile_lists(S, tile, DIRECTION: tl.constexpr, SLOT: tl.constexpr):
+    """Where ``tile``'s lists lie in the schedule ``S`` (layout: :mod:`.block_schedule`).
+
+    Returns the table's offset, then the bounds of the tile's full list ``[full_lo, mask_lo)``
+    and masked list ``[mask_lo, mask_hi)``: key tiles of a query tile (DIRECTION 0: forward, dQ)
+    or query tiles of a key tile (DIRECTION 1: dK/dV), for the tiling of autotune slot SLOT.
+    """
+    sched = tl.load(S + 1 + DIRECTION + 2 * SLOT)
+    tab_off = tl.load(S)
+    full_lo = tl.load(S + sched + 2 * tile)
+    mask_lo = tl.load(S + sched + 2 * tile + 1)
+    mask_hi = tl.load(S + sched + 2 * tile + 2)
+    return tab_off, full_lo, mask_lo, mask_hi
 
 
 @triton.jit
@@ -132,13 +169,8 @@ def _block_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
     stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
     stride_ob, stride_oh, stride_om = stride_ob * ALIGN, stride_oh * ALIGN, stride_om * ALIGN
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
     # The last query tiles see the most keys under causal-like patterns: launch them first.
-    m = num_m - 1 - pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    m, bh, b, h = _program_tile(Lq, H, BLOCK_M, True)
     q_off = Lk - Lq
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,11 +193,7 @@ def _block_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
 
-    sched = tl.load(S + 1 + 2 * SLOT)
-    tab_off = tl.load(S)
-    full_lo = tl.load(S + sched + 2 * m)
-    mask_lo = tl.load(S + sched + 2 * m + 1)
-    mask_hi = tl.load(S + sched + 2 * m + 2)
+    tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, m, 0, SLOT)
     acc0, acc1, l_i, m_i = _fwd_inner(
         acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, full_lo, mask_lo,
         stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
@@ -198,12 +226,7 @@ def _block_attention_bwd_preprocess_kernel(
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``delta[r] = Σ_d dO[r, d]·O[r, d] − dlse[r]`` (fp32), the row term of dS = P∘(dP − delta)."""
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    m, bh, b, h = _program_tile(Lq, H, BLOCK_M, False)
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
@@ -271,21 +294,14 @@ def _block_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    # Strides arrive divided by ALIGN (8 when every non-unit stride allows it): multiplying back by a
-    # constant tells the compiler rows are 16-byte aligned, which vectorised, pipelined (cp.async)
-    # loads need; Triton only infers that itself for strides divisible by 16 (72 is not).
+    # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
     stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
     stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
     stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
     stride_gb, stride_gh, stride_gm = stride_gb * ALIGN, stride_gh * ALIGN, stride_gm * ALIGN
     stride_dkb, stride_dkh, stride_dkn = stride_dkb * ALIGN, stride_dkh * ALIGN, stride_dkn * ALIGN
     stride_dvb, stride_dvh, stride_dvn = stride_dvb * ALIGN, stride_dvh * ALIGN, stride_dvn * ALIGN
-    num_n = tl.cdiv(Lk, BLOCK_N)
-    pid = tl.program_id(0)
-    n = pid % num_n
-    bh = pid // num_n
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    n, bh, b, h = _program_tile(Lk, H, BLOCK_N, False)
     q_off = Lk - Lq
 
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,11 +330,7 @@ def _block_attention_bwd_dkdv_kernel(
     dOb = dO + b * stride_gb + h * stride_gh
     LseB = Lse + bh.to(tl.int64) * Lq
     DeltaB = Delta + bh.to(tl.int64) * Lq
-    sched = tl.load(S + 2 + 2 * SLOT)
-    tab_off = tl.load(S)
-    full_lo = tl.load(S + sched + 2 * n)
-    mask_lo = tl.load(S + sched + 2 * n + 1)
-    mask_hi = tl.load(S + sched + 2 * n + 2)
+    tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, n, 1, SLOT)
     dk0, dk1, dv0, dv1 = _dkdv_inner(
         dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, full_lo, mask_lo, stride_qm, stride_qd,
         stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
@@ -387,20 +399,13 @@ def _block_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    # Strides arrive divided by ALIGN (8 when every non-unit stride allows it): multiplying back by a
-    # constant tells the compiler rows are 16-byte aligned, which vectorised, pipelined (cp.async)
-    # loads need; Triton only infers that itself for strides divisible by 16 (72 is not).
+    # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
     stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
     stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
     stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
     stride_gb, stride_gh, stride_gm = stride_gb * ALIGN, stride_gh * ALIGN, stride_gm * ALIGN
     stride_dqb, stride_dqh, stride_dqm = stride_dqb * ALIGN, stride_dqh * ALIGN, stride_dqm * ALIGN
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    m = num_m - 1 - pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    m, bh, b, h = _program_tile(Lq, H, BLOCK_M, True)
     q_off = Lk - Lq
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -428,11 +433,7 @@ def _block_attention_bwd_dq_kernel(
 
     Kb = K + b * stride_kb + h * stride_kh
     Vb = V + b * stride_vb + h * stride_vh
-    sched = tl.load(S + 1 + 2 * SLOT)
-    tab_off = tl.load(S)
-    full_lo = tl.load(S + sched + 2 * m)
-    mask_lo = tl.load(S + sched + 2 * m + 1)
-    mask_hi = tl.load(S + sched + 2 * m + 2)
+    tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, m, 0, SLOT)
     dq0, dq1 = _dq_inner(
         dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, full_lo, mask_lo, stride_kn, stride_kd, stride_vn,
         stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
@@ -451,89 +452,8 @@ def _block_attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Host: schedules, configurations, launchers
+# Host: configurations, launchers (the schedules are built in block_schedule.py)
 # ----------------------------------------------------------------------------------------------
-
-
-def _classify_tiles(table: np.ndarray, lq: int, lk: int, block_size: int, block_m: int, block_n: int):
-    """Per (query tile, key tile): ``full`` (every valid pair allowed) and ``masked`` (some, not all).
-
-    Counts allowed pairs per tile pair as ``R·T·Cᵀ`` with ``R[m, i]`` the rows of query tile m in
-    query block i and ``C[n, j]`` the keys of key tile n in key block j. A tile is full when the
-    count equals (valid rows)·BLOCK_N, so key tiles that overhang Lk are never full; rows past Lq
-    are not counted (their results are never stored, and they add zero to dK/dV).
-    """
-    nb = table.shape[0]
-    num_m, num_n = -(-lq // block_m), -(-lk // block_n)
-    rows = np.arange(lq)
-    r = np.zeros((num_m, nb))
-    np.add.at(r, (rows // block_m, (lk - lq + rows) // block_size), 1.0)
-    cols = np.arange(lk)
-    c = np.zeros((num_n, nb))
-    np.add.at(c, (cols // block_n, cols // block_size), 1.0)
-    allowed = r @ table.astype(np.float64) @ c.T
-    full = allowed == r.sum(axis=1, keepdims=True) * block_n
-    return full, (allowed > 0) & ~full
-
-
-def _csr(full: np.ndarray, masked: np.ndarray, base: int):
-    """Per row: [start of full list, start of masked list, ..., end] (absolute offsets) and the indices."""
-    ptr, idx = [], []
-    for f_row, m_row in zip(full, masked):
-        ptr.append(base + len(idx))
-        idx.extend(np.flatnonzero(f_row).tolist())
-        ptr.append(base + len(idx))
-        idx.extend(np.flatnonzero(m_row).tolist())
-    ptr.append(base + len(idx))
-    return ptr, idx
-
-
-@functools.lru_cache(maxsize=256)
-def _schedule_host(table_bytes: bytes, nb: int, lq: int, lk: int, block_size: int, pairs: tuple) -> torch.Tensor:
-    """Pack the table and, per (BLOCK_M, BLOCK_N) in ``pairs``, both schedules into one int32 tensor.
-
-    Layout: ``[tab_off, fwd_0, bwd_0, fwd_1, bwd_1, ... | table | sections]``, the table as nb
-    int32 row bit masks when nb <= 32, else nb·nb int32 entries. ``fwd_s``
-    points at (2·num_m + 1) offsets for slot s (query tile m's full key tiles are
-    ``S[S[fwd+2m] : S[fwd+2m+1]]``, its masked ones ``S[S[fwd+2m+1] : S[fwd+2m+2]]``); ``bwd_s``
-    likewise per key tile over query tiles. One small tensor, one host-to-device copy per key.
-    """
-    table = np.frombuffer(table_bytes, dtype=np.bool_).reshape(nb, nb)
-    header = [0] * (1 + 2 * len(pairs))
-    header[0] = len(header)
-    if nb <= _SMALL_NB:
-        # Row i as a bit mask of the key blocks it sees (bit 31 lands in the sign: the kernel's
-        # arithmetic shift and `& 1` still read it right).
-        weights = (np.int64(1) << np.arange(nb, dtype=np.int64))
-        rows = (table.astype(np.int64) * weights).sum(axis=1)
-        out = header + [int(np.int32(np.uint32(r))) for r in rows]
-    else:
-        out = header + table.astype(np.int32).ravel().tolist()
-    for slot, (bm, bn) in enumerate(pairs):
-        full, masked = _classify_tiles(table, lq, lk, block_size, bm, bn)
-        for direction, (f, m) in enumerate(((full, masked), (full.T, masked.T))):
-            num_rows = f.shape[0]
-            ptr_at = len(out)
-            ptr, idx = _csr(f, m, ptr_at + 2 * num_rows + 1)
-            out[1 + 2 * slot + direction] = ptr_at
-            out.extend(ptr)
-            out.extend(idx)
-    if len(out) >= 2**31:
-        raise ValueError(f"table: schedule too large for int32 offsets ({len(out)} entries)")
-    return torch.tensor(out, dtype=torch.int32)
-
-
-@functools.lru_cache(maxsize=256)
-def _schedule_on(table_bytes, nb, lq, lk, block_size, pairs, device: str) -> torch.Tensor:
-    return _schedule_host(table_bytes, nb, lq, lk, block_size, pairs).to(device)
-
-
-_PATTERN_KEYS: dict = {}
-
-
-def _pattern_key(table_bytes: bytes, nb: int, block_size: int) -> int:
-    """Small int naming a (table, block_size): an autotune key that ignores batch and head count."""
-    return _PATTERN_KEYS.setdefault((table_bytes, nb, block_size), len(_PATTERN_KEYS))
 
 
 def _split_head_dim(d: int):
@@ -563,7 +483,6 @@ _FP32_CONFIGS = {
 }
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
-_SMALL_NB = 32
 _AUTOTUNE_KEY = ["Lq", "Lk", "PAT_KEY", "D0", "D1", "DOT_PREC"]
 
 
@@ -597,7 +516,7 @@ class _Launch:
             raise RuntimeError("q: Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before import "
                                f"for CPU tensors; got device {q.device}")
         table_bytes = table.detach().to("cpu", torch.bool).contiguous().numpy().tobytes()
-        self.pat_key = _pattern_key(table_bytes, self.nb, block_size)
+        self.pat_key = block_schedule.pattern_key(table_bytes, self.nb, block_size)
         self.interp = _interpreting()
         if self.interp:
             self.kernel = {"fwd": _block_attention_fwd_kernel, "dkdv": _block_attention_bwd_dkdv_kernel,
@@ -606,7 +525,8 @@ class _Launch:
         else:
             wide = self.d0 + (self.dp1 if self.d1 else 0) > 128
             self.kernel, pairs = _tuned(kind, wide, q.dtype == torch.float32)
-        self.sched = _schedule_on(table_bytes, self.nb, self.Lq, self.Lk, block_size, pairs, str(q.device))
+        self.sched = block_schedule.schedule_on(table_bytes, self.nb, self.Lq, self.Lk, block_size, pairs,
+                                                str(q.device))
         self.block_size = block_size
         self.scale = float(scale)
         self.dot_prec = "ieee" if (q.dtype == torch.float32 or self.interp) else "tf32"
@@ -616,7 +536,7 @@ class _Launch:
 
     def constexprs(self):
         meta = dict(D0=self.d0, D1=self.d1, DP1=self.dp1, HAS_D1=self.d1 > 0, D1_MASK=self.dp1 != self.d1,
-                    UPCAST=self.interp, DOT_PREC=self.dot_prec, SMALL_NB=self.nb <= _SMALL_NB)
+                    UPCAST=self.interp, DOT_PREC=self.dot_prec, SMALL_NB=self.nb <= block_schedule.SMALL_NB)
         if self.interp:
             (bm, bn), = _INTERPRETER_PAIRS
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)

@@ -3,9 +3,9 @@
 DiT's ``x + gate·f(x)`` after attention and after the MLP, with adaLN-Zero gates kept per block.
 Forward reads x and y once and writes out once (or writes into x, in place, for inference);
 a gate row is read once per row tile. Backward: ``dx = dout``, ``dy = gate·dout`` and
-``dgate = Σ_rows dout·y`` per (sample, block), reduced deterministically: each program owns
-a fixed slice of a block's rows and a C-chunk, writes its partial sum to its own slot, and the
-slots are summed in a fixed order.
+``dgate = Σ_rows dout·y`` per (sample, block), reduced deterministically over row groups (per
+C-chunk). The row tiling, program order and row groups are shared with the modulated LayerNorm
+(:mod:`ard_kernels.ops._rows`).
 
 Registered as ``ard_kernels::gated_residual_fwd`` / ``_bwd`` (autograd) and
 ``ard_kernels::gated_residual_inplace`` (mutates x, no autograd) custom ops.
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .modulated_layer_norm import _row_groups
+from ._rows import block_program, block_rows, interpreter_tile, load_block_row, load_tile, row_groups, tile_rows
 
 
 @triton.jit
@@ -28,25 +28,16 @@ def _gated_residual_fwd_kernel(
     stride_o_b, stride_o_n, stride_o_c,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Axis 0: row tiles (never straddling a block) in row order; axis 1: C-chunks.
-    pid = tl.program_id(0)
-    tile = pid % tiles_per_block
-    blk = (pid // tiles_per_block) % num_blocks
-    b = (pid // tiles_per_block // num_blocks).to(tl.int64)
-    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = blk * block_size + m
-    row_ok = (m < block_size) & (n < N)
-    n64 = n.to(tl.int64)  # B·N·C exceeds 2**31 at text-to-image sizes
+    # Axis 0: (sample, block, row tile), row tiles fastest; axis 1: C-chunks.
+    b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
+    n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
 
-    gate = tl.load(GATE_ptr + b * stride_g_b + blk.to(tl.int64) * stride_g_n + cols * stride_g_c,
-                   mask=col_ok, other=0.0).to(tl.float32)
-    x = tl.load(X_ptr + b * stride_x_b + n64[:, None] * stride_x_n + cols[None, :] * stride_x_c,
-                mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :] * stride_y_c,
-                mask=mask, other=0.0).to(tl.float32)
+    gate = load_block_row(GATE_ptr, b, blk.to(tl.int64), stride_g_b, stride_g_n, stride_g_c, cols, col_ok)
+    x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
+    y = load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
     out = x + gate[None, :] * y
     tl.store(OUT_ptr + b * stride_o_b + n64[:, None] * stride_o_n + cols[None, :] * stride_o_c,
              out.to(OUT_ptr.dtype.element_ty), mask=mask)
@@ -64,26 +55,17 @@ def _gated_residual_bwd_kernel(
 ):
     # One program per (sample, block, row group, C-chunk); loops over its rows in BLOCK_M
     # tiles keeping the dgate partial sum in registers. rows_per_group is a multiple of BLOCK_M.
-    pid = tl.program_id(0)
-    g = pid % groups
-    blk = (pid // groups) % num_blocks
-    b = (pid // groups // num_blocks).to(tl.int64)
+    b, blk, g = block_program(tl.program_id(0), groups, num_blocks)
     blk64 = blk.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    gate = tl.load(GATE_ptr + b * stride_g_b + blk64 * stride_g_n + cols * stride_g_c,
-                   mask=col_ok, other=0.0).to(tl.float32)
+    gate = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols, col_ok)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r in range(0, rows_per_group, BLOCK_M):
-        m = g * rows_per_group + r + tl.arange(0, BLOCK_M)
-        n = blk * block_size + m
-        row_ok = (m < block_size) & (n < N)
-        n64 = n.to(tl.int64)
+        n64, row_ok = block_rows(blk, g * rows_per_group + r, block_size, N, BLOCK_M)
         mask = row_ok[:, None] & col_ok[None, :]
-        dout = tl.load(DOUT_ptr + b * stride_do_b + n64[:, None] * stride_do_n + cols[None, :] * stride_do_c,
-                       mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :] * stride_y_c,
-                    mask=mask, other=0.0).to(tl.float32)
+        dout = load_tile(DOUT_ptr, b, n64, cols, stride_do_b, stride_do_n, stride_do_c, mask)
+        y = load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
         acc += tl.sum(dout * y, axis=0)
         tl.store(DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n + cols[None, :],
                  (dout * gate[None, :]).to(DY_ptr.dtype.element_ty), mask=mask)
@@ -94,15 +76,12 @@ def _tile(C, block_size, device):
     """(BLOCK_M, BLOCK_C, num_warps) for the elementwise tiles.
 
     GPU: a C-chunk that divides C when it can (no masked lanes for 384, 1152, 2048...) and
-    ~4K elements per program. Interpreter: the whole row and as many rows as possible, since
-    the cost is per program.
+    ~4K elements per program.
     """
-    rows_cap = triton.next_power_of_2(block_size)
     if device.type != "cuda":
-        block_c = triton.next_power_of_2(C)
-        return min(rows_cap, max(1, 4096 // block_c), 16), block_c, 4
+        return interpreter_tile(C, block_size)
     block_c = next((w for w in (256, 128, 64) if C % w == 0), min(256, triton.next_power_of_2(C)))
-    return min(rows_cap, 4096 // block_c), block_c, 8
+    return tile_rows(block_size, block_c, 4096), block_c, 8
 
 
 def _launch_fwd(x, y, gate, out, block_size):
@@ -139,7 +118,7 @@ def gated_residual_bwd(dout, y, gate, block_size):
         return dy, torch.zeros(gate.shape, dtype=gate.dtype, device=gate.device)
     block_m, block_c, num_warps = _tile(C, block_size, y.device)
     chunks = triton.cdiv(C, block_c)
-    groups, rows_per_group = _row_groups(block_size, block_m, B * nb * chunks, y.device)
+    groups, rows_per_group = row_groups(block_size, block_m, B * nb * chunks, y.device)
     part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=y.device)
     _gated_residual_bwd_kernel[(groups * nb * B, chunks)](
         dout, y, gate, dy, part,

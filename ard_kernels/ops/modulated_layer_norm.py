@@ -5,19 +5,18 @@
 Forward: one pass over x (one read, one write of y); the shift/scale rows are read once per
 row tile because a tile never straddles two blocks. Saves the per-row mean and rstd (fp32).
 Backward: dx plus the per-(sample, block) reductions ``dshift = Σ_rows dy`` and
-``dscale = Σ_rows dy·x̂``. Each program owns a fixed slice of one block's rows and writes its
-partial sums to its own slot of a buffer; the slots are summed in a fixed order afterwards,
-so the gradients are bitwise reproducible (no atomics).
+``dscale = Σ_rows dy·x̂``, reduced deterministically over row groups. The row tiling, program
+order and row groups are shared with the gated residual (:mod:`ard_kernels.ops._rows`).
 
 Registered as ``ard_kernels::modulated_layer_norm_fwd`` / ``_bwd`` custom ops with fake
 implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._rows import block_program, block_rows, interpreter_tile, load_block_row, load_tile, row_groups, tile_rows
 
 
 @triton.jit
@@ -30,33 +29,22 @@ def _modulated_layer_norm_fwd_kernel(
     stride_y_b, stride_y_n,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Program order: row tiles of one block, then blocks, then samples, so neighbours in the
-    # launch order stream neighbouring rows of x.
-    pid = tl.program_id(0)
-    tile = pid % tiles_per_block
-    blk = (pid // tiles_per_block) % num_blocks
-    b = (pid // tiles_per_block // num_blocks).to(tl.int64)
-
-    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = blk * block_size + m
-    row_ok = (m < block_size) & (n < N)
-    n64 = n.to(tl.int64)  # B·N·C exceeds 2**31 at text-to-image sizes
+    # One program per (sample, block, row tile), row tiles fastest.
+    b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
+    n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
 
-    x = tl.load(X_ptr + b * stride_x_b + n64[:, None] * stride_x_n + cols[None, :] * stride_x_c,
-                mask=mask, other=0.0).to(tl.float32)
+    x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / C
     rstd = tl.rsqrt(var + eps)
 
     blk64 = blk.to(tl.int64)
-    shift = tl.load(SHIFT_ptr + b * stride_sh_b + blk64 * stride_sh_n + cols * stride_sh_c,
-                    mask=col_ok, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE_ptr + b * stride_sc_b + blk64 * stride_sc_n + cols * stride_sc_c,
-                    mask=col_ok, other=0.0).to(tl.float32)
+    shift = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols, col_ok)
+    scale = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
     y = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
     tl.store(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :],
              y.to(Y_ptr.dtype.element_ty), mask=mask)
@@ -76,30 +64,21 @@ def _modulated_layer_norm_bwd_kernel(
 ):
     # One program per (sample, block, row group); it loops over its rows in BLOCK_M tiles and
     # keeps the dshift/dscale partial sums in registers. rows_per_group is a multiple of BLOCK_M.
-    pid = tl.program_id(0)
-    g = pid % groups
-    blk = (pid // groups) % num_blocks
-    b = (pid // groups // num_blocks).to(tl.int64)
+    b, blk, g = block_program(tl.program_id(0), groups, num_blocks)
     blk64 = blk.to(tl.int64)
 
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    scale = tl.load(SCALE_ptr + b * stride_sc_b + blk64 * stride_sc_n + cols * stride_sc_c,
-                    mask=col_ok, other=0.0).to(tl.float32)
+    scale = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
     gain = 1.0 + scale
     acc_dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
     acc_dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
 
     for r in range(0, rows_per_group, BLOCK_M):
-        m = g * rows_per_group + r + tl.arange(0, BLOCK_M)
-        n = blk * block_size + m
-        row_ok = (m < block_size) & (n < N)
-        n64 = n.to(tl.int64)
+        n64, row_ok = block_rows(blk, g * rows_per_group + r, block_size, N, BLOCK_M)
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X_ptr + b * stride_x_b + n64[:, None] * stride_x_n + cols[None, :] * stride_x_c,
-                    mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n + cols[None, :] * stride_dy_c,
-                     mask=mask, other=0.0).to(tl.float32)
+        x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
+        dy = load_tile(DY_ptr, b, n64, cols, stride_dy_b, stride_dy_n, stride_dy_c, mask)
         mean = tl.load(MEAN_ptr + b * N + n64, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD_ptr + b * N + n64, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -118,46 +97,20 @@ def _modulated_layer_norm_bwd_kernel(
     tl.store(DSCALE_PART_ptr + part, acc_dscale, mask=col_ok)
 
 
-@functools.cache
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_target(device):
-    """Programs that fill the device a few times over; 1 under the interpreter (each costs ms)."""
-    if device.type != "cuda":
-        return 1
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _row_tile(C, block_size, device, target_elems):
     """(BLOCK_M, BLOCK_C, num_warps) for a whole-row tile of width C.
 
-    GPU: about ``target_elems`` elements per program (several rows for small C) so each
-    program has enough bytes in flight, and about 16 elements per thread (warps grow with the
-    tile); the backward keeps five tiles live, so it asks for half the forward's. Interpreter:
-    as many rows as possible, because the cost is per program, not per element.
+    GPU: about ``target_elems`` elements per program (several rows for small C, at most 16) so
+    each program has enough bytes in flight, and about 16 elements per thread (warps grow with
+    the tile); the backward keeps five tiles live, so it asks for half the forward's.
     """
-    block_c = triton.next_power_of_2(C)
-    rows_cap = triton.next_power_of_2(block_size)
     if device.type != "cuda":
-        return min(rows_cap, max(1, 4096 // block_c), 16), block_c, 4
-    block_m = min(rows_cap, max(1, target_elems // block_c), 16)
+        return interpreter_tile(C, block_size)
+    block_c = triton.next_power_of_2(C)
+    block_m = tile_rows(block_size, block_c, target_elems, 16)
     elems = block_m * block_c
     num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
     return block_m, block_c, num_warps
-
-
-def _row_groups(block_size, block_m, pairs, device):
-    """(groups, rows_per_group): split each block's rows into groups so that ``pairs`` (sample,
-    block) pairs × groups fill the device; at least 8 rows per group so the fp32 partial sums
-    (one C-row per group) stay small next to the rows themselves. rows_per_group is a multiple
-    of block_m."""
-    tiles = triton.cdiv(block_size, block_m)
-    min_tiles = triton.cdiv(min(8, block_size), block_m)
-    groups = max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(_programs_target(device), pairs)))
-    rows_per_group = triton.cdiv(tiles, groups) * block_m
-    return triton.cdiv(block_size, rows_per_group), rows_per_group
 
 
 def modulated_layer_norm_fwd(x, shift, scale, block_size, eps):
@@ -200,7 +153,7 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=x.device)
         return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
     block_m, block_c, num_warps = _row_tile(C, block_size, x.device, 4096)
-    groups, rows_per_group = _row_groups(block_size, block_m, B * nb, x.device)
+    groups, rows_per_group = row_groups(block_size, block_m, B * nb, x.device)
     dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     grid = (groups * nb * B,)

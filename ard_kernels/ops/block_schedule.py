@@ -1,0 +1,125 @@
+"""Host-side tile schedules for the block-sparse attention kernels (numpy, built once per key).
+
+A schedule tells each program of :mod:`ard_kernels.ops.block_attention` which tiles to visit, so
+that tiles of disallowed blocks are never loaded. Query token ``r`` (the queries are the last Lq
+of Lk tokens) sees key token ``c`` when ``table[(Lk - Lq + r) // block_size, c // block_size]``.
+Each (query tile m, key tile n) pair of a (BLOCK_M, BLOCK_N) tiling is one of:
+
+* **full**: every (valid row, key) pair in it is allowed, so the kernel skips the per-element
+  mask; key tiles that overhang Lk are never full;
+* **masked**: some pairs are allowed, not all (the tile straddles a block boundary or the
+  sequence end); the kernel looks the table up per element;
+* skipped: no pair is allowed.
+
+Everything is packed into one int32 tensor ``S``, copied to the device once per (table, Lq, Lk,
+block_size, tile sizes) and cached, so a launch never reads device memory on the host (no syncs;
+capturable in a CUDA graph once warm)::
+
+    S = [tab_off, fwd_0, bwd_0, fwd_1, bwd_1, ... | table | sections]
+
+* ``tab_off`` (= ``S[0]``): where the table starts. With nb <= :data:`SMALL_NB` blocks the table is
+  nb int32 row bit masks (bit j of row i: query block i sees key block j), else nb·nb int32 entries.
+* ``fwd_s`` (= ``S[1 + 2s]``), one per autotune slot s, i.e. per (BLOCK_M, BLOCK_N) in ``pairs``:
+  the offset of 2·num_m + 1 CSR pointers over query tiles. Query tile m's full key tiles are
+  ``S[S[fwd_s + 2m] : S[fwd_s + 2m + 1]]`` and its masked ones ``S[S[fwd_s + 2m + 1] : S[fwd_s + 2m + 2]]``
+  (the forward and dQ passes).
+* ``bwd_s`` (= ``S[2 + 2s]``): the transpose, per key tile over the query tiles that see it (dK/dV).
+
+All offsets are absolute indices into ``S``, so the kernels need only ``S`` and the slot.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+# Up to this many blocks a table row fits one int32 bit mask (the kernels' SMALL_NB path).
+SMALL_NB = 32
+
+
+def classify_tiles(table: np.ndarray, lq: int, lk: int, block_size: int, block_m: int, block_n: int):
+    """Per (query tile, key tile): ``full`` (every valid pair allowed) and ``masked`` (some, not all).
+
+    Counts allowed pairs per tile pair as ``R·T·Cᵀ`` with ``R[m, i]`` the rows of query tile m in
+    query block i and ``C[n, j]`` the keys of key tile n in key block j. A tile is full when the
+    count equals (valid rows)·BLOCK_N, so key tiles that overhang Lk are never full; rows past Lq
+    are not counted (their results are never stored, and they add zero to dK/dV).
+
+    table: bool (nb, nb). Returns two bool arrays (num_m, num_n).
+    """
+    nb = table.shape[0]
+    num_m, num_n = -(-lq // block_m), -(-lk // block_n)
+    rows = np.arange(lq)
+    r = np.zeros((num_m, nb))
+    np.add.at(r, (rows // block_m, (lk - lq + rows) // block_size), 1.0)
+    cols = np.arange(lk)
+    c = np.zeros((num_n, nb))
+    np.add.at(c, (cols // block_n, cols // block_size), 1.0)
+    allowed = r @ table.astype(np.float64) @ c.T
+    full = allowed == r.sum(axis=1, keepdims=True) * block_n
+    return full, (allowed > 0) & ~full
+
+
+def _csr(full: np.ndarray, masked: np.ndarray, base: int):
+    """Per row: [start of full list, start of masked list, ..., end] (absolute offsets) and the indices."""
+    ptr, idx = [], []
+    for f_row, m_row in zip(full, masked):
+        ptr.append(base + len(idx))
+        idx.extend(np.flatnonzero(f_row).tolist())
+        ptr.append(base + len(idx))
+        idx.extend(np.flatnonzero(m_row).tolist())
+    ptr.append(base + len(idx))
+    return ptr, idx
+
+
+def _packed_table(table: np.ndarray) -> list:
+    """The table as the kernels read it: row bit masks up to SMALL_NB blocks, else nb·nb entries."""
+    nb = table.shape[0]
+    if nb <= SMALL_NB:
+        # Row i as a bit mask of the key blocks it sees (bit 31 lands in the sign: the kernel's
+        # arithmetic shift and `& 1` still read it right).
+        weights = (np.int64(1) << np.arange(nb, dtype=np.int64))
+        rows = (table.astype(np.int64) * weights).sum(axis=1)
+        return [int(np.int32(np.uint32(r))) for r in rows]
+    return table.astype(np.int32).ravel().tolist()
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_host(table_bytes: bytes, nb: int, lq: int, lk: int, block_size: int, pairs: tuple) -> torch.Tensor:
+    """The packed schedule ``S`` (module docstring) on the CPU, for every (BLOCK_M, BLOCK_N) in ``pairs``.
+
+    table_bytes: a CPU bool (nb, nb) table's bytes (hashable: the cache key). Returns a 1-D int32
+    tensor; one small tensor, so one host-to-device copy per key.
+    """
+    table = np.frombuffer(table_bytes, dtype=np.bool_).reshape(nb, nb)
+    header = [0] * (1 + 2 * len(pairs))
+    header[0] = len(header)
+    out = header + _packed_table(table)
+    for slot, (bm, bn) in enumerate(pairs):
+        full, masked = classify_tiles(table, lq, lk, block_size, bm, bn)
+        for direction, (f, m) in enumerate(((full, masked), (full.T, masked.T))):
+            num_rows = f.shape[0]
+            ptr_at = len(out)
+            ptr, idx = _csr(f, m, ptr_at + 2 * num_rows + 1)
+            out[1 + 2 * slot + direction] = ptr_at
+            out.extend(ptr)
+            out.extend(idx)
+    if len(out) >= 2**31:
+        raise ValueError(f"table: schedule too large for int32 offsets ({len(out)} entries)")
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_on(table_bytes, nb, lq, lk, block_size, pairs, device: str) -> torch.Tensor:
+    """:func:`schedule_host` copied to ``device`` once and cached there."""
+    return schedule_host(table_bytes, nb, lq, lk, block_size, pairs).to(device)
+
+
+_PATTERN_KEYS: dict = {}
+
+
+def pattern_key(table_bytes: bytes, nb: int, block_size: int) -> int:
+    """Small int naming a (table, block_size): an autotune key that ignores batch and head count."""
+    return _PATTERN_KEYS.setdefault((table_bytes, nb, block_size), len(_PATTERN_KEYS))
