@@ -30,7 +30,15 @@ whose write positions are those at capture time (one graph per step). With
 ``device_offset=True`` the write position lives in the int64 device tensor ``cache.offset``
 instead, moved by :meth:`advance` on the device, so ONE captured graph serves every step; the
 kernels then check the bounds on the device, write nothing on overflow and set
-``cache.status``, which :meth:`check` reads (one sync) and turns into the ValueError.
+``cache.status``, which :meth:`check` reads (one sync) and turns into the ValueError. The
+"torch" backend does the same without a sync (an ``index_copy_`` at device-computed positions,
+redirected onto the old values when it would overflow), so it is capturable too. The views
+returned by the writes (``length + n`` tokens) follow the host ``length`` in both modes: a graph
+that serves every step must read a fixed-size view (e.g. the whole capacity, masked) instead.
+
+The storage is allocated outside ``torch.inference_mode`` even when the cache is built inside it:
+an inference tensor refuses in-place writes once the mode is left, and a cache kept between
+sampling calls (as a captured graph keeps it) is written under whichever mode the caller uses.
 """
 
 from __future__ import annotations
@@ -105,10 +113,11 @@ class HistoryKVCache:
         self.capacity = block_size * max_blocks
         self.dtype, self.device, self.device_offset = dtype, device, device_offset
         shape = (num_layers, batch_size, num_heads, self.capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.offset = torch.zeros(1, dtype=torch.int64, device=device)
-        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            self.offset = torch.zeros(1, dtype=torch.int64, device=device)
+            self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self.length = 0
 
     def __repr__(self):
@@ -164,10 +173,8 @@ class HistoryKVCache:
         if self.backend == "cuda":
             torch.ops.ard_kernels.kv_append(kc, vc, k.contiguous(), v.contiguous(), *pos, self.status,
                                             _ext.current_stream(self.device))
-        elif self._fits(pos, n):
-            start = self._host_position(pos)
-            kc[:, :, start:start + n].copy_(k)
-            vc[:, :, start:start + n].copy_(v)
+        else:
+            self._write_torch(kc, vc, k, v, pos, n)
         return self.views(layer, n)
 
     def split_append(self, layer: int, qkv: torch.Tensor):
@@ -193,10 +200,7 @@ class HistoryKVCache:
         else:
             q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
             q = q.contiguous()
-            if self._fits(pos, n):
-                start = self._host_position(pos)
-                kc[:, :, start:start + n].copy_(k)
-                vc[:, :, start:start + n].copy_(v)
+            self._write_torch(kc, vc, k, v, pos, n)
         return (q, *self.views(layer, n))
 
     # ------------------------------------------------------------------------------- helpers
@@ -217,13 +221,21 @@ class HistoryKVCache:
                              f"{self.capacity} (= block_size {self.block_size} × max_blocks {self.max_blocks})")
         return None, self.length
 
-    def _host_position(self, pos):
-        return int(pos[0].item()) if pos[0] is not None else pos[1]
+    def _write_torch(self, kc, vc, k, v, pos, n):
+        """The "torch" backend's write of k, v (B, H, n, D) at ``pos``, never reading the device offset on the host.
 
-    def _fits(self, pos, n):
-        """Torch backend, device offset: refuse like the kernels do (flag, write nothing)."""
-        start = self._host_position(pos)
-        if 0 <= start and start + n <= self.capacity:
-            return True
-        self.status.fill_(1)
-        return False
+        Host offset: slice copies (bounds already checked by :meth:`_position`). Device offset:
+        ``index_copy_`` at ``offset + [0, n)``, clamped into the cache; when the append would overflow,
+        the positions get their own old values back (nothing changes) and ``status`` is set, as the
+        kernels do. No ``.item()``: the step stays capturable in a CUDA graph.
+        """
+        dev, start = pos
+        if dev is None:
+            kc[:, :, start:start + n].copy_(k)
+            vc[:, :, start:start + n].copy_(v)
+            return
+        fits = (dev >= 0) & (dev + n <= self.capacity)  # (1,) bool, on the device
+        idx = (dev + torch.arange(n, device=dev.device)).clamp_(0, self.capacity - 1)
+        for cache, new in ((kc, k), (vc, v)):
+            cache.index_copy_(2, idx, torch.where(fits, new, cache.index_select(2, idx)))
+        self.status.bitwise_or_((~fits).to(self.status.dtype))

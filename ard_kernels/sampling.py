@@ -11,16 +11,29 @@ Classifier-free guidance as DiT: the batch is doubled with the null class (label
 ``num_classes``), and the first C channels become ``ε_u + s·(ε_c − ε_u)`` in both halves (both
 halves then carry the same guided state into the next step).
 
-CUDA graphs (``use_cuda_graphs=True``): one graph per step for a fixed (batch, guidance,
-dtype, device), captured after a warm-up, sharing one memory pool; inputs are copied into
-static buffers and a call is K replays, with no allocation per step. The graphs read the
-weights by address: in-place weight updates are seen, replacing parameters needs
-:func:`clear_cuda_graphs`.
+CUDA graphs (``use_cuda_graphs=True``): the K steps are captured as ONE graph for a fixed
+(batch, guidance, dtype, device), after an eager warm-up on a side stream (Triton autotuning,
+compiled kernels, cuBLAS/cuDNN set-up, the attention schedules' device copies all happen there,
+never inside the capture). A call copies the noise, labels and guidance scale into static
+buffers and replays the graph: no allocation and no host work per step. The replay re-runs the
+whole sampler, the history cache's reset and appends included. The graph reads the weights by
+address: in-place updates (``load_state_dict``, an optimiser or EMA step) are seen; ``.to()``
+and ``load_state_dict(assign=True)`` drop the graphs (recaptured at the next call); a parameter
+replaced by hand needs :func:`clear_cuda_graphs` (checking every address per call would cost
+more host time than the replay of a small batch). Only capture-safe attention backends are accepted
+(:func:`check_capturable`): the "reference" backend, and "sdpa" on a pattern that needs a mask,
+build their masks on the host at every call, which a graph cannot contain.
+
+The capture/replay mechanics live in :class:`_GraphRunner`, the one seam the CPU tests replace by
+a stand-in that re-runs the captured function at each replay.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import api
+from ._backends import resolve
 
 VAE_SCALE = 0.18215
 
@@ -101,7 +114,7 @@ def sample_outputs(model, noise, y, cfg_scale: float = 1.0, use_cuda_graphs: boo
     guided = cfg_scale != 1.0
     b = noise.shape[0]
     if use_cuda_graphs:
-        if noise.device.type != "cuda":
+        if noise.device.type not in _GraphRunner.device_types:
             raise ValueError(f"use_cuda_graphs: needs CUDA tensors, got noise on {noise.device}")
         outs = _graph_sampler(model, b, guided, dtype, noise.device).run(noise, y, cfg_scale)
     else:
@@ -123,7 +136,8 @@ def sample(model, noise, y, cfg_scale: float = 1.0, return_states: bool = False,
         y: (B,) int64 class labels.
         cfg_scale: classifier-free guidance scale s (1.0 = none: the batch is not doubled).
         return_states: also return every step's output state.
-        use_cuda_graphs: replay captured CUDA graphs (captured on first use for this batch size).
+        use_cuda_graphs: replay a captured CUDA graph (captured on first use for this batch size,
+            guidance on/off and dtype; see :func:`check_capturable` for the backends it takes).
         vae: optional diffusers ``AutoencoderKL``: the final latent is decoded with
             ``vae.decode(x / 0.18215).sample``.
 
@@ -140,69 +154,117 @@ def sample(model, noise, y, cfg_scale: float = 1.0, return_states: bool = False,
     return (final, states) if return_states else final
 
 
-class CUDAGraphSampler:
-    """K CUDA graphs, one per step, for a fixed batch size, guidance on/off, dtype and device.
+def check_capturable(model, device) -> None:
+    """Raise ValueError unless ``model``'s attention backend can be captured in a CUDA graph on ``device``.
 
-    Static buffers hold the noise, labels and guidance scale; the first graph doubles the batch
-    (with guidance) and builds the conditioning, graph k reads graph k−1's output in place.
-    All graphs share one memory pool, and the outputs of earlier graphs stay referenced, so no
-    later graph reuses their memory.
+    A captured graph may not copy host data to the device nor read device data on the host. The
+    attention backends differ there: "triton" (schedules cached on the device at the warm-up) and
+    "flex" (block masks cached, compiled at the warm-up) are capture-safe; "sdpa" is when no step
+    needs a mask (every contiguous pattern: causal, diagonal, window); "reference" never is (its
+    dense mask is built on the host and copied over at every call). The modulation ops and the
+    history cache are device-only in every backend.
+    """
+    device = torch.device(device)
+    chosen = resolve(model.attn_backend, "block_attention", device)
+    if chosen == "triton" and model.config.head_dim not in api.TRITON_HEAD_DIMS and model.attn_backend == "auto":
+        chosen = "sdpa"  # what block_attention falls back to
+    hint = "use attn_backend 'triton' (or 'flex') with use_cuda_graphs=True, e.g. model.set_backends(attn='triton')"
+    if chosen == "reference":
+        raise ValueError(f"attn_backend: {model.attn_backend!r} resolves to 'reference' on {device}, which builds "
+                         f"its dense mask on the host at every call: a CUDA graph cannot capture that; {hint}")
+    if chosen == "sdpa" and model.history_layers:
+        masked = [k for k in range(model.steps) if _sdpa_needs_mask(model.attention_plan(k), k)]
+        if masked:
+            raise ValueError(
+                f"attn_backend: {model.attn_backend!r} resolves to 'sdpa', which needs a host-built mask at steps "
+                f"{masked} for this pattern (their rows of the table are not one contiguous run): a CUDA graph "
+                f"cannot capture that; {hint}")
+
+
+def _sdpa_needs_mask(plan, k: int) -> bool:
+    """Whether SDPA masks history attention at step k: a table plan whose row k does not see every key block."""
+    pattern = plan[3]
+    return not isinstance(pattern, str) and not bool(pattern[k].all())
+
+
+class _GraphRunner:
+    """Capture and replay of one CUDA graph: ``replay, outputs = _GraphRunner(device).capture(fn)``.
+
+    ``fn`` runs eagerly ``warmup_iters`` times on a side stream (lazy initialisation, autotuning,
+    compilation and cached device copies happen there), then once under capture. ``outputs`` is
+    what ``fn`` returned during capture: tensors of the graph's private memory pool, rewritten in
+    place by every ``replay()``. The tests swap this class for a CPU stand-in (same interface).
+    """
+
+    device_types = ("cuda",)
+    warmup_iters = 2
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.graph = None
+
+    def capture(self, fn):
+        with torch.cuda.device(self.device):  # the capture stream and pool on the tensors' GPU
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_iters):
+                    fn()
+            current.wait_stream(side)
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                outputs = fn()
+        return self.graph.replay, outputs
+
+
+class CUDAGraphSampler:
+    """The K sampling steps as one CUDA graph, for a fixed batch size, guidance on/off, dtype and device.
+
+    Static buffers hold the noise, labels and guidance scale (allocated outside inference mode, so
+    calls under ``torch.inference_mode`` and ``torch.no_grad`` can alternate); the graph doubles the
+    batch (with guidance), builds the conditioning, resets and fills the history cache, and writes
+    the K step outputs into its pool.
     """
 
     def __init__(self, model, batch_size: int, guided: bool, dtype: torch.dtype, device: torch.device):
+        check_capturable(model, device)
         self.model = model
         self.guided = guided
         c, s = model.in_channels, model.input_size
-        self.noise = torch.zeros(batch_size, c, s, s, dtype=dtype, device=device)
-        self.y = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.scale = torch.ones((), dtype=torch.float32, device=device)
         rows = batch_size * (2 if guided else 1)
-        self.cache = make_cache(model, rows, dtype, device)
-        self.graphs = []
-        self.outs = []
+        with torch.inference_mode(False):
+            self.noise = torch.zeros(batch_size, c, s, s, dtype=dtype, device=device)
+            self.y = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self.scale = torch.ones((), dtype=torch.float32, device=device)
+            self.cache = make_cache(model, rows, dtype, device)
+        self.outs = None
+        self._replay = None
 
-    def _eager(self):
+    def _sample(self):
+        """The K steps from the static buffers (what is captured); returns the K outputs."""
         x, y2 = _inputs(self.model, self.noise, self.y, self.guided)
         return _steps(self.model, x, y2, self.scale, self.cache, self.guided)[0]
 
     def capture(self) -> None:
-        device = self.noise.device
-        # Warm-up on a side stream: autotuning, lazy inits and compiled kernels happen here, not in capture.
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._eager()
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        pool = torch.cuda.graph_pool_handle()
-        if self.cache is not None:
-            self.cache.reset()  # capture then bakes in the offsets 0, T, 2T, … of the steps
-        ctx = None
-        for k in range(self.model.steps):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                if k == 0:
-                    x, y2 = _inputs(self.model, self.noise, self.y, self.guided)
-                else:
-                    x, y2 = self.outs[-1][:, : self.model.in_channels], None
-                outs, ctx = _steps(self.model, x, y2, self.scale, self.cache, self.guided, k, k + 1, ctx)
-            self.graphs.append(graph)
-            self.outs.append(outs[0])
-        self._ctx = ctx  # produced by graph 0, read by the others: keep it alive
+        self._replay = self.outs = None  # the old graph's pool is released before the new capture
+        # Outside inference mode (grad still off): the captured outputs are normal tensors, whatever
+        # mode the first call came in, so later calls in either mode may read and write them.
+        with torch.inference_mode(False), torch.no_grad():
+            self._replay, self.outs = _GraphRunner(self.noise.device).capture(self._sample)
 
     def run(self, noise, y, cfg_scale: float):
-        """Copy the inputs in, replay the K graphs; returns the K static outputs (B·(1+guided), C_out, H, W).
+        """Copy the inputs in, replay; returns the K static outputs (B·(1+guided), C_out, H, W).
 
-        The outputs are the graphs' own buffers: valid until the next replay (copy to keep them).
+        The outputs are the graph's own buffers: valid until the next replay (copy to keep them).
         """
         self.noise.copy_(noise)
         self.y.copy_(y)
         self.scale.fill_(float(cfg_scale))
-        if not self.graphs:
+        if self._replay is None:
             self.capture()
-        for graph in self.graphs:
-            graph.replay()
+        self._replay()
         return self.outs
 
 
@@ -216,5 +278,5 @@ def _graph_sampler(model, batch_size, guided, dtype, device) -> CUDAGraphSampler
 
 
 def clear_cuda_graphs(model) -> None:
-    """Drop ``model``'s captured graphs (after replacing parameters or changing its layout)."""
+    """Drop ``model``'s captured graphs and their memory (needed after replacing a parameter by hand)."""
     model._graph_samplers.clear()

@@ -120,6 +120,50 @@ def test_device_offset_mode_flags_instead_of_raising():
     cache.check()  # the flag was cleared
 
 
+def test_device_offset_mode_never_reads_the_device_on_the_host():
+    """The torch backend with a device offset is sync-free (capturable): no .item(), same result as host mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    device, host = make_cache(device_offset=True), make_cache()
+    with Reads():
+        out, _ = run_steps(device, steps=3, n=4)
+        device.offset.fill_(13)  # a step past the capacity (15): refused on the device
+        device.split_append(0, random_qkv(device, 3))
+        device.offset.fill_(-1)
+        device.append(1, torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8))
+    assert not reads
+    ref, _ = run_steps(host, steps=3, n=4)
+    for a, b in zip(out, ref):
+        for x, y in zip(a, b):
+            for s, t in zip(x, y):
+                assert torch.equal(s, t)
+    assert torch.equal(device.k, host.k) and torch.equal(device.v, host.v)
+    with pytest.raises(ValueError, match="nothing was written"):
+        device.check()
+
+
+def test_cache_built_in_inference_mode_is_writable_outside_it():
+    """A cache kept between calls is written under whichever mode the caller uses."""
+    with torch.inference_mode():
+        cache = make_cache()
+    run_steps(cache, steps=1, n=5)
+    with torch.no_grad():
+        cache.reset()
+        run_steps(cache, steps=1, n=5)
+    with torch.inference_mode():
+        cache.reset()
+        run_steps(cache, steps=2, n=5)
+    assert cache.length == 10 and not cache.k.is_inference()
+
+
 def test_validation_messages():
     cache = make_cache()
     with pytest.raises(ValueError, match="qkv"):
@@ -263,13 +307,11 @@ def test_cuda_cache_matches_torch_backend(dtype):
         fast.split_append(0, random_qkv(fast, 1))
 
 
-@pytest.mark.cuda
-@cuda_ext
-def test_cuda_graph_capture_replay_four_steps():
+def _graph_capture_replay_four_steps(backend):
     """One graph (all layers' split_append + advance) replayed 4 times fills the cache as eager does."""
     kw = dict(layers=2, b=2, h=4, d=72, block=16, blocks=4, dtype=torch.bfloat16)
-    cache = make_cache("cuda", "cuda", device_offset=True, **kw)
-    eager = make_cache("cuda", "cuda", **kw)
+    cache = make_cache("cuda", backend, device_offset=True, **kw)
+    eager = make_cache("cuda", backend, **kw)
     qkv_in = torch.zeros(2, 16, 3 * 4 * 72, device="cuda", dtype=torch.bfloat16)
     q_out = [None] * 2
 
@@ -304,6 +346,18 @@ def test_cuda_graph_capture_replay_four_steps():
     assert torch.equal(cache.k, eager.k)
     with pytest.raises(ValueError):
         cache.check()
+
+
+@pytest.mark.cuda
+@cuda_ext
+def test_cuda_graph_capture_replay_four_steps():
+    _graph_capture_replay_four_steps("cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_replay_four_steps_torch_backend():
+    """The same with the PyTorch path (no extension needed): the device-offset writes are capturable too."""
+    _graph_capture_replay_four_steps("torch")
 
 
 @pytest.mark.cuda

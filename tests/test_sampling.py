@@ -4,10 +4,18 @@ The property that ties the package together: step k of :func:`ard_kernels.sampli
 k's tokens only, history from the cache) computes what :meth:`ARDiT.forward_train` computes for
 block k when fed ``[x_T, s_1, …, s_{K−1}]``, for every pattern and history depth. CPU, tiny
 config, reference backends, random weights; the CUDA paths (kernels, CUDA graphs) under ``cuda``.
+
+The CUDA-graph sampler's logic runs on the CPU too: :class:`EagerReplay` replaces
+``sampling._GraphRunner`` (the capture/replay seam) and re-runs the captured function at every
+replay, and the ``meta`` device stands in for the GPU to prove capture does no host↔device traffic.
 """
+
+import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ard_kernels import sampling
 from ard_kernels.models import ARDiT, DiT
@@ -185,6 +193,210 @@ def test_cached_sampling_equals_the_training_forward_with_triton_kernels():
         torch.testing.assert_close(sampling.sample_outputs(student, noise, y), outputs, rtol=1e-4, atol=1e-4)
 
 
+# ------------------------------------------------------------------------- CUDA-graph runner, on the CPU
+aten = torch.ops.aten
+
+
+class HostWork(AssertionError):
+    """What a CUDA graph cannot capture: host data copied to the device, a device value read on the host."""
+
+
+class HostWorkGuard(TorchDispatchMode):
+    """Fails on host↔device traffic, with any non-CPU device (``meta`` here) standing in for the GPU.
+
+    Host-only work (the CPU pattern tables, Python scalars, 0-dim CPU scalars in arithmetic) is
+    fine in a capture; a CPU tensor feeding a device op (a mask built on the host and copied over)
+    or a device value read back (``.item()``, ``nonzero``) is not.
+    """
+
+    COPIES = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default}
+    SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        on_device = [t for t in tensors if t.device.type != "cpu"]
+        if func in self.SYNCS and on_device:
+            raise HostWork(f"{func}: reads a device value on the host")
+        host = [t for t in tensors if t.device.type == "cpu" and (t.dim() > 0 or func in self.COPIES)]
+        out = func(*args, **kwargs)
+        out_device = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+        if host and (on_device or out_device):
+            raise HostWork(f"{func}: copies host data {[tuple(t.shape) for t in host]} to the device")
+        return out
+
+
+class EagerReplay:
+    """Stand-in for :class:`sampling._GraphRunner` on CPU (and ``meta``): "capture" runs ``fn`` after
+    a warm-up run, each "replay" runs it again and writes the results into the captured outputs,
+    as a graph replay rewrites its pool. So stale static inputs, a cache not reset by the replay,
+    or a returned output aliasing the pool show up as wrong numbers; capture and replays run under
+    :class:`HostWorkGuard`."""
+
+    device_types = ("cpu", "meta")
+    captures = 0
+    replaying = False
+
+    def __init__(self, device):
+        self.device = device
+
+    def guard(self):
+        # On the CPU every tensor is a host tensor: the guard only means something on meta.
+        return contextlib.nullcontext() if torch.device(self.device).type == "cpu" else HostWorkGuard()
+
+    def capture(self, fn):
+        type(self).captures += 1
+        fn()  # the warm-up
+        with self.guard():
+            outputs = fn()
+
+        def replay():
+            type(self).replaying = True
+            try:
+                with self.guard():
+                    fresh = fn()
+                for old, new in zip(tree_leaves(outputs), tree_leaves(fresh), strict=True):
+                    old.copy_(new)
+            finally:
+                type(self).replaying = False
+
+        return replay, outputs
+
+
+@pytest.fixture
+def graph_runner(monkeypatch):
+    runner = type("Runner", (EagerReplay,), {"captures": 0})
+    monkeypatch.setattr(sampling, "_GraphRunner", runner)
+    return runner
+
+
+GRAPHABLE = dict(attn_backend="sdpa")  # capture-safe on contiguous patterns; the reference backend is not
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("history_layers", [0, 1, DEPTH])
+def test_graph_runner_equals_eager_over_two_calls(graph_runner, history_layers, guided):
+    """Two calls with new noise, labels and scale: stale static buffers or a missing cache reset would differ."""
+    student = make_student("causal", history_layers, **GRAPHABLE)
+    calls = [(torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), 2.5 if guided else 1.0),
+             (torch.randn(2, 4, 8, 8), torch.tensor([1, 10]), 4.0 if guided else 1.0)]
+    results = []
+    for noise, y, s in calls:
+        graphed = sampling.sample_outputs(student, noise, y, cfg_scale=s, use_cuda_graphs=True)
+        torch.testing.assert_close(graphed, sampling.sample_outputs(student, noise, y, cfg_scale=s), rtol=0, atol=0)
+        results.append((graphed, graphed.clone()))
+    torch.testing.assert_close(results[0][0], results[0][1], rtol=0, atol=0)  # a copy, not the static outputs
+    assert (results[0][0] - results[1][0]).abs().max() > 1e-3
+    assert graph_runner.captures == 1 and len(student._graph_samplers) == 1
+
+
+def test_graph_runner_states_and_guidance_share_nothing(graph_runner):
+    """Guided and unguided calls of one batch size are two graphs; each keeps its own static buffers."""
+    student = make_student("window", 2, **GRAPHABLE)
+    noise, y = torch.randn(1, 4, 8, 8), torch.tensor([5])
+    plain = student.sample(noise, y, use_cuda_graphs=True)
+    guided = student.sample(noise, y, cfg_scale=3.0, use_cuda_graphs=True)
+    torch.testing.assert_close(student.sample(noise, y, use_cuda_graphs=True), plain, rtol=0, atol=0)
+    torch.testing.assert_close(guided, student.sample(noise, y, cfg_scale=3.0), rtol=0, atol=0)
+    assert graph_runner.captures == 2
+
+
+def test_graph_runner_call_takes_no_allocation_path(graph_runner):
+    """After the capture a call only writes the static inputs and replays: no op outside the graph allocates."""
+    student = make_student("causal", 2, **GRAPHABLE)
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    sampling.sample_outputs(student, noise, y, cfg_scale=2.0, use_cuda_graphs=True)
+    (sampler,) = student._graph_samplers.values()
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not graph_runner.replaying:
+                seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    noise2, y2 = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad(), Record():
+        outs = sampler.run(noise2, y2, 3.0)
+    assert set(seen) <= {aten.copy_.default, aten.fill_.Scalar}, seen
+    assert len(outs) == student.steps and graph_runner.captures == 1
+
+
+def test_graph_runner_under_inference_mode_and_no_grad(graph_runner):
+    """Static buffers and the cache are normal tensors: calls may alternate inference_mode and no_grad."""
+    student = make_student("causal", 2, **GRAPHABLE)
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    expected = sampling.sample_outputs(student, noise, y, cfg_scale=2.0)
+    with torch.inference_mode():
+        first = student.sample(noise, y, cfg_scale=2.0, return_states=True, use_cuda_graphs=True)[1]
+    second = student.sample(noise, y, cfg_scale=2.0, return_states=True, use_cuda_graphs=True)[1]
+    with torch.inference_mode():
+        third = student.sample(noise, y, cfg_scale=2.0, return_states=True, use_cuda_graphs=True)[1]
+    for states in (first, second, third):
+        torch.testing.assert_close(states, expected[:, :, :4], rtol=0, atol=0)
+
+
+def test_graph_runner_follows_weight_updates(graph_runner):
+    """In-place updates are read by the graph as is; .to() and load_state_dict(assign=True) drop the graphs."""
+    student = make_student("causal", 2, **GRAPHABLE)
+    noise, y = torch.randn(1, 4, 8, 8), torch.tensor([4])
+    sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+    with torch.no_grad():
+        student.blocks[0].attn.qkv.weight.mul_(1.5)
+    torch.testing.assert_close(sampling.sample_outputs(student, noise, y, use_cuda_graphs=True),
+                               sampling.sample_outputs(student, noise, y), rtol=0, atol=0)
+    assert graph_runner.captures == 1
+    sd = {k: v * 0.5 for k, v in student.state_dict().items()}
+    student.load_state_dict(sd, assign=True)
+    assert not student._graph_samplers
+    torch.testing.assert_close(sampling.sample_outputs(student, noise, y, use_cuda_graphs=True),
+                               sampling.sample_outputs(student, noise, y), rtol=0, atol=0)
+    assert graph_runner.captures == 2
+    student.to(torch.float32)  # even a no-op .to() goes through _apply
+    assert not student._graph_samplers
+    sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+    sampling.clear_cuda_graphs(student)
+    assert not student._graph_samplers
+
+
+NOT_CAPTURABLE = [("reference", "causal"), ("sdpa", "first"), ("sdpa", "table"), ("auto", "first")]
+
+
+@pytest.mark.parametrize("attn,pattern", NOT_CAPTURABLE)
+def test_graph_mode_refuses_backends_that_build_masks_on_the_host(graph_runner, attn, pattern):
+    student = make_student(pattern, 2, attn_backend=attn)
+    with pytest.raises(ValueError, match="attn_backend.*CUDA graph"):
+        student.sample(torch.randn(1, 4, 8, 8), torch.tensor([1]), use_cuda_graphs=True)
+    assert graph_runner.captures == 0
+
+
+@pytest.mark.parametrize("attn,pattern", NOT_CAPTURABLE)
+def test_refused_backends_do_copy_host_masks_to_the_device(attn, pattern):
+    """The refusal is not over-cautious: on a device (meta) those backends copy a host-built mask per call."""
+    student = make_student(pattern, 2, attn_backend=attn).to("meta")
+    noise, y = torch.randn(1, 4, 8, 8, device="meta"), torch.ones(1, dtype=torch.long, device="meta")
+    with pytest.raises(HostWork, match="copies host data"), HostWorkGuard():
+        sampling.sample_outputs(student, noise, y)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("history_layers,pattern", [(0, "causal"), (2, "causal"), (2, "window"), (DEPTH, "diagonal")])
+def test_accepted_backends_capture_without_host_work(graph_runner, history_layers, pattern, guided):
+    """With a device (meta) standing in for the GPU, warm-up aside, capture and replays touch no host data."""
+    student = make_student(pattern, history_layers, attn_backend="auto").to("meta")
+    noise, y = torch.randn(2, 4, 8, 8, device="meta"), torch.ones(2, dtype=torch.long, device="meta")
+    for _ in range(2):
+        out = sampling.sample_outputs(student, noise, y, cfg_scale=2.0 if guided else 1.0, use_cuda_graphs=True)
+    assert out.shape == (2, 4, 8, 8, 8) and out.device.type == "meta" and graph_runner.captures == 1
+
+
+def test_check_capturable_names_the_choice():
+    sampling.check_capturable(make_student("first", 0, attn_backend="sdpa"), "cpu")  # no history: no mask
+    sampling.check_capturable(make_student("first", 2, attn_backend="flex"), "cpu")
+    with pytest.raises(ValueError, match=r"steps \[2, 3\]"):
+        sampling.check_capturable(make_student("first", 2, attn_backend="sdpa"), "cpu")
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 FAST = dict(attn_backend="auto", mod_backend="auto", cache_backend="auto")
 
@@ -228,3 +440,30 @@ def test_cuda_kernels_sampler_matches_training_forward_bf16(pattern):
     assert rel_err(graphed, outputs) < 1e-2
     assert rel_err(train, outputs) < 3e-2
     assert rel_err(outputs, reference) < 3e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache_backend", ["auto", "torch"])
+@pytest.mark.parametrize("history_layers", [0, 1, DEPTH])
+def test_cuda_graphs_equal_eager_for_every_history_depth(history_layers, cache_backend):
+    """Graphs vs eager over two guided calls, the first under inference_mode; a graphed call allocates
+    only its result (the stack of the K outputs), however many steps and layers it runs."""
+    student = make_student("causal", history_layers, **{**FAST, "cache_backend": cache_backend}).cuda()
+    calls = [(torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor([3, 7], device="cuda"), 2.5),
+             (torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor([1, 10], device="cuda"), 4.0)]
+    with torch.inference_mode():
+        first = sampling.sample_outputs(student, *calls[0][:2], cfg_scale=calls[0][2], use_cuda_graphs=True)
+    assert rel_err(first, sampling.sample_outputs(student, *calls[0][:2], cfg_scale=calls[0][2])) < 1e-5
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    second = sampling.sample_outputs(student, *calls[1][:2], cfg_scale=calls[1][2], use_cuda_graphs=True)
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"] - before
+    assert allocations <= 1, allocations
+    assert rel_err(second, sampling.sample_outputs(student, *calls[1][:2], cfg_scale=calls[1][2])) < 1e-5
+    assert rel_err(first, second) > 1e-2  # the static buffers did take the new inputs
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_refuse_the_reference_attention():
+    student = make_student("causal", 2, **{**FAST, "attn_backend": "reference"}).cuda()
+    with pytest.raises(ValueError, match="attn_backend"):
+        student.sample(torch.randn(1, 4, 8, 8, device="cuda"), torch.tensor([1], device="cuda"), use_cuda_graphs=True)

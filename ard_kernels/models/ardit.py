@@ -62,6 +62,7 @@ class ARDiT(DiT):
         self.history_layers = history_layers
         self.pattern = pattern if isinstance(pattern, str) else table
         self.pattern_table = table
+        self._looks_ahead = bool(torch.triu(table, diagonal=1).any())  # checked at every sampling call
         self.t_max = float(t_max)
         self.cache_backend = cache_backend
         for k in range(2, steps + 1):
@@ -97,6 +98,12 @@ class ARDiT(DiT):
         if cache is not None or attn is not None or mod is not None:
             self._graph_samplers = {}  # captured graphs baked the old backends in
         return super().set_backends(attn, mod)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() replace the parameters' storage: captured graphs would read the
+        # old addresses, so drop them (and their memory pools) here.
+        self._graph_samplers = {}
+        return super()._apply(fn, *args, **kwargs)
 
     # -------------------------------------------------------------------------------- conditioning
     def block_times(self, device=None) -> torch.Tensor:
@@ -150,7 +157,7 @@ class ARDiT(DiT):
     # ------------------------------------------------------------------------------------ sampling
     def check_sampling_pattern(self) -> None:
         """The cached sampler only sees earlier blocks: a lower-layer table may not look ahead."""
-        if self.history_layers and bool(torch.triu(self.pattern_table, diagonal=1).any()):
+        if self.history_layers and self._looks_ahead:
             raise ValueError(
                 "pattern: sampling needs a table with no entry above the diagonal (block i seeing a later "
                 f"block j > i cannot be computed step by step), got\n{self.pattern_table.int()}"
@@ -230,6 +237,8 @@ class ARDiT(DiT):
         key = prefix + "pos_embed"
         pe = state_dict.get(key)
         n = self.num_tokens
+        if args and isinstance(args[0], dict) and args[0].get("assign_to_params_buffers", False):
+            self._graph_samplers = {}  # assign=True replaces the tensors the captured graphs read
         if pe is not None and pe.dim() == 3 and pe.shape[1] == self.steps * n and self.steps > 1:
             state_dict[key] = pe[:, :n]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
