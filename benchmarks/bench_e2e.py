@@ -14,7 +14,12 @@ runs once per batch under the ``eager`` stack. ``vs_N0_%`` = time of N=6 over N=
 and batch. ``TFLOP/s`` uses the analytic FLOPs of :mod:`ard_kernels.flops` (per-block conditioning
 for every stack: the useful work, not what the published formulation spends).
 
-Run: ``python benchmarks/bench_e2e.py`` (DiT-XL/2 bf16, B 1/8/64 on CUDA; DiT-S/4 fp32, B 1/4 on CPU).
+Order (what a ``--time-budget-s`` run keeps when it stops early): batches in the order given
+(CUDA default 1, 64, 8: the two targets first), and per batch each stack's N=0 then N=6 back to
+back (so ``vs_N0_%`` compares like with like); the teacher last, at ``--teacher-batches``.
+
+Run: ``python benchmarks/bench_e2e.py`` (DiT-XL/2 bf16, B 1/64/8 on CUDA, teacher at B1; DiT-S/4
+fp32, B 1/4 on CPU). Writes results/e2e.json after every measurement.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from benchmarks import common  # noqa: E402
 NAME = "e2e"
 CPU_ARGV = ["--config", "DiT-S/4", "--batches", "1,4", "--teacher-steps", "25"]
 QUICK_ARGV = ["--config", "DiT-tiny/2", "--batches", "1", "--teacher-steps", "2", "--history-layers", "2"]
-GPU_ARGV: list[str] = []
+GPU_ARGV: list[str] = ["--batches", "1,64,8", "--teacher-batches", "1"]
+GPU_BUDGET_S = 80
+BUDGET_ARG = "--time-budget-s"
 STACKS = ("published", "eager", "graphs", "compile")
 
 
@@ -42,16 +49,19 @@ def _parse(argv: Sequence[str] | None):
     gpu = common.on_gpu()
     p = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="DiT-XL/2" if gpu else "DiT-S/4")
-    p.add_argument("--batches", default="1,8,64" if gpu else "1,4", help="comma-separated batch sizes")
+    p.add_argument("--batches", default="1,64,8" if gpu else "1,4", help="comma-separated batch sizes, run in order")
     p.add_argument("--history-layers", type=int, default=6)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--teacher-steps", type=int, default=25, help="0 skips the teacher")
+    p.add_argument("--teacher-batches", default=None, help="batch sizes of the teacher (default: --batches)")
     p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--stacks", default="published,eager,graphs", help=f"comma-separated subset of {STACKS}")
+    p.add_argument("--stacks", default="eager,graphs,published",
+                   help=f"comma-separated subset of {STACKS}, run in order")
     p.add_argument("--compile", action="store_true", help="add the torch.compile stack")
     p.add_argument("--device", default=str(common.default_device()))
     p.add_argument("--out", default=None, help="directory of e2e.json (default $ARD_BENCH_OUT or results/)")
     p.add_argument("--no-json", action="store_true")
+    common.add_budget_arg(p)
     return p.parse_args(argv)
 
 
@@ -65,7 +75,9 @@ def _build(config: str, n: int, steps: int, device, dtype, stacks: Sequence[str]
     with torch.device(device):
         ard = ARDiT(config, history_layers=n, steps=steps).eval()
     _randomise(ard)
-    models = {"ard": ard.to(dtype)}
+    # .to(device) as well: a constructor may make some tensors on the host whatever the default device
+    # (PublishedARD's pos_embed comes from numpy); built under the device context, this copies nothing else.
+    models = {"ard": ard.to(device=device, dtype=dtype)}
     if "published" in stacks:
         from benchmarks.published_ard import PublishedARD
 
@@ -74,7 +86,7 @@ def _build(config: str, n: int, steps: int, device, dtype, stacks: Sequence[str]
         missing = pub.load_state_dict(ard.state_dict(), strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise RuntimeError(f"published formulation does not load the ARDiT weights: {missing}")
-        models["published"] = pub.to(dtype)
+        models["published"] = pub.to(device=device, dtype=dtype)
     return models
 
 
@@ -97,10 +109,18 @@ def _runner(stack: str, models, noise, y) -> Callable[[], object]:
     if stack == "graphs":
         return lambda: ard.sample(noise, y, use_cuda_graphs=True)
     if stack == "compile":
-        if not getattr(ard, "_bench_compiled", False):
-            ard.forward_step = torch.compile(ard.forward_step, dynamic=False)
-            ard._bench_compiled = True
-        return lambda: ard.sample(noise, y)
+        compiled = getattr(ard, "_bench_compiled_step", None)
+        if compiled is None:
+            compiled = torch.compile(ard.forward_step, dynamic=False)
+            ard._bench_compiled_step = compiled
+
+        def run():  # the compiled step shadows the method only during this stack's calls
+            ard.forward_step = compiled
+            try:
+                return ard.sample(noise, y)
+            finally:
+                del ard.forward_step
+        return run
     raise ValueError(f"stacks: expected names from {STACKS}, got {stack!r}")
 
 
@@ -110,7 +130,7 @@ def _teacher(config, input_size, device, dtype):
     with torch.device(device):
         dit = DiT(config, input_size=input_size).eval()
     _randomise(dit)
-    return dit.to(dtype)
+    return dit.to(device=device, dtype=dtype)
 
 
 def _teacher_runner(dit, noise, y, steps):
@@ -133,67 +153,111 @@ def _teacher_runner(dit, noise, y, steps):
     return loop
 
 
-def run(args) -> list[dict]:
+def _inputs(b, input_size, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(b)
+    noise = torch.randn(b, 4, input_size, input_size, generator=g).to(device, dtype)
+    return noise, torch.randint(0, 1000, (b,), generator=g).to(device)
+
+
+def _error(exc) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def run(args, on_rows=None) -> list[dict]:
+    """Rows in measurement order; ``on_rows(rows)`` after each one (incremental JSON)."""
     from ard_kernels import flops
 
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype]
     batches = [int(b) for b in str(args.batches).split(",") if b]
+    teacher_batches = [int(b) for b in str(args.teacher_batches or args.batches).split(",") if b]
     stacks = [s for s in args.stacks.split(",") if s] + (["compile"] if args.compile else [])
     if device.type != "cuda":
         stacks = [s for s in stacks if s not in ("graphs", "compile")]
     shape = flops.shape_from_config(args.config)
-    gflop = {n: flops.gflops(flops.ard_macs(shape, n, args.steps)) for n in {0, args.history_layers}}
+    ns = sorted({0, args.history_layers})
+    gflop = {n: flops.gflops(flops.ard_macs(shape, n, args.steps)) for n in ns}
     gflop_teacher = flops.gflops(flops.teacher_macs(shape, args.teacher_steps)) if args.teacher_steps else 0.0
+    budget = common.Budget(getattr(args, "time_budget_s", 0.0))
+    keys = ("stack", "variant", "batch", "ms", "ms_per_img", "vs_N0_%")
     rows: list[dict] = []
+
+    def add(row):
+        rows.append(row)
+        common.emit(row, keys)
+        if on_rows:
+            on_rows(rows)
+
+    def variant(n):
+        return f"ARD N={n}" if n else "N=0 (step distillation)"
+
+    # Both students (and their published twins) up front: each batch then measures N=0 and N=6
+    # back to back, and a run cut short by its budget still has matched pairs.
+    models: dict[int, dict] = {}
+    for n in ns:
+        try:
+            models[n] = _build(args.config, n, args.steps, device, dtype, stacks)
+        except Exception as exc:  # e.g. the published twin failing: keep what can run
+            add({"config": args.config, "variant": variant(n), "error": "build: " + _error(exc)})
+            try:
+                models[n] = _build(args.config, n, args.steps, device, dtype, [])
+            except Exception as exc2:  # noqa: BLE001
+                add({"config": args.config, "variant": variant(n), "error": "build: " + _error(exc2)})
     base: dict[tuple, float] = {}
-    for n in sorted({0, args.history_layers}):
-        models = _build(args.config, n, args.steps, device, dtype, stacks)
-        variant = f"ARD N={n}" if n else "N=0 (step distillation)"
-        for b in batches:
-            g = torch.Generator(device="cpu").manual_seed(b)
-            noise = torch.randn(b, 4, shape.input_size, shape.input_size, generator=g).to(device, dtype)
-            y = torch.randint(0, 1000, (b,), generator=g).to(device)
-            for stack in stacks:
-                row = {"config": args.config, "dtype": args.dtype, "stack": stack, "variant": variant,
+    for b in batches:
+        noise, y = _inputs(b, shape.input_size, device, dtype)
+        for stack in stacks:
+            if not budget.allows():
+                for n in ns:
+                    add(common.skipped(config=args.config, stack=stack, variant=variant(n), batch=b))
+                continue
+            for n in ns:
+                row = {"config": args.config, "dtype": args.dtype, "stack": stack, "variant": variant(n),
                        "steps": args.steps, "batch": b}
+                if n not in models or (stack == "published" and "published" not in models[n]):
+                    add({**row, "error": "model not built"})
+                    continue
                 try:
-                    ms = common.time_ms(_runner(stack, models, noise, y), device)
+                    ms = common.time_ms(_runner(stack, models[n], noise, y), device)
                 except Exception as exc:  # one stack failing must not hide the others
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                    rows.append(row)
+                    add({**row, "error": _error(exc)})
+                    common.free_device_memory(device)
                     continue
                 base.setdefault((stack, b, n), ms)
                 row.update(ms=ms, ms_per_img=ms / b, **{"TFLOP/s": gflop[n] * b / ms})
                 if n and (stack, b, 0) in base:
                     row["vs_N0_%"] = 100.0 * (ms / base[(stack, b, 0)] - 1.0)
-                rows.append(row)
-        del models
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                add(row)
+        del noise, y
+    del models
+    common.free_device_memory(device)
     if args.teacher_steps:
-        dit = _teacher(args.config, shape.input_size, device, dtype)
-        for b in batches:
-            g = torch.Generator(device="cpu").manual_seed(b)
-            noise = torch.randn(b, 4, shape.input_size, shape.input_size, generator=g).to(device, dtype)
-            y = torch.randint(0, 1000, (b,), generator=g).to(device)
-            row = {"config": args.config, "dtype": args.dtype, "stack": "eager",
-                   "variant": f"teacher DDIM {args.teacher_steps}", "steps": args.teacher_steps, "batch": b}
+        teacher = f"teacher DDIM {args.teacher_steps}"
+        dit = None
+        for b in teacher_batches:
+            row = {"config": args.config, "dtype": args.dtype, "stack": "eager", "variant": teacher,
+                   "steps": args.teacher_steps, "batch": b}
+            if not budget.allows():
+                add(common.skipped(**row))
+                continue
             try:
-                ms = common.time_ms(_teacher_runner(dit, noise, y, args.teacher_steps), device,
-                                    warmup=5, rep=20)
+                dit = dit or _teacher(args.config, shape.input_size, device, dtype)
+                noise, y = _inputs(b, shape.input_size, device, dtype)
+                ms = common.time_ms(_teacher_runner(dit, noise, y, args.teacher_steps), device, warmup=5, rep=20)
                 row.update(ms=ms, ms_per_img=ms / b, **{"TFLOP/s": gflop_teacher * b / ms})
             except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-            rows.append(row)
+                row["error"] = _error(exc)
+            add(row)
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = _parse(argv)
-    rows = run(args)
+    extra = {"argv": list(argv or [])}
+    save = None if args.no_json else (lambda rows: common.write_json(NAME, rows, args.out, complete=False, **extra))
+    rows = run(args, on_rows=save)
     if not args.no_json:
-        common.write_json(NAME, rows, args.out, argv=list(argv or []))
+        common.write_json(NAME, rows, args.out, **extra)
     return rows
 
 

@@ -19,7 +19,10 @@ Ops and providers:
 
 Shapes (CUDA, bf16): ImageNet ARD, DiT-XL/2 (B 1 and 64, H 16, D 72, 256-token blocks, 4 blocks,
 6 history layers) and text-to-image (B 2, H 16, D 128, 4096-token blocks, 4 blocks). CPU: one
-small shape, PyTorch providers only. Writes results/bench_kv_cache.json (and a markdown table).
+small shape, PyTorch providers only. ``cache_step`` rows on CUDA also count the GPU kernels (and
+copies) one step launches per layer (``launches_per_layer``, from the profiler). Rows say whether
+the compiled extension was loaded (``ext``); without it only the PyTorch providers run. Writes
+results/kv_cache.json after every case (and a markdown table).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ard_kernels import _ext  # noqa: E402
 from ard_kernels.kv_cache import HistoryKVCache  # noqa: E402
 from benchmarks import common  # noqa: E402
 
-NAME = "bench_kv_cache"
+NAME = "kv_cache"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (name, B, H, D, block tokens n, max_blocks, history layers)
 GPU_SHAPES = [
@@ -51,6 +54,8 @@ OPS = ("append", "split_append", "cache_step")
 CPU_ARGV: list = []
 GPU_ARGV: list = []
 QUICK_ARGV = ["--quick"]
+GPU_BUDGET_S = 25
+BUDGET_ARG = "--time-budget-s"
 
 
 def _parse(argv):
@@ -59,8 +64,9 @@ def _parse(argv):
     p.add_argument("--dtype", default=None, choices=tuple(_DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     p.add_argument("--quick", action="store_true", help="first two shapes only")
-    p.add_argument("--out", default=None, help="directory of bench_kv_cache.json (default results/)")
+    p.add_argument("--out", default=None, help="directory of kv_cache.json (default results/)")
     p.add_argument("--no-json", action="store_true")
+    common.add_budget_arg(p)
     return p.parse_args(argv)
 
 
@@ -125,6 +131,39 @@ def _step_cases(b, h, d, n, blocks, layers, dtype, device, use_ext):
     return cases
 
 
+def _launches(fn, layers: int) -> float | None:
+    """GPU kernels and copies/memsets one call of ``fn`` issues, per layer (torch.profiler), or None."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        n = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+        return n / layers
+    except Exception as e:  # noqa: BLE001 - the count is a nicety; the timings stand without it
+        print(f"bench_kv_cache: launch count failed: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def _measure(rows, op, shape, cases, nbytes, device, dtype_name, ext, layers):
+    for provider, fn in cases.items():
+        row = {"op": op, "shape": shape, "provider": provider, "mode": f"{device.type}-{dtype_name}", "us": None,
+               "gbps": None, "ext": ext}
+        try:
+            ms = common.time_ms(fn, device)
+            row.update(us=1e3 * ms, gbps=nbytes / (ms * 1e-3) / 1e9)
+            if op == "cache_step" and device.type == "cuda":
+                row["launches_per_layer"] = _launches(fn, layers)
+        except Exception as e:  # noqa: BLE001 - one provider failing leaves a gap, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        rows.append(row)
+        common.emit(row, ("op", "shape", "provider", "us", "gbps", "launches_per_layer"))
+
+
 def main(argv: Sequence[str] | None = None) -> list:
     args = _parse(argv)
     device = torch.device(args.device)
@@ -134,36 +173,44 @@ def main(argv: Sequence[str] | None = None) -> list:
     dtype_name = args.dtype or ("bf16" if gpu else "fp32")
     dtype = _DTYPES[dtype_name]
     use_ext = gpu and _ext.extension_available()
+    ext = "yes" if use_ext else ("no (CPU)" if not gpu else f"no: {_ext.extension_error()}"[:200])
+    print(f"bench_kv_cache: CUDA extension {ext}", flush=True)
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     if args.quick:
         shapes = shapes[:2]
     ops = [o for o in args.ops.split(",") if o]
     es = torch.finfo(dtype).bits // 8
+    budget = common.Budget(args.time_budget_s)
     rows = []
     for name, b, h, d, n, blocks, layers in shapes:
         shape = f"{name} B{b} H{h} D{d} n{n}×{blocks}"
         for op in ops:
-            if op == "cache_step":
-                cases = _step_cases(b, h, d, n, blocks, layers, dtype, device, use_ext)
-                nbytes = 6 * b * h * n * d * es * layers
-            else:
-                cases = _cases(op, b, h, d, n, blocks, dtype, device, use_ext)
-                nbytes = (4 if op == "append" else 6) * b * h * n * d * es
-            for provider, fn in cases.items():
-                ms = common.time_ms(fn, device)
-                rows.append({"op": op, "shape": shape, "provider": provider, "mode": f"{device.type}-{dtype_name}",
-                             "us": 1e3 * ms, "gbps": nbytes / (ms * 1e-3) / 1e9})
-            del cases
-            if gpu:
-                torch.cuda.empty_cache()
+            if not budget.allows():
+                rows.append(common.skipped(op=op, shape=shape))
+                continue
+            try:
+                if op == "cache_step":
+                    cases = _step_cases(b, h, d, n, blocks, layers, dtype, device, use_ext)
+                    nbytes = 6 * b * h * n * d * es * layers
+                else:
+                    cases = _cases(op, b, h, d, n, blocks, dtype, device, use_ext)
+                    nbytes = (4 if op == "append" else 6) * b * h * n * d * es
+                _measure(rows, op, shape, cases, nbytes, device, dtype_name, ext, layers)
+                del cases
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory building a case's tensors
+                rows.append({"op": op, "shape": shape, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            common.free_device_memory(device)
+            if not args.no_json:
+                common.write_json(NAME, rows, args.out, complete=False, extension=ext)
     base = {(r["op"], r["shape"]): r["us"] for r in rows
-            if r["provider"] in ("slice_copy", "q_contiguous_slice_copy", "cache_torch")}
+            if r.get("provider") in ("slice_copy", "q_contiguous_slice_copy", "cache_torch") and r.get("us")}
     for r in rows:
-        ref = base.get((r["op"], r["shape"]))
-        r["speedup_vs_unfused"] = ref / r["us"] if ref else None
-    print(common.markdown_table(rows))
+        ref = base.get((r["op"], r.get("shape")))
+        if r.get("us"):
+            r["speedup_vs_unfused"] = ref / r["us"] if ref else None
+    print(common.markdown_table(rows), flush=True)
     if not args.no_json:
-        path = common.write_json(NAME, rows, args.out)
+        path = common.write_json(NAME, rows, args.out, extension=ext)
         print(f"wrote {path}")
     return rows
 

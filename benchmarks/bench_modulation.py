@@ -18,8 +18,15 @@ by the identity: the modulation Linear (on B·nb block rows for ours/eager_ref/c
 B·N token rows for per_token), two modulated LayerNorms and two gated residuals; its bwd mode
 also differentiates the Linear's weights. ``x_per_token`` = per_token ms / ms.
 
-Run: ``python benchmarks/bench_modulation.py`` (CUDA: B 1/64, 4×256 tokens C1152 and 4×4096
-C2048, bf16; CPU: small shapes, eager providers only). Writes results/bench_modulation.json.
+Cases, most wanted first (``--cases``): ``main`` (CUDA default) — B64 4×256 C1152 (the issue's
+targets), B1 4×256 C1152, B1 4×4096 C2048 (text-to-image); ``extra`` — B64 4×4096 C2048; ``all``.
+``compiled_ref`` compiles per case, op and mode (~5 s each), so only the first
+``--compiled-cases`` cases (default 1) and the ``--compiled-ops`` (default the two kernels, not
+the adaLN layer, whose target is against the per-token formulation) get it. ``--time-budget-s``:
+no new (case, op) starts once it is spent. CPU: small shapes, eager providers only.
+
+Run: ``python benchmarks/bench_modulation.py [--cases all] [--compiled-cases 3]``; writes
+results/modulation.json after every case.
 """
 
 from __future__ import annotations
@@ -38,15 +45,22 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" and "ard_ker
 
 from benchmarks import common  # noqa: E402
 
-NAME = "bench_modulation"
+NAME = "modulation"
 EPS = 1e-6
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# (N, C, block_size): DiT-XL/2 ARD training (4 states × 256 tokens) and text-to-image (4 × 4096, C 2048).
-GPU_SHAPES = [(4 * 256, 1152, 256), (4 * 4096, 2048, 4096)]
-GPU_BATCHES = [1, 64]
-CPU_SHAPES = [(4 * 16, 128, 16)]
-CPU_BATCHES = [1, 2]
-OPS = ("modulated_layer_norm", "gated_residual", "adaln_layer")
+CPU_ARGV: list[str] = []
+GPU_ARGV: list[str] = ["--cases", "main", "--compiled-cases", "1"]
+QUICK_ARGV = ["--quick"]
+GPU_BUDGET_S = 45
+BUDGET_ARG = "--time-budget-s"
+# (B, N, C, block_size): DiT-XL/2 ARD training (4 states × 256 tokens) and text-to-image (4 × 4096, C 2048).
+CASES = {
+    "main": [(64, 4 * 256, 1152, 256), (1, 4 * 256, 1152, 256), (1, 4 * 4096, 2048, 4096)],
+    "extra": [(64, 4 * 4096, 2048, 4096)],
+}
+CASES["all"] = CASES["main"] + CASES["extra"]
+CPU_CASES = [(2, 4 * 16, 128, 16), (1, 4 * 16, 128, 16)]
+OPS = ("modulated_layer_norm", "adaln_layer", "gated_residual")
 
 
 def _parse(argv: Sequence[str] | None):
@@ -54,12 +68,17 @@ def _parse(argv: Sequence[str] | None):
     p = argparse.ArgumentParser(prog="bench_modulation", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=str(common.default_device()))
     p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=tuple(_DTYPES))
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    p.add_argument("--cases", default="main", choices=tuple(CASES), help="case list on CUDA")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (filters the cases)")
+    p.add_argument("--compiled-cases", type=int, default=1, help="how many leading cases get compiled_ref")
+    p.add_argument("--compiled-ops", default="modulated_layer_norm,gated_residual",
+                   help="the ops that get compiled_ref")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     p.add_argument("--providers", default=None, help="comma-separated subset of ours,eager_ref,compiled_ref,per_token")
-    p.add_argument("--quick", action="store_true", help="first shape only (4×256 on CUDA)")
-    p.add_argument("--out", default=None, help="directory of bench_modulation.json (default results/)")
+    p.add_argument("--quick", action="store_true", help="first case only (B64 4×256 C1152 on CUDA)")
+    p.add_argument("--out", default=None, help="directory of modulation.json (default results/)")
     p.add_argument("--no-json", action="store_true")
+    common.add_budget_arg(p)
     return p.parse_args(argv)
 
 
@@ -165,16 +184,44 @@ def _layer_cases(b, n, c, block_size, dtype, device, providers):
 
 
 def _run_case(rows, op, shape, mode, provider, fn, inputs, dy, device, nbytes=None):
+    row = {"op": op, "shape": shape, "provider": provider, "mode": mode, "ms": None, "gbps": None}
     try:
         ms = _time(fn, inputs, dy, mode, device)
-        note = ""
+        row["ms"] = ms
+        row["gbps"] = nbytes / (ms * 1e-3) / 1e9 if (ms and nbytes) else None
     except torch.cuda.OutOfMemoryError:
-        ms, note = None, "out of memory"
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    gbps = nbytes / (ms * 1e-3) / 1e9 if (ms and nbytes) else None
-    rows.append({"op": op, "shape": shape, "provider": provider, "mode": mode, "ms": ms, "gbps": gbps,
-                 **({"note": note} if note else {})})
+        row["note"] = "out of memory"
+    except Exception as e:  # noqa: BLE001 - one provider failing (e.g. a compile error) leaves a gap, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    common.free_device_memory(device)
+    rows.append(row)
+    common.emit(row, ("op", "shape", "mode", "provider", "ms", "gbps"))
+
+
+def _one_op(rows, op, b, n, c, block_size, dtype, device, providers):
+    shape = f"B{b} N{n // block_size}x{block_size} C{c}"
+    if "compiled_ref" in providers:
+        torch._dynamo.reset()  # the same lambdas recompile per shape: stay under the recompile limit
+    try:
+        if op == "adaln_layer":
+            cases, dy = _layer_cases(b, n, c, block_size, dtype, device, providers)
+            nbytes = {}
+        else:
+            cases, nbytes, dy = _elementwise_cases(op, b, n, c, block_size, dtype, device, providers)
+    except torch.cuda.OutOfMemoryError:
+        rows.append({"op": op, "shape": shape, "note": "out of memory (inputs)"})
+        return
+    start = len(rows)
+    for mode in ("fwd", "bwd"):
+        for p, fn, inputs in cases:
+            _run_case(rows, op, shape, mode, p, fn, inputs, dy, device, nbytes.get(mode))
+    if op == "adaln_layer":
+        base = {q["mode"]: q["ms"] for q in rows[start:] if q["provider"] == "per_token"}
+        for r in rows[start:]:
+            if base.get(r["mode"]) and r["ms"]:
+                r["x_per_token"] = base[r["mode"]] / r["ms"]
+    del cases, dy
+    common.free_device_memory(device)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -182,47 +229,32 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype]
     gpu = device.type == "cuda"
-    shapes = GPU_SHAPES if gpu else CPU_SHAPES
-    shapes = shapes[:1] if args.quick else shapes
-    batches = [int(v) for v in args.batches.split(",")] if args.batches else (GPU_BATCHES if gpu else CPU_BATCHES)
+    cases = CASES[args.cases] if gpu else CPU_CASES
+    if args.batches:
+        keep = {int(v) for v in args.batches.split(",")}
+        cases = [cs for cs in cases if cs[0] in keep]
+    cases = cases[:1] if args.quick else cases
     providers = args.providers.split(",") if args.providers else _default_providers(device)
-    if not gpu:
+    if not gpu and not args.providers:
         providers = [p for p in providers if p != "compiled_ref"]  # inductor on CPU: slow to build, not the target
+    if "compiled_ref" in providers:
+        common.raise_recompile_limits()
     ops = [o for o in args.ops.split(",") if o]
+    budget = common.Budget(args.time_budget_s)
     rows: list[dict] = []
     torch.manual_seed(0)
-    for n, c, block_size in shapes:
-        for b in batches:
-            shape = f"B{b} N{n // block_size}x{block_size} C{c}"
-            for op in ops:
-                if "compiled_ref" in providers:
-                    torch._dynamo.reset()  # the same lambdas recompile per shape: stay under the recompile limit
-                if op == "adaln_layer":
-                    try:
-                        cases, dy = _layer_cases(b, n, c, block_size, dtype, device, providers)
-                    except torch.cuda.OutOfMemoryError:
-                        continue
-                    start = len(rows)
-                    for mode in ("fwd", "bwd"):
-                        for p, fn, inputs in cases:
-                            _run_case(rows, op, shape, mode, p, fn, inputs, dy, device)
-                    base = {q["mode"]: q["ms"] for q in rows[start:] if q["provider"] == "per_token"}
-                    for r in rows[start:]:
-                        if base.get(r["mode"]) and r["ms"]:
-                            r["x_per_token"] = base[r["mode"]] / r["ms"]
-                else:
-                    try:
-                        cases, nbytes, dy = _elementwise_cases(op, b, n, c, block_size, dtype, device, providers)
-                    except torch.cuda.OutOfMemoryError:
-                        continue
-                    for mode in ("fwd", "bwd"):
-                        for p, fn, inputs in cases:
-                            _run_case(rows, op, shape, mode, p, fn, inputs, dy, device, nbytes[mode])
-                del cases, dy
-                if gpu:
-                    torch.cuda.empty_cache()
+    for i, (b, n, c, block_size) in enumerate(cases):
+        compiled_ops = args.compiled_ops.split(",") if i < args.compiled_cases else []
+        for op in ops:
+            if not budget.allows():
+                rows.append(common.skipped(op=op, shape=f"B{b} N{n // block_size}x{block_size} C{c}"))
+                continue
+            op_providers = [p for p in providers if p != "compiled_ref" or op in compiled_ops]
+            _one_op(rows, op, b, n, c, block_size, dtype, device, op_providers)
+            if not args.no_json:
+                common.write_json(NAME, rows, args.out, complete=False, dtype=args.dtype)
     print(f"bench_modulation ({args.dtype}, {device}):")
-    print(common.markdown_table(rows))
+    print(common.markdown_table(rows), flush=True)
     if not args.no_json:
         path = common.write_json(NAME, rows, args.out, dtype=args.dtype)
         print(f"wrote {path}")

@@ -13,14 +13,15 @@ clipping at 1.0, AdamW). Providers, built one at a time on the same shapes:
 bf16 autocast on CUDA (as the trainer), fp32 on the CPU. Inputs: random states (B, K, 4, H, W),
 random labels; weights random (zero-initialised adaLN would be as fast).
 
-Run: ``python benchmarks/bench_train.py`` (CUDA: DiT-XL/2, N 6, K 4 × 256 tokens, B 16; CPU:
-DiT-tiny/2 at 16×16, B 4, so ``make bench`` prints something).
+Run: ``python benchmarks/bench_train.py`` (CUDA: DiT-XL/2, N 6, K 4 × 256 tokens, B 16, ours then
+the published formulation, ``--providers published,ardit-auto,ardit-flex`` for all; CPU: DiT-tiny/2
+at 16×16, B 4, so ``make bench`` prints something). ``--time-budget-s``: no provider starts once
+it is spent. Writes results/train.json after every provider.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,11 +33,13 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" and "ard_ker
 
 from benchmarks import common  # noqa: E402
 
-NAME = "bench_train"
+NAME = "train"
 CPU_ARGV = ["--config", "DiT-tiny/2", "--input-size", "16", "--batch", "4", "--history-layers", "2"]
 QUICK_ARGV = ["--config", "DiT-tiny/2", "--input-size", "8", "--batch", "2", "--history-layers", "2",
               "--modes", "step"]
-GPU_ARGV: list[str] = []
+GPU_ARGV: list[str] = ["--providers", "ardit-auto,published", "--modes", "step,fwd_bwd", "--rep-ms", "800"]
+GPU_BUDGET_S = 60
+BUDGET_ARG = "--time-budget-s"
 MODES = ("fwd_bwd", "step")
 
 
@@ -53,8 +56,10 @@ def _parse(argv: Sequence[str] | None):
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--compile", action="store_true", help="add ardit-auto-compile")
     p.add_argument("--device", default=str(common.default_device()))
-    p.add_argument("--out", default=None, help="directory of bench_train.json (default $ARD_BENCH_OUT or results/)")
+    p.add_argument("--rep-ms", type=float, default=2000.0, help="CUDA: do_bench's timed milliseconds per mode")
+    p.add_argument("--out", default=None, help="directory of train.json (default $ARD_BENCH_OUT or results/)")
     p.add_argument("--no-json", action="store_true")
+    common.add_budget_arg(p)
     return p.parse_args(argv)
 
 
@@ -63,16 +68,20 @@ def _build(provider: str, args, device):
     if provider == "published":
         from benchmarks.published_ard import PublishedARD
 
-        model = PublishedARD(args.config, history_layers=args.history_layers, steps=args.steps,
-                             input_size=args.input_size).to(device)
+        with torch.device(device):  # built in place: initialising DiT-XL/2 on the host takes seconds
+            model = PublishedARD(args.config, history_layers=args.history_layers, steps=args.steps,
+                                 input_size=args.input_size)
+        model.to(device)  # its pos_embed is made from numpy, on the host, whatever the default device
         return model, model.forward_train
     from ard_kernels.models import ARDiT
 
     name = provider[len("ardit-"):]
     compiled = name.endswith("-compile")
     backend = name[: -len("-compile")] if compiled else name
-    model = ARDiT(args.config, history_layers=args.history_layers, steps=args.steps,
-                  input_size=args.input_size).to(device)
+    with torch.device(device):
+        model = ARDiT(args.config, history_layers=args.history_layers, steps=args.steps,
+                      input_size=args.input_size)
+    model.to(device)
     model.set_backends(attn=backend)
     with torch.no_grad():  # random heads and adaLN, so no branch sees all-zero operands
         for p in model.parameters():
@@ -121,11 +130,16 @@ def _measure(provider: str, args, device) -> list[dict]:
         if mode not in MODES:
             raise SystemExit(f"--modes: expected a subset of {MODES}, got {mode!r}")
         fn = step if mode == "step" else fwd_bwd_only
-        ms = common.time_ms(fn, device, warmup=500, rep=2000, cpu_budget_s=2.0, cpu_max_iters=5)
+        ms = common.time_ms(fn, device, warmup=max(100, args.rep_ms / 4), rep=args.rep_ms, cpu_budget_s=2.0,
+                            cpu_max_iters=5)
         shape = f"{args.config} N{args.history_layers} B{b} {k}x{model_tokens(args)}"
-        rows.append({"op": "ard_train_step", "shape": shape, "provider": provider, "mode": mode,
-                     "dtype": "bf16-autocast" if device.type == "cuda" else "fp32", "ms": ms,
-                     "images_per_s": b / (ms / 1e3)})
+        row = {"op": "ard_train_step", "shape": shape, "provider": provider, "mode": mode,
+               "dtype": "bf16-autocast" if device.type == "cuda" else "fp32", "ms": ms,
+               "images_per_s": b / (ms / 1e3)}
+        if device.type == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+        rows.append(row)
+        common.emit(row, ("provider", "mode", "ms", "images_per_s", "peak_gib"))
     return rows
 
 
@@ -135,20 +149,28 @@ def model_tokens(args) -> int:
     return (args.input_size // get_config(args.config).patch_size) ** 2
 
 
-def run(args) -> list[dict]:
+def run(args, on_rows=None) -> list[dict]:
     device = torch.device(args.device)
     providers = [p for p in args.providers.split(",") if p]
     if args.compile:
         providers.append("ardit-auto-compile")
+    budget = common.Budget(getattr(args, "time_budget_s", 0.0))
     rows: list[dict] = []
     for provider in providers:
+        if not budget.allows():
+            rows.append(common.skipped(op="ard_train_step", provider=provider))
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             rows += _measure(provider, args, device)
-            gc.collect()  # the provider's model and optimizer state go before the next one is built
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         except Exception as e:  # one provider failing (e.g. a backend absent here) must not hide the others
             rows.append({"op": "ard_train_step", "provider": provider, "error": f"{type(e).__name__}: {e}"[:300]})
+            common.emit(rows[-1])
+        # the provider's model and optimizer state (and a failure's traceback frames) go before the next one
+        common.free_device_memory(device)
+        if on_rows:
+            on_rows(rows)
     base = {r["mode"]: r["ms"] for r in rows if r.get("provider") == "published" and "ms" in r}
     for r in rows:
         if "ms" in r and r["mode"] in base:
@@ -158,9 +180,11 @@ def run(args) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = _parse(argv)
-    rows = run(args)
+    extra = {"argv": list(argv or [])}
+    save = None if args.no_json else (lambda rows: common.write_json(NAME, rows, args.out, complete=False, **extra))
+    rows = run(args, on_rows=save)
     if not args.no_json:
-        common.write_json(NAME, rows, args.out, argv=list(argv or []))
+        common.write_json(NAME, rows, args.out, **extra)
     return rows
 
 

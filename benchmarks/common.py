@@ -9,11 +9,18 @@ these helpers keep timing and reporting uniform across them:
   ``$ARD_BENCH_OUT`` (set by ``run_all.py --out``), else ``results/``.
 - :func:`markdown_table` — any rows, columns = the union of their keys in first-seen order.
 - :func:`plot_tflops`, :func:`plot_latency` — PNGs with matplotlib's Agg backend (no display).
+- :class:`Budget` and :func:`add_budget_arg` — ``--time-budget-s``: a module stops *starting* cases
+  once its budget is spent and lists the rest as skipped rows (``run_all.py --deadline-s`` passes
+  each module its share), so a suite never loses its finished rows to a timeout.
+- :func:`emit` — one row as one flushed line while a benchmark runs (logs of killed runs keep it).
+- :func:`raise_recompile_limits`, :func:`free_device_memory` — long GPU suites: many shapes through
+  one ``torch.compile``'d function, and no memory carried from one shape to the next.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -68,12 +75,15 @@ def time_ms(fn: Callable[[], object], device=None, warmup: int = 25, rep: int = 
 
 
 def git_commit() -> str:
-    """HEAD's short hash (with ``+dirty`` for local changes), or "uncommitted" without one."""
+    """HEAD's short hash (with ``+dirty`` for local changes); ``$ARD_BENCH_COMMIT`` wins (a copied tree
+    without ``.git``, as on a device machine, says which commit it is that way)."""
+    if os.environ.get("ARD_BENCH_COMMIT"):
+        return os.environ["ARD_BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
-            return "uncommitted"
+            return "unknown (no git checkout)"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -81,15 +91,25 @@ def git_commit() -> str:
         return "unknown"
 
 
-def env_info() -> dict[str, str]:
-    """Date, commit and software/hardware versions to stamp on every result."""
+def env_info(init_cuda: bool = True) -> dict[str, str]:
+    """Date, commit and software/hardware versions to stamp on every result.
+
+    ``init_cuda=False`` names the GPU only if this process already uses CUDA (a suite runner that
+    leaves the GPU to its child processes should not hold a context of its own).
+    """
+    gpu = on_gpu()
+    if gpu and (init_cuda or torch.cuda.is_initialized()):
+        device = torch.cuda.get_device_name()
+    elif gpu:
+        device = "CUDA (name not queried)"
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if on_gpu() else f"CPU ({platform.processor() or platform.machine()}, "
-                                                                 f"{os.cpu_count()} cores)",
+        "device": device,
     }
     try:
         import triton
@@ -97,19 +117,105 @@ def env_info() -> dict[str, str]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "absent"
-    if on_gpu():
+    if gpu:
         info["cuda"] = str(torch.version.cuda)
     return info
 
 
-def write_json(name: str, rows: list[dict], out_dir: os.PathLike | None = None, **extra) -> Path:
-    """Write ``{"benchmark": name, "env": env_info(), "rows": rows, **extra}`` to ``out_dir/name.json``."""
+_ENV: dict | None = None
+
+
+def write_json(name: str, rows: list[dict], out_dir: os.PathLike | None = None, complete: bool = True,
+               **extra) -> Path:
+    """Write ``{"benchmark", "env", "complete", "rows", **extra}`` to ``out_dir/name.json``.
+
+    Benchmarks call it after every case with ``complete=False`` and once at the end, so a run
+    killed by a timeout still leaves its finished rows. Written to a temporary name, then renamed:
+    a reader never sees half a file.
+    """
+    global _ENV
+    if _ENV is None:
+        _ENV = env_info()
     out = Path(out_dir or os.environ.get("ARD_BENCH_OUT") or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "env": env_info(), "rows": rows, **extra}, indent=1,
-                               default=str) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": name, "env": _ENV, "complete": complete, "rows": rows, **extra},
+                              indent=1, default=str) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+def read_json(path: os.PathLike) -> dict | None:
+    """The object :func:`write_json` wrote, or None when the file is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- budgets
+
+
+def add_budget_arg(parser) -> None:
+    parser.add_argument("--time-budget-s", type=float, default=0.0,
+                        help="start no new case after this many seconds (0: no limit); the cases left "
+                             "out are listed as skipped rows")
+
+
+class Budget:
+    """Seconds a benchmark may spend starting cases: ``allows()`` before each case (0 = unlimited)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = float(seconds or 0.0)
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return float("inf") if not self.seconds else self.seconds - self.elapsed()
+
+    def allows(self, need_s: float = 0.0) -> bool:
+        """True while ``need_s`` more seconds fit in the budget."""
+        return self.left() >= need_s
+
+
+def skipped(reason: str = "time budget", **fields) -> dict:
+    """A row for a case that was not run, so tables say what is missing rather than hide it."""
+    return {**fields, "skipped": reason}
+
+
+def emit(row: dict, keys: Sequence[str] | None = None, prefix: str = "") -> None:
+    """Print one row as one line, flushed (``key=value`` pairs; floats with 4 significant digits)."""
+    keys = list(keys) if keys else list(row)
+    parts = [f"{k}={_fmt(row[k])}" for k in keys if k in row and row[k] is not None]
+    parts += [f"{k}={_fmt(row[k])}" for k in ("error", "skipped", "note") if k in row and k not in keys]
+    print(prefix + "  ".join(parts), flush=True)
+
+
+def raise_recompile_limits(limit: int = 256) -> None:
+    """Let one ``torch.compile``'d function (FlexAttention, a reference) serve many static shapes.
+
+    Dynamo stops compiling a function after ``recompile_limit`` (8) variants and silently runs it
+    eagerly from then on: for FlexAttention that is the unfused path, slow and memory-hungry.
+    """
+    try:
+        import torch._dynamo.config as cfg
+    except ImportError:  # pragma: no cover - every torch this package supports has dynamo
+        return
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name, limit) < limit:
+        setattr(cfg, name, limit)
+    if getattr(cfg, "accumulated_recompile_limit", 4 * limit) < 4 * limit:
+        cfg.accumulated_recompile_limit = 4 * limit
+
+
+def free_device_memory(device=None) -> None:
+    """Collect garbage and return cached blocks, so one case's tensors never crowd the next one."""
+    gc.collect()
+    if torch.device(device or default_device()).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _fmt(v) -> str:

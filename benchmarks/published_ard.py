@@ -163,7 +163,8 @@ class PublishedARD(nn.Module):
         self.t_embedder = _TimestepEmbedder(s.hidden)
         self.y_embedder = _LabelEmbedder(num_classes, s.hidden)
         grid = input_size // s.patch
-        pos = torch.from_numpy(_sincos_pos_embed(s.hidden, grid)).float().unsqueeze(0)
+        # numpy builds on the host; follow a `with torch.device(...)` context like every other parameter
+        pos = torch.from_numpy(_sincos_pos_embed(s.hidden, grid)).float().unsqueeze(0).to(torch.get_default_device())
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.ModuleList(_Block(s.hidden, s.heads, s.mlp_hidden) for _ in range(s.depth))
         for k in range(steps):

@@ -156,3 +156,27 @@ def test_run_all_quick_on_cpu(tmp_path):
     assert {r["stack"] for r in rows} >= {"published", "eager"}
     assert all("error" not in r for r in rows), rows
     assert "## e2e" in (tmp_path / "SUMMARY.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["attention", "modulation", "kv_cache", "e2e", "train"])
+def test_gpu_argv_parses(name):
+    """A typo in a module's GPU_ARGV would only show on a GPU machine: parse it (and the budget flag) here."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    args = module._parse(list(module.GPU_ARGV) + [module.BUDGET_ARG, "60"])
+    assert args.time_budget_s == 60
+
+
+def test_run_all_isolated_with_deadline(tmp_path):
+    """The GPU check's mode: child processes, a deadline; a benchmark that cannot get its minimum is skipped."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--cpu", "--isolate", "--no-flops",
+           "--only", "kv_cache,train", "--deadline-s", "60", "--extra", "kv_cache=--ops append", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    status = {n: b["status"] for n, b in json.loads((tmp_path / "results.json").read_text())["benchmarks"].items()}
+    assert status["kv_cache"] == "ok", status
+    assert status["train"] == "ok" or status["train"].startswith("skipped"), status
+    rows = json.loads((tmp_path / "kv_cache.json").read_text())["rows"]
+    assert rows and {r["op"] for r in rows} == {"append"}
+    assert "## Targets" in (tmp_path / "SUMMARY.md").read_text() and (tmp_path / "TARGETS.md").is_file()
