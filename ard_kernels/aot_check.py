@@ -9,7 +9,8 @@ compiled kernel looks like: shared memory, registers, spills, and whether Hopper
 (``warp_group_dot``) carries the matrix products.
 
 A spec is a dict: ``name``, ``kernel`` (a ``@triton.jit`` function, possibly wrapped by
-``autotune``/``heuristics``), ``signature`` ({arg: "*bf16" | "i32" | "fp32" | "constexpr"}),
+``autotune``/``heuristics``), ``signature`` ({arg: "*bf16" | "i32" | "fp32" | "constexpr" or a host
+tensor descriptor as the JIT spells it, ``"tensordesc<bf16[1, 1, 128, 64]>"``}),
 ``constexprs`` ({arg: value}), and optional ``num_warps``, ``num_stages``, ``archs``.
 
 It must run without TRITON_INTERPRET (the interpreter replaces the kernels by Python

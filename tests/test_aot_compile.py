@@ -74,3 +74,10 @@ def test_every_kernel_compiles_with_triton_36_for_sm90():
     result = json.loads(proc.stdout)
     assert not result["failed"], json.dumps(result["failed"], indent=1)[:6000]
     assert any(r["wgmma"] for r in result["compiled"] if r["name"].startswith("block_attention_fwd_bf16_D72"))
+
+
+def test_hopper_dit_forward_has_clean_tma_configs(report):
+    """The TMA (copy-engine) forward configs for DiT's head dim use wgmma and do not spill."""
+    rows = [r for r in report["compiled"] if r["arch"] == 90
+            and r["name"].startswith("block_attention_fwd_bf16_D72_") and r["name"].endswith("_tma")]
+    assert rows and all(r["wgmma"] and not r.get("spill_bytes") for r in rows), rows

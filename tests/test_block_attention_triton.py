@@ -6,7 +6,11 @@ fp32 reference is at most twice the error of the same computation done by PyTorc
 plus 1e-5.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -233,6 +237,118 @@ def test_custom_op_fake_and_compile(triton_device):
     dq_ref, = torch.autograd.grad(ref.sum(), (q,))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(dq, dq_ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hopper (TMA) forward: kernel through the interpreter's descriptor emulation, host logic
+# (eligibility, descriptors, pre-hook, config lists) directly; the GPU compile is test_aot_compile's.
+# ---------------------------------------------------------------------------------------------
+
+TMA_CASES = [
+    (1, 2, 7, 21, 21, 72, "causal", False),   # 72 = 64 + 16: the "1" descriptors zero-fill columns 72..79
+    (2, 2, 5, 13, 8, 24, "window", True),     # (B, N, H, D) strides, Lq < Lk, tiles overhanging both ends
+    (1, 1, 7, 20, 17, 16, "first", False),    # no remainder: the "1" descriptors are None
+    (1, 1, 100, 300, 300, 72, "causal", False),
+]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="forces the TMA path in the interpreter")
+@pytest.mark.parametrize("b,h,bs,lk,lq,d,pattern,bnhd", TMA_CASES)
+def test_tma_path_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, monkeypatch):
+    monkeypatch.setattr(ba, "_INTERPRETER_TMA", True)
+    q, k, v = _inputs(b, h, lq, lk, d, "cpu", bnhd=bnhd)
+    table = masks.pattern_table(pattern, masks.num_blocks(lk, bs))
+    assert ba._Launch(q, k, table, bs, 1.0, "fwd", v).tma
+    out, lse, grads = _run(lambda *a: ba.block_attention_triton(*a, bs, table, 1.0 / math.sqrt(d), True), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, pattern, return_lse=True), q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_tma_eligibility():
+    """Hopper, half precision, widths <= 128 and TMA-legal strides only; everything else keeps pointers."""
+    q = torch.empty(2, 3, 40, 72, dtype=torch.bfloat16)
+    bnhd = torch.empty(2, 40, 3, 72, dtype=torch.bfloat16).transpose(1, 2)
+    assert ba._tma_eligible(torch.bfloat16, 80, (9, 0), q, q, bnhd)
+    assert ba._tma_eligible(torch.float16, 128, (10, 0), q)
+    assert not ba._tma_eligible(torch.bfloat16, 80, (8, 0), q)           # Ampere: no copy engine
+    assert not ba._tma_eligible(torch.float32, 80, (9, 0), q.float())    # fp32 keeps its exact config
+    assert not ba._tma_eligible(torch.bfloat16, 256, (9, 0), q)          # wide heads: not tuned
+    head_major = torch.empty(2, 3, 72, 40, dtype=torch.bfloat16).transpose(-1, -2)
+    assert not ba._tma_eligible(torch.bfloat16, 80, (9, 0), head_major)  # head dim not unit-stride
+    odd_rows = torch.empty(2, 3, 40, 76, dtype=torch.bfloat16)[..., :72]
+    assert not ba._tma_eligible(torch.bfloat16, 80, (9, 0), odd_rows)    # rows 152 B apart: not 16-aligned
+    shifted = torch.empty(2 * 3 * 40 * 72 + 1, dtype=torch.bfloat16)[1:].view(2, 3, 40, 72)
+    assert not ba._tma_eligible(torch.bfloat16, 80, (9, 0), shifted)     # base not 16-byte aligned
+
+
+def test_tma_descriptors_and_pre_hook():
+    """Descriptors span the whole (B, H, L, D) tensor; the pre-hook sets each config's tile boxes."""
+    q = torch.empty(2, 40, 3, 72, dtype=torch.bfloat16).transpose(1, 2)
+    k = v = torch.empty(2, 3, 56, 72, dtype=torch.bfloat16)
+    descs = ba._fwd_descriptors(q, k, v, 64, 16, True, 128, 128)
+    for desc, t in zip(descs, (q, q, k, k, v, v)):
+        assert desc.base is t and list(desc.shape) == list(t.shape) and list(desc.strides) == list(t.stride())
+    nargs = dict(zip(ba._FWD_DESCS, descs), BLOCK_M=128, BLOCK_N=64, D0=64, DP1=16)
+    ba._set_fwd_desc_blocks(nargs)
+    assert [d.block_shape for d in descs] == [[1, 1, 128, 64], [1, 1, 128, 16], [1, 1, 64, 64], [1, 1, 64, 16],
+                                              [1, 1, 64, 64], [1, 1, 64, 16]]
+    no_rest = ba._fwd_descriptors(k[..., :64], k[..., :64], k[..., :64], 64, 16, False, 128, 64)
+    assert no_rest[1] is no_rest[3] is no_rest[5] is None
+    ba._set_fwd_desc_blocks(dict(zip(ba._FWD_DESCS, no_rest), BLOCK_M=64, BLOCK_N=32, D0=64, DP1=16))
+    assert no_rest[0].block_shape == [1, 1, 64, 64] and no_rest[2].block_shape == [1, 1, 32, 64]
+    assert ba._Launch(q, k, masks.pattern_table("causal", 1), 64, 1.0, "fwd", v).fwd_descriptors(q, k, v) == \
+        (None,) * 6  # not Hopper (or interpreter without the tests' flag): pointer path, no descriptors
+
+
+@pytest.mark.parametrize("width", [16, 80, 96, 128])
+def test_tma_configs_join_the_pointer_configs(width):
+    """At most 3 extra forward configs, all with the pre-hook; the pointer configs stay, first."""
+    tma = ba._tma_configs(width)
+    assert 0 < len(tma) <= 3
+    pointer = ba._CONFIGS[("fwd", False)]
+    kernel, pairs = ba._tuned("fwd", False, False, tma)
+    flags = [c.kwargs["USE_TMA"] for c in kernel.configs]
+    assert flags == [False] * len(pointer) + [True] * len(tma)
+    assert all(c.pre_hook is ba._set_fwd_desc_blocks for c in kernel.configs)
+    for c in kernel.configs:
+        assert pairs[c.kwargs["SLOT"]] == (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+    plain, _ = ba._tuned("fwd", False, False)
+    assert not any(c.kwargs["USE_TMA"] or c.pre_hook for c in plain.configs)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in plain.configs] == \
+        list(pointer)
+
+
+_SPECS_SUMMARY = """
+import json
+from ard_kernels.ops import block_attention as ba
+print(json.dumps([dict(name=s["name"], archs=list(s["archs"]), sig=s["signature"]["desc_k0"],
+                       const=repr(s["constexprs"].get("desc_k0", "absent")), use_tma=s["constexprs"]["USE_TMA"],
+                       bn=s["constexprs"]["BLOCK_N"])
+                  for s in ba.aot_specs() if s["name"].startswith("block_attention_fwd_bf16_D72")]))
+"""
+
+
+def test_aot_specs_offer_tma_on_hopper_only():
+    """sm_90 forward specs carry descriptor arguments (as the launch passes them there), sm_80 ones None.
+
+    In a subprocess: aot_specs() needs the compiled kernels, which the interpreter replaces."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SPECS_SUMMARY], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    specs = json.loads(proc.stdout)
+    tma = [s for s in specs if s["name"].endswith("_tma")]
+    assert tma and all(s["archs"] == [90] and s["use_tma"] for s in tma)
+    assert any(not s["use_tma"] and s["archs"] == [90] for s in specs)  # pointer configs stay on Hopper
+    for s in specs:
+        if 90 in s["archs"]:
+            assert s["sig"] == f"tensordesc<bf16[1, 1, {s['bn']}, 64]>" and s["const"] == "'absent'"
+        else:
+            assert s["const"] == "None" and not s["use_tma"]
 
 
 # ---------------------------------------------------------------------------------------------

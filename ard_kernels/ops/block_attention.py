@@ -118,19 +118,41 @@ def _load_rows(ptr, offs_rows, stride_row, offs_d, stride_d, rows_valid, d_limit
 
 
 @triton.jit
+def _load_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """The (ROWS, COLS) tile at (row, col) of head (b, h), through a TMA descriptor over (B, H, L, D).
+
+    The copy engine zero-fills rows past L and columns past D, which replaces the masks of
+    :func:`_load_rows`; a 4-D descriptor (not a (B·H·L, D) view) keeps a tile that overhangs the
+    sequence end from reading the next head's rows, and takes (B, N, H, D) strides as they are.
+    """
+    x = desc.load([b, h, row, col]).reshape(ROWS, COLS)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, stride_kn, stride_kd, stride_vn,
                stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
-               D1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-               SMALL_NB: tl.constexpr):
+               desc_k0, desc_k1, desc_v0, desc_v1, b32, h32,
+               D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+               SMALL_NB: tl.constexpr, USE_TMA: tl.constexpr):
     for it in range(it_lo, it_hi):
         n = tl.load(S + it)
         offs_n = n * BLOCK_N + offs_n0
         n_valid = offs_n < Lk
-        k0 = _load_rows(K0, offs_n, stride_kn, offs_d0, stride_kd, n_valid, 0, MASKED, False, UPCAST)
+        # TMA zero-fills keys past Lk; masked tiles (every tile that overhangs Lk) still drop them by -inf.
+        if USE_TMA:
+            k0 = _load_tile(desc_k0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
+        else:
+            k0 = _load_rows(K0, offs_n, stride_kn, offs_d0, stride_kd, n_valid, 0, MASKED, False, UPCAST)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if HAS_D1:
-            k1 = _load_rows(K1, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, MASKED, D1_MASK, UPCAST)
+            if USE_TMA:
+                k1 = _load_tile(desc_k1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
+            else:
+                k1 = _load_rows(K1, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, MASKED, D1_MASK, UPCAST)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
         s = s * qk_scale
         if MASKED:
@@ -141,10 +163,16 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, st
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = _load_rows(V0, offs_n, stride_vn, offs_d0, stride_vd, n_valid, 0, MASKED, False, UPCAST)
+        if USE_TMA:
+            v0 = _load_tile(desc_v0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
+        else:
+            v0 = _load_rows(V0, offs_n, stride_vn, offs_d0, stride_vd, n_valid, 0, MASKED, False, UPCAST)
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if HAS_D1:
-            v1 = _load_rows(V1, offs_n, stride_vn, offs_d1, stride_vd, n_valid, D1, MASKED, D1_MASK, UPCAST)
+            if USE_TMA:
+                v1 = _load_tile(desc_v1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
+            else:
+                v1 = _load_rows(V1, offs_n, stride_vn, offs_d1, stride_vd, n_valid, D1, MASKED, D1_MASK, UPCAST)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     return acc0, acc1, l_i, m_i
@@ -153,6 +181,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, st
 @triton.jit(do_not_specialize=["PAT_KEY"])
 def _block_attention_fwd_kernel(
     Q, K, V, Out, Lse, S,
+    desc_q0, desc_q1, desc_k0, desc_k1, desc_v0, desc_v1,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -160,8 +189,10 @@ def _block_attention_fwd_kernel(
     H, Lq, Lk, block_size, nb, qk_scale, PAT_KEY,
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
+    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    # desc_*: TMA descriptors over (B, H, L, D), columns [0, D0) ("0") and [D0, D0 + DP1) ("1"), when
+    # USE_TMA (Hopper configs; the launcher's pre-hook sets their block shapes), else None.
     # Strides arrive divided by ALIGN (8 when every non-unit stride allows it): multiplying back by a
     # constant tells the compiler rows are 16-byte aligned, which vectorised, pipelined (cp.async)
     # loads need; Triton only infers that itself for strides divisible by 16 (72 is not).
@@ -182,11 +213,20 @@ def _block_attention_fwd_kernel(
     Qb = Q + b * stride_qb + h * stride_qh
     Kb = K + b * stride_kb + h * stride_kh
     Vb = V + b * stride_vb + h * stride_vh
-    q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
+    # Descriptor coordinates are int32 (the copy engine's); b and h above are int64 for pointer offsets.
+    b32 = bh // H
+    h32 = bh % H
+    if USE_TMA:
+        q0 = _load_tile(desc_q0, b32, h32, m * BLOCK_M, 0, BLOCK_M, D0, UPCAST)
+    else:
+        q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
     q1 = tl.zeros([BLOCK_M, DP1], dtype=q0.dtype)
     if HAS_D1:
-        q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK,
-                        UPCAST)
+        if USE_TMA:
+            q1 = _load_tile(desc_q1, b32, h32, m * BLOCK_M, D0, BLOCK_M, DP1, UPCAST)
+        else:
+            q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK,
+                            UPCAST)
 
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, DP1], dtype=tl.float32)
@@ -197,11 +237,13 @@ def _block_attention_fwd_kernel(
     acc0, acc1, l_i, m_i = _fwd_inner(
         acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, full_lo, mask_lo,
         stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
-        block_size, nb, tab_off, D1, HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB)
+        block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
+        BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
     acc0, acc1, l_i, m_i = _fwd_inner(
         acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, mask_lo, mask_hi,
         stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
-        block_size, nb, tab_off, D1, HAS_D1, D1_MASK, BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB)
+        block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
+        BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
 
     # Rows past Lq never see a key in masked tiles; keep their (unstored) values finite.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -481,53 +523,151 @@ _FP32_CONFIGS = {
     ("dkdv", False): ((32, 64, 4, 2),), ("dkdv", True): ((32, 32, 4, 1),),
     ("dq", False): ((64, 32, 4, 2),), ("dq", True): ((64, 32, 4, 1),),
 }
+# Extra forward configs for Hopper (capability >= 9), bf16/fp16, D0 + DP1 <= 128: Q, K, V tiles
+# arrive by TMA (descriptor loads the pipeliner turns into async bulk copies with mbarriers: no
+# address arithmetic, no masks) and the products run on wgmma straight from shared memory. Added
+# to, never replacing, the pointer configs above: the autotuner on the GPU picks the faster.
+# Per head width (D0 + DP1): up to 96 (DiT's 72 = 64 + 16) a 3-stage 128×128 ring fits in registers;
+# at 128 it needs 225 KiB of shared memory and spills, so a 3-stage 128×64 takes its place.
+_TMA_CONFIGS = {96: ((128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)),
+                128: ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2))}
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
+# Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
+_INTERPRETER_TMA = False
 _AUTOTUNE_KEY = ["Lq", "Lk", "PAT_KEY", "D0", "D1", "DOT_PREC"]
+_FWD_DESCS = ("desc_q0", "desc_q1", "desc_k0", "desc_k1", "desc_v0", "desc_v1")
 
 
 def _interpreting() -> bool:
     return type(_block_attention_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _set_fwd_desc_blocks(nargs: dict):
+    """Autotune pre-hook: the block shapes of the forward's descriptors for this config's tiles.
+
+    Descriptors are built once per launch and shared by every config; the block shape is part of
+    the compiled signature and of the copy engine's box, so each config sets its own before it runs.
+    """
+    for name in _FWD_DESCS:
+        desc = nargs.get(name)
+        if desc is not None:
+            rows = nargs["BLOCK_M"] if name.startswith("desc_q") else nargs["BLOCK_N"]
+            desc.block_shape = [1, 1, rows, nargs["D0"] if name.endswith("0") else nargs["DP1"]]
+
+
+def _tma_configs(width: int) -> tuple:
+    """The forward's TMA configs for head width ``width`` = D0 + DP1 (<= 128)."""
+    return _TMA_CONFIGS[96 if width <= 96 else 128]
+
+
 @functools.cache
-def _tuned(kind: str, wide: bool, fp32: bool):
-    """The autotuned launcher of ``kind`` and its (BLOCK_M, BLOCK_N) slots, built on first use."""
+def _tuned(kind: str, wide: bool, fp32: bool, tma: tuple = ()):
+    """The autotuned launcher of ``kind`` and its (BLOCK_M, BLOCK_N) slots, built on first use.
+
+    ``tma`` (forward only): TMA configs appended to the list (:func:`_tma_configs`); every config then
+    gets the descriptor pre-hook, since the launch passes descriptors to all of them (the pointer
+    configs ignore theirs).
+    """
     kernel = {"fwd": _block_attention_fwd_kernel, "dkdv": _block_attention_bwd_dkdv_kernel,
               "dq": _block_attention_bwd_dq_kernel}[kind]
-    configs = (_FP32_CONFIGS if fp32 else _CONFIGS)[(kind, wide)]
+    configs = [(*c, False) for c in (_FP32_CONFIGS if fp32 else _CONFIGS)[(kind, wide)]]
+    configs += [(*c, True) for c in tma]
     if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    pairs = tuple(dict.fromkeys((bm, bn) for bm, bn, _, _ in configs))
-    tconfigs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SLOT": pairs.index((bm, bn))}, num_warps=w,
-                              num_stages=st) for bm, bn, w, st in configs]
+    pairs = tuple(dict.fromkeys((bm, bn) for bm, bn, _, _, _ in configs))
+    tconfigs = []
+    for bm, bn, w, st, use_tma in configs:
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "SLOT": pairs.index((bm, bn))}
+        if kind == "fwd":
+            meta["USE_TMA"] = use_tma
+        tconfigs.append(triton.Config(meta, num_warps=w, num_stages=st,
+                                      pre_hook=_set_fwd_desc_blocks if tma else None))
     return triton.autotune(configs=tconfigs, key=_AUTOTUNE_KEY)(kernel), pairs
+
+
+@functools.cache
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_layout_ok(*tensors) -> bool:
+    """The copy engine's rules: unit head-dim stride, 16-byte aligned base and other strides, no empty dim."""
+    return all(t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
+def _tma_eligible(dtype, width: int, capability, *tensors) -> bool:
+    """Whether a forward on ``tensors`` may offer its TMA configs on a GPU of ``capability``.
+
+    Capability >= 9 (the copy engine), bf16/fp16 (fp32 keeps its one exact config), head width
+    D0 + DP1 <= 128 (the widths the TMA configs are tuned for), strides the copy engine accepts.
+    """
+    return (capability[0] >= 9 and dtype in (torch.bfloat16, torch.float16) and width <= 128
+            and _tma_layout_ok(*tensors))
+
+
+def _use_tma(q, k, v, width: int) -> bool:
+    """Whether this forward offers its TMA configs (else today's pointer configs only).
+
+    On the GPU: :func:`_tma_eligible`, unless ARD_KERNELS_TMA=0 or this triton has no host tensor
+    descriptors; under the interpreter only when the tests ask for it.
+    """
+    if _interpreting():
+        return _INTERPRETER_TMA and _tma_layout_ok(q, k, v)
+    if not q.is_cuda or os.environ.get("ARD_KERNELS_TMA", "1") == "0":
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _tma_eligible(q.dtype, width, _capability(index), q, k, v)
+
+
+def _fwd_descriptors(q, k, v, d0: int, dp1: int, has_d1: bool, block_m: int, block_n: int):
+    """TMA descriptors (q0, q1, k0, k1, v0, v1) over the (B, H, L, D) tensors, as the forward takes them.
+
+    "0" covers columns [0, D0), "1" [D0, D0 + DP1) (the copy engine zero-fills past D); the "1"
+    descriptors are None without a remainder. Block shapes start at (block_m, block_n); the autotune
+    pre-hook resets them per config.
+    """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t, rows, cols):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols])
+
+    return (desc(q, block_m, d0), desc(q, block_m, dp1) if has_d1 else None,
+            desc(k, block_n, d0), desc(k, block_n, dp1) if has_d1 else None,
+            desc(v, block_n, d0), desc(v, block_n, dp1) if has_d1 else None)
 
 
 class _Launch:
     """Everything a launch needs that depends only on shapes, the table and the device."""
 
-    def __init__(self, q, k, table, block_size, scale, kind):
+    def __init__(self, q, k, table, block_size, scale, kind, v=None):
         self.B, self.H, self.Lq, d = q.shape
         self.Lk = k.shape[2]
         self.nb = table.shape[0]
         self.d0, self.d1, self.dp1 = _split_head_dim(d)
+        self.width = self.d0 + (self.dp1 if self.d1 else 0)  # the tile columns the kernels hold per row
         if q.device.type == "cpu" and not _interpreting():
             raise RuntimeError("q: Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before import "
                                f"for CPU tensors; got device {q.device}")
         table_bytes = table.detach().to("cpu", torch.bool).contiguous().numpy().tobytes()
         self.pat_key = block_schedule.pattern_key(table_bytes, self.nb, block_size)
         self.interp = _interpreting()
+        self.tma = v is not None and kind == "fwd" and _use_tma(q, k, v, self.width)
         if self.interp:
             self.kernel = {"fwd": _block_attention_fwd_kernel, "dkdv": _block_attention_bwd_dkdv_kernel,
                            "dq": _block_attention_bwd_dq_kernel}[kind]
             pairs = _INTERPRETER_PAIRS
         else:
-            wide = self.d0 + (self.dp1 if self.d1 else 0) > 128
-            self.kernel, pairs = _tuned(kind, wide, q.dtype == torch.float32)
+            self.kernel, pairs = _tuned(kind, self.width > 128, q.dtype == torch.float32, self.tma_configs())
         self.sched = block_schedule.schedule_on(table_bytes, self.nb, self.Lq, self.Lk, block_size, pairs,
                                                 str(q.device))
         self.block_size = block_size
+        self.kind = kind
         self.scale = float(scale)
         self.dot_prec = "ieee" if (q.dtype == torch.float32 or self.interp) else "tf32"
 
@@ -540,7 +680,20 @@ class _Launch:
         if self.interp:
             (bm, bn), = _INTERPRETER_PAIRS
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)
+            if self.kind == "fwd":
+                meta.update(USE_TMA=self.tma)
         return meta
+
+    def tma_configs(self) -> tuple:
+        """The TMA configs this launch offers the autotuner (none without :attr:`tma`)."""
+        return _tma_configs(self.width) if self.tma else ()
+
+    def fwd_descriptors(self, q, k, v):
+        """The forward's six descriptor arguments: TMA descriptors when :attr:`tma`, else None."""
+        if not self.tma:
+            return (None,) * len(_FWD_DESCS)
+        bm, bn = _INTERPRETER_PAIRS[0] if self.interp else self.tma_configs()[0][:2]
+        return _fwd_descriptors(q, k, v, self.d0, self.dp1, self.d1 > 0, bm, bn)
 
 
 def _row_align(*tensors) -> int:
@@ -569,13 +722,14 @@ def block_attention_fwd(q, k, v, table, block_size: int, scale: float):
     q: (B, H, Lq, D), k, v: (B, H, Lk, D), any strides, one float dtype; table: CPU bool (nb, nb).
     Returns O (B, H, Lq, D) in q's dtype (q's layout where q is dense) and lse (B, H, Lq) fp32.
     """
-    L = _Launch(q, k, table, block_size, scale, "fwd")
+    L = _Launch(q, k, table, block_size, scale, "fwd", v)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     a = _row_align(q, k, v, out)
     with _on_device(q):
         L.kernel[_grid(L.Lq, "BLOCK_M", L.B * L.H)](
-            q, k, v, out, lse, L.sched, *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(out, a),
+            q, k, v, out, lse, L.sched, *L.fwd_descriptors(q, k, v), *_strides(q, a), *_strides(k, a),
+            *_strides(v, a), *_strides(out, a),
             *L.scalars(), L.pat_key, **L.constexprs(), ALIGN=a)
     return out, lse
 
@@ -675,7 +829,9 @@ def aot_specs():
     """Every tuned GPU configuration, for ``python -m ard_kernels.aot_check``.
 
     Head dims 72 (DiT, split 64 + 16), 128 (text-to-image) and 256 (the widest), contiguous
-    (unit head-dim stride, rows aligned), at the precision each config list is meant for.
+    (unit head-dim stride, rows aligned), at the precision each config list is meant for. On sm_90
+    the bf16/fp16 forward compiles as it launches there: with descriptor arguments for every config
+    (the pointer configs ignore theirs) plus the TMA configs, named ``..._tma``.
     """
     from ..aot_check import jit_function, make_signature
 
@@ -697,17 +853,38 @@ def aot_specs():
             signature = make_signature(kernel, dtype, {n: t for n, t in pointers.items() if n in fn.arg_names},
                                        floats=("qk_scale", "scale"))
             unit = {name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("d")}
-            tuned = configs[(kind, wide)]
-            for slot, (bm, bn, warps, stages) in enumerate(tuned if every else tuned[:1]):
-                specs.append({
-                    "name": f"block_attention_{kind}_{dtype}_D{d}_{bm}x{bn}_w{warps}s{stages}",
-                    "kernel": kernel,
-                    "signature": signature,
-                    "constexprs": dict(unit, D0=d0, D1=d1, DP1=dp1, HAS_D1=d1 > 0, D1_MASK=dp1 != d1, BLOCK_M=bm,
-                                       BLOCK_N=bn, SLOT=slot, UPCAST=False,
-                                       DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True, ALIGN=8),
-                    "num_warps": warps,
-                    "num_stages": stages,
-                    "archs": archs,
-                })
+            tuned = [(*c, False) for c in (configs[(kind, wide)] if every else configs[(kind, wide)][:1])]
+            tma = kind == "fwd" and dtype != "fp32" and not wide and 90 in archs
+            # (archs, configs, descriptor arguments?): the launch passes descriptors to every forward
+            # config where it offers the TMA ones, None elsewhere.
+            tma_configs = _tma_configs(d0 + (dp1 if d1 else 0))
+            groups = [((90,), tuned + [(*c, True) for c in tma_configs], True),
+                      (tuple(a for a in archs if a != 90), tuned, False)] if tma else [(archs, tuned, False)]
+            for group_archs, group, descs in groups:
+                if not group_archs:
+                    continue
+                for bm, bn, warps, stages, use_tma in group:
+                    meta = dict(unit, D0=d0, D1=d1, DP1=dp1, HAS_D1=d1 > 0, D1_MASK=dp1 != d1, BLOCK_M=bm,
+                                BLOCK_N=bn, SLOT=list(dict.fromkeys(c[:2] for c in group)).index((bm, bn)),
+                                UPCAST=False,
+                                DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True, ALIGN=8)
+                    sig = dict(signature)
+                    if kind == "fwd":
+                        meta["USE_TMA"] = use_tma
+                        for name in _FWD_DESCS:
+                            if descs and (d1 or name.endswith("0")):
+                                rows = bm if name.startswith("desc_q") else bn
+                                sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {d0 if name.endswith('0') else dp1}]>"
+                            else:
+                                meta[name] = None
+                    specs.append({
+                        "name": f"block_attention_{kind}_{dtype}_D{d}_{bm}x{bn}_w{warps}s{stages}"
+                                + ("_tma" if use_tma else ""),
+                        "kernel": kernel,
+                        "signature": sig,
+                        "constexprs": meta,
+                        "num_warps": warps,
+                        "num_stages": stages,
+                        "archs": group_archs,
+                    })
     return specs
