@@ -70,3 +70,22 @@ def test_state_dict_conversion_needs_the_size_and_rejects_diverged_embedders():
         ref.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight.add_(1.0)
     with pytest.raises(ValueError, match="block 0"):
         diffusers_to_dit(ref)
+
+
+def test_sample_decodes_with_a_real_diffusers_autoencoder():
+    """ARDiT.sample(vae=...) drives diffusers' AutoencoderKL (tiny, random, built locally: no download)."""
+    from diffusers import AutoencoderKL
+
+    from ard_kernels.models import ARDiT
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16).eval()
+    student = ARDiT("DiT-tiny/2", input_size=8, num_classes=10, history_layers=2).eval()
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 7])
+    with torch.no_grad():
+        images, states = student.sample(noise, y, return_states=True, vae=vae)
+        expected = vae.decode(states[:, -1] / 0.18215).sample
+    assert images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(images, expected)
