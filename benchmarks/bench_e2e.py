@@ -252,13 +252,7 @@ def run(args, on_rows=None) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = _parse(argv)
-    extra = {"argv": list(argv or [])}
-    save = None if args.no_json else (lambda rows: common.write_json(NAME, rows, args.out, complete=False, **extra))
-    rows = run(args, on_rows=save)
-    if not args.no_json:
-        common.write_json(NAME, rows, args.out, **extra)
-    return rows
+    return common.run_and_save(NAME, _parse(argv), run, argv)
 
 
 if __name__ == "__main__":

@@ -331,3 +331,15 @@ def plot_latency(rows: Sequence[dict], path: os.PathLike, title: str = "",
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def run_and_save(name: str, args, run, argv) -> list[dict]:
+    """``run(args, on_rows=...)`` with its rows written to ``<name>.json`` after every case (marked
+    incomplete) and once more at the end, unless ``args.no_json``: the shared ``main`` of the
+    benchmarks whose whole work is one ``run``."""
+    extra = {"argv": list(argv or [])}
+    save = None if args.no_json else (lambda rows: write_json(name, rows, args.out, complete=False, **extra))
+    rows = run(args, on_rows=save)
+    if not args.no_json:
+        write_json(name, rows, args.out, **extra)
+    return rows
