@@ -1,0 +1,465 @@
+"""Triton kernels of block-sparse attention ``O = softmax(Q·Kᵀ·scale + log M)·V``: forward, dK/dV, dQ.
+
+The host side (configs, schedules, launchers, custom ops) is :mod:`ard_kernels.ops.block_attention`,
+whose docstring explains the algorithm; the schedule ``S`` layout is :mod:`.block_schedule`'s.
+Programs visit only the (query tile, key tile) pairs the block table allows: first the "full"
+tiles (no per-element mask), then the "masked" ones (block table looked up per element).
+
+The in-kernel helpers live here with the kernels because Triton resolves the ``@triton.jit``
+functions a kernel calls through the kernel module's globals. Whether these are compiled or
+interpreted (TRITON_INTERPRET=1) is fixed when this module is imported.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _allowed(S, tab_off, nb, block_size, q_off, rows, cols, Lq, Lk, SMALL_NB: tl.constexpr):
+    """The table entry of each (query row, key column) pair; False outside [0, Lq) × [0, Lk).
+
+    ``rows`` and ``cols`` come pre-shaped ([M, 1] and [1, N], or the transpose), so the dK/dV pass
+    builds its transposed mask directly instead of transposing a bool tile. With at most 32 blocks
+    each table row is one int32 bit mask: a gather per row and a shift per element, instead of a
+    2-D gather whose 64-bit addresses would cost two registers per element of the tile.
+    """
+    valid = (rows < Lq) & (cols < Lk)
+    qb = (q_off + rows) // block_size
+    kb = cols // block_size
+    if SMALL_NB:
+        bits = tl.load(S + tab_off + qb, mask=rows < Lq, other=0)
+        return (((bits >> kb) & 1) != 0) & valid
+    else:
+        return tl.load(S + tab_off + qb * nb + kb, mask=valid, other=0) != 0
+
+
+@triton.jit
+def _program_tile(L, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
+    """(tile, bh = batch·H + head, batch b and head h as int64) of this program.
+
+    Programs run over the BLOCK-row tiles of L rows fastest, then heads, then batch; with
+    LAST_FIRST the tiles of each head run from the last one down.
+    """
+    num = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    if LAST_FIRST:
+        tile = num - 1 - pid % num
+    else:
+        tile = pid % num
+    bh = pid // num
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return tile, bh, b, h
+
+
+@triton.jit
+def _tile_lists(S, tile, DIRECTION: tl.constexpr, SLOT: tl.constexpr):
+    """Where ``tile``'s lists lie in the schedule ``S`` (layout: :mod:`.block_schedule`).
+
+    Returns the table's offset, then the bounds of the tile's full list ``[full_lo, mask_lo)``
+    and masked list ``[mask_lo, mask_hi)``: key tiles of a query tile (DIRECTION 0: forward, dQ)
+    or query tiles of a key tile (DIRECTION 1: dK/dV), for the tiling of autotune slot SLOT.
+    """
+    sched = tl.load(S + 1 + DIRECTION + 2 * SLOT)
+    tab_off = tl.load(S)
+    full_lo = tl.load(S + sched + 2 * tile)
+    mask_lo = tl.load(S + sched + 2 * tile + 1)
+    mask_hi = tl.load(S + sched + 2 * tile + 2)
+    return tab_off, full_lo, mask_lo, mask_hi
+
+
+@triton.jit
+def _load_rows(ptr, offs_rows, stride_row, offs_d, stride_d, rows_valid, d_limit, ROW_MASK: tl.constexpr,
+               D_MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, width) tile; masks are compiled in only where rows or columns can fall outside."""
+    ptrs = ptr + offs_rows[:, None] * stride_row + offs_d[None, :] * stride_d
+    if ROW_MASK and D_MASK:
+        x = tl.load(ptrs, mask=rows_valid[:, None] & (offs_d < d_limit)[None, :], other=0.0)
+    elif ROW_MASK:
+        x = tl.load(ptrs, mask=rows_valid[:, None], other=0.0)
+    elif D_MASK:
+        x = tl.load(ptrs, mask=(offs_d < d_limit)[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:
+        # The interpreter computes bf16/fp16 dots wrongly: work in fp32 there.
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """The (ROWS, COLS) tile at (row, col) of head (b, h), through a TMA descriptor over (B, H, L, D).
+
+    The copy engine zero-fills rows past L and columns past D, which replaces the masks of
+    :func:`_load_rows`; a 4-D descriptor (not a (B·H·L, D) view) keeps a tile that overhangs the
+    sequence end from reading the next head's rows, and takes (B, N, H, D) strides as they are.
+    """
+    x = desc.load([b, h, row, col]).reshape(ROWS, COLS)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, stride_kn, stride_kd, stride_vn,
+               stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+               desc_k0, desc_k1, desc_v0, desc_v1, b32, h32,
+               D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+               SMALL_NB: tl.constexpr, USE_TMA: tl.constexpr):
+    for it in range(it_lo, it_hi):
+        n = tl.load(S + it)
+        offs_n = n * BLOCK_N + offs_n0
+        n_valid = offs_n < Lk
+        # TMA zero-fills keys past Lk; masked tiles (every tile that overhangs Lk) still drop them by -inf.
+        if USE_TMA:
+            k0 = _load_tile(desc_k0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
+        else:
+            k0 = _load_rows(K0, offs_n, stride_kn, offs_d0, stride_kd, n_valid, 0, MASKED, False, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        if HAS_D1:
+            if USE_TMA:
+                k1 = _load_tile(desc_k1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
+            else:
+                k1 = _load_rows(K1, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, MASKED, D1_MASK, UPCAST)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+        s = s * qk_scale
+        if MASKED:
+            allowed = _allowed(S, tab_off, nb, block_size, q_off, offs_m[:, None], offs_n[None, :], Lq, Lk, SMALL_NB)
+            s = tl.where(allowed, s, float("-inf"))
+        # m_i starts finite (-1e30), so a row that is fully masked in this tile gives p = 0, not NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v0 = _load_tile(desc_v0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
+        else:
+            v0 = _load_rows(V0, offs_n, stride_vn, offs_d0, stride_vd, n_valid, 0, MASKED, False, UPCAST)
+        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+        if HAS_D1:
+            if USE_TMA:
+                v1 = _load_tile(desc_v1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
+            else:
+                v1 = _load_rows(V1, offs_n, stride_vn, offs_d1, stride_vd, n_valid, D1, MASKED, D1_MASK, UPCAST)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc0, acc1, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["PAT_KEY"])
+def _block_attention_fwd_kernel(
+    Q, K, V, Out, Lse, S,
+    desc_q0, desc_q1, desc_k0, desc_k1, desc_v0, desc_v1,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Lq, Lk, block_size, nb, qk_scale, PAT_KEY,
+    D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    # desc_*: TMA descriptors over (B, H, L, D), columns [0, D0) ("0") and [D0, D0 + DP1) ("1"), when
+    # USE_TMA (Hopper configs; the launcher's pre-hook sets their block shapes), else None.
+    # Strides arrive divided by ALIGN (8 when every non-unit stride allows it): multiplying back by a
+    # constant tells the compiler rows are 16-byte aligned, which vectorised, pipelined (cp.async)
+    # loads need; Triton only infers that itself for strides divisible by 16 (72 is not).
+    stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
+    stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
+    stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
+    stride_ob, stride_oh, stride_om = stride_ob * ALIGN, stride_oh * ALIGN, stride_om * ALIGN
+    # The last query tiles see the most keys under causal-like patterns: launch them first.
+    m, bh, b, h = _program_tile(Lq, H, BLOCK_M, True)
+    q_off = Lk - Lq
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = tl.arange(0, DP1)
+    m_valid = offs_m < Lq
+
+    Qb = Q + b * stride_qb + h * stride_qh
+    Kb = K + b * stride_kb + h * stride_kh
+    Vb = V + b * stride_vb + h * stride_vh
+    # Descriptor coordinates are int32 (the copy engine's); b and h above are int64 for pointer offsets.
+    b32 = bh // H
+    h32 = bh % H
+    if USE_TMA:
+        q0 = _load_tile(desc_q0, b32, h32, m * BLOCK_M, 0, BLOCK_M, D0, UPCAST)
+    else:
+        q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
+    q1 = tl.zeros([BLOCK_M, DP1], dtype=q0.dtype)
+    if HAS_D1:
+        if USE_TMA:
+            q1 = _load_tile(desc_q1, b32, h32, m * BLOCK_M, D0, BLOCK_M, DP1, UPCAST)
+        else:
+            q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK,
+                            UPCAST)
+
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, DP1], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+
+    tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, m, 0, SLOT)
+    acc0, acc1, l_i, m_i = _fwd_inner(
+        acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, full_lo, mask_lo,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
+        block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
+        BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
+    acc0, acc1, l_i, m_i = _fwd_inner(
+        acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, mask_lo, mask_hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
+        block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
+        BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
+
+    # Rows past Lq never see a key in masked tiles; keep their (unstored) values finite.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    inv_l = 1.0 / l_safe
+    Ob = Out + b * stride_ob + h * stride_oh
+    o_ptrs0 = Ob + offs_m[:, None] * stride_om + offs_d0[None, :] * stride_od
+    tl.store(o_ptrs0, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=m_valid[:, None])
+    if HAS_D1:
+        o_ptrs1 = Ob + offs_m[:, None] * stride_om + (D0 + offs_d1)[None, :] * stride_od
+        tl.store(o_ptrs1, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=m_valid[:, None] & (offs_d1 < D1)[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _block_attention_bwd_preprocess_kernel(
+    Out, dO, dLse, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    H, Lq, D,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``delta[r] = Σ_d dO[r, d]·O[r, d] − dlse[r]`` (fp32), the row term of dS = P∘(dP − delta)."""
+    m, bh, b, h = _program_tile(Lq, H, BLOCK_M, False)
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * g, 1)
+    row = bh.to(tl.int64) * Lq + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(dLse + row, mask=offs_m < Lq, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, it_lo, it_hi,
+                stride_qm, stride_qd, stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale,
+                Lq, Lk, q_off, block_size, nb, tab_off, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                D1_MASK: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr,
+               SMALL_NB: tl.constexpr):
+    for it in range(it_lo, it_hi):
+        m = tl.load(S + it)
+        offs_m = m * BLOCK_M + offs_m0
+        m_valid = offs_m < Lq
+        # Rows past Lq load q = dO = lse = delta = 0, so they add exactly zero to dK and dV.
+        q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
+        do0 = _load_rows(dOb, offs_m, stride_gm, offs_d0, stride_gd, m_valid, 0, True, False, UPCAST)
+        sT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
+        if HAS_D1:
+            q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK,
+                            UPCAST)
+            do1 = _load_rows(dOb + D0 * stride_gd, offs_m, stride_gm, offs_d1, stride_gd, m_valid, D1, True,
+                             D1_MASK, UPCAST)
+            sT = tl.dot(k1, tl.trans(q1), sT, input_precision=DOT_PREC)
+        lse2 = tl.load(LseB + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DeltaB + offs_m, mask=m_valid, other=0.0)
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+        if MASKED:
+            allowedT = _allowed(S, tab_off, nb, block_size, q_off, offs_m[None, :], offs_n[:, None], Lq, Lk, SMALL_NB)
+            pT = tl.where(allowedT, pT, 0.0)
+        dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
+        dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+        if HAS_D1:
+            dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
+            dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk0 = tl.dot(dsT.to(q0.dtype), q0, dk0, input_precision=DOT_PREC)
+        if HAS_D1:
+            dk1 = tl.dot(dsT.to(q1.dtype), q1, dk1, input_precision=DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit(do_not_specialize=["PAT_KEY"])
+def _block_attention_bwd_dkdv_kernel(
+    Q, K, V, dO, Lse, Delta, dK, dV, S,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY,
+    D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
+    stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
+    stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
+    stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
+    stride_gb, stride_gh, stride_gm = stride_gb * ALIGN, stride_gh * ALIGN, stride_gm * ALIGN
+    stride_dkb, stride_dkh, stride_dkn = stride_dkb * ALIGN, stride_dkh * ALIGN, stride_dkn * ALIGN
+    stride_dvb, stride_dvh, stride_dvn = stride_dvb * ALIGN, stride_dvh * ALIGN, stride_dvn * ALIGN
+    n, bh, b, h = _program_tile(Lk, H, BLOCK_N, False)
+    q_off = Lk - Lq
+
+    offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = tl.arange(0, DP1)
+    n_valid = offs_n < Lk
+
+    Kb = K + b * stride_kb + h * stride_kh
+    Vb = V + b * stride_vb + h * stride_vh
+    k0 = _load_rows(Kb, offs_n, stride_kn, offs_d0, stride_kd, n_valid, 0, True, False, UPCAST)
+    v0 = _load_rows(Vb, offs_n, stride_vn, offs_d0, stride_vd, n_valid, 0, True, False, UPCAST)
+    k1 = tl.zeros([BLOCK_N, DP1], dtype=k0.dtype)
+    v1 = tl.zeros([BLOCK_N, DP1], dtype=v0.dtype)
+    if HAS_D1:
+        k1 = _load_rows(Kb + D0 * stride_kd, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, True, D1_MASK,
+                        UPCAST)
+        v1 = _load_rows(Vb + D0 * stride_vd, offs_n, stride_vn, offs_d1, stride_vd, n_valid, D1, True, D1_MASK,
+                        UPCAST)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, DP1], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, DP1], dtype=tl.float32)
+
+    Qb = Q + b * stride_qb + h * stride_qh
+    dOb = dO + b * stride_gb + h * stride_gh
+    LseB = Lse + bh.to(tl.int64) * Lq
+    DeltaB = Delta + bh.to(tl.int64) * Lq
+    tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, n, 1, SLOT)
+    dk0, dk1, dv0, dv1 = _dkdv_inner(
+        dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, full_lo, mask_lo, stride_qm, stride_qd,
+        stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+        D0, D1, HAS_D1, D1_MASK, BLOCK_M, False, UPCAST, DOT_PREC, SMALL_NB)
+    dk0, dk1, dv0, dv1 = _dkdv_inner(
+        dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, mask_lo, mask_hi, stride_qm, stride_qd,
+        stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+        D0, D1, HAS_D1, D1_MASK, BLOCK_M, True, UPCAST, DOT_PREC, SMALL_NB)
+
+    dKb = dK + b * stride_dkb + h * stride_dkh
+    dVb = dV + b * stride_dvb + h * stride_dvh
+    tl.store(dKb + offs_n[:, None] * stride_dkn + offs_d0[None, :] * stride_dkd,
+             (dk0 * scale).to(dK.dtype.element_ty), mask=n_valid[:, None])
+    tl.store(dVb + offs_n[:, None] * stride_dvn + offs_d0[None, :] * stride_dvd,
+             dv0.to(dV.dtype.element_ty), mask=n_valid[:, None])
+    if HAS_D1:
+        mask1 = n_valid[:, None] & (offs_d1 < D1)[None, :]
+        tl.store(dKb + offs_n[:, None] * stride_dkn + (D0 + offs_d1)[None, :] * stride_dkd,
+                 (dk1 * scale).to(dK.dtype.element_ty), mask=mask1)
+        tl.store(dVb + offs_n[:, None] * stride_dvn + (D0 + offs_d1)[None, :] * stride_dvd,
+                 dv1.to(dV.dtype.element_ty), mask=mask1)
+
+
+@triton.jit
+def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, it_lo, it_hi, stride_kn, stride_kd, stride_vn,
+              stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+              D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+               SMALL_NB: tl.constexpr):
+    for it in range(it_lo, it_hi):
+        n = tl.load(S + it)
+        offs_n = n * BLOCK_N + offs_n0
+        n_valid = offs_n < Lk
+        k0 = _load_rows(Kb, offs_n, stride_kn, offs_d0, stride_kd, n_valid, 0, MASKED, False, UPCAST)
+        v0 = _load_rows(Vb, offs_n, stride_vn, offs_d0, stride_vd, n_valid, 0, MASKED, False, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        if HAS_D1:
+            k1 = _load_rows(Kb + D0 * stride_kd, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, MASKED,
+                            D1_MASK, UPCAST)
+            v1 = _load_rows(Vb + D0 * stride_vd, offs_n, stride_vn, offs_d1, stride_vd, n_valid, D1, MASKED,
+                            D1_MASK, UPCAST)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            allowed = _allowed(S, tab_off, nb, block_size, q_off, offs_m[:, None], offs_n[None, :], Lq, Lk, SMALL_NB)
+            p = tl.where(allowed, p, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PREC)
+        if HAS_D1:
+            dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit(do_not_specialize=["PAT_KEY"])
+def _block_attention_bwd_dq_kernel(
+    Q, K, V, dO, Lse, Delta, dQ, S,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY,
+    D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
+    stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
+    stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
+    stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
+    stride_gb, stride_gh, stride_gm = stride_gb * ALIGN, stride_gh * ALIGN, stride_gm * ALIGN
+    stride_dqb, stride_dqh, stride_dqm = stride_dqb * ALIGN, stride_dqh * ALIGN, stride_dqm * ALIGN
+    m, bh, b, h = _program_tile(Lq, H, BLOCK_M, True)
+    q_off = Lk - Lq
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = tl.arange(0, DP1)
+    m_valid = offs_m < Lq
+
+    Qb = Q + b * stride_qb + h * stride_qh
+    dOb = dO + b * stride_gb + h * stride_gh
+    q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
+    do0 = _load_rows(dOb, offs_m, stride_gm, offs_d0, stride_gd, m_valid, 0, True, False, UPCAST)
+    q1 = tl.zeros([BLOCK_M, DP1], dtype=q0.dtype)
+    do1 = tl.zeros([BLOCK_M, DP1], dtype=do0.dtype)
+    if HAS_D1:
+        q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK,
+                        UPCAST)
+        do1 = _load_rows(dOb + D0 * stride_gd, offs_m, stride_gm, offs_d1, stride_gd, m_valid, D1, True, D1_MASK,
+                         UPCAST)
+    row = bh.to(tl.int64) * Lq + offs_m
+    lse2 = tl.load(Lse + row, mask=m_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + row, mask=m_valid, other=0.0)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, DP1], dtype=tl.float32)
+
+    Kb = K + b * stride_kb + h * stride_kh
+    Vb = V + b * stride_vb + h * stride_vh
+    tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, m, 0, SLOT)
+    dq0, dq1 = _dq_inner(
+        dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, full_lo, mask_lo, stride_kn, stride_kd, stride_vn,
+        stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+        D0, D1, HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB)
+    dq0, dq1 = _dq_inner(
+        dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, mask_lo, mask_hi, stride_kn, stride_kd, stride_vn,
+        stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+        D0, D1, HAS_D1, D1_MASK, BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB)
+
+    dQb = dQ + b * stride_dqb + h * stride_dqh
+    tl.store(dQb + offs_m[:, None] * stride_dqm + offs_d0[None, :] * stride_dqd,
+             (dq0 * scale).to(dQ.dtype.element_ty), mask=m_valid[:, None])
+    if HAS_D1:
+        tl.store(dQb + offs_m[:, None] * stride_dqm + (D0 + offs_d1)[None, :] * stride_dqd,
+                 (dq1 * scale).to(dQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d1 < D1)[None, :])
