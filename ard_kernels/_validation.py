@@ -26,6 +26,12 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None
             raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
 
 
+def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
+
+
 def check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")

@@ -19,6 +19,7 @@ from ._validation import (
     check_int,
     check_positive,
     check_same,
+    check_same_device,
     check_shape,
     check_tensor,
 )
@@ -91,7 +92,11 @@ def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_ls
 
 
 def _check_conditioning(x, block_size, **conds):
-    """x (B, N, C) and each conditioning tensor (B, nb, C), nb = ceil(N / block_size)."""
+    """x (B, N, C) and each conditioning tensor (B, nb, C), nb = ceil(N / block_size).
+
+    The conditioning may have another float dtype than x: under autocast the adaLN Linear gives
+    bf16 while the residual stream stays fp32. The math is fp32 either way, the result is in x's dtype.
+    """
     check_tensor("x", x, 3)
     check_block_size(block_size)
     b, n, c = x.shape
@@ -101,7 +106,7 @@ def _check_conditioning(x, block_size, **conds):
     for name, t in conds.items():
         check_tensor(name, t, 3)
         check_shape(name, t, (b, nb, c))
-    check_same("x", x, **conds)
+    check_same_device("x", x, **conds)
 
 
 def modulated_layer_norm(x, shift, scale, block_size, eps=1e-6, backend="auto"):
@@ -111,7 +116,8 @@ def modulated_layer_norm(x, shift, scale, block_size, eps=1e-6, backend="auto"):
     conditioning is kept per (sample, block).
 
     Args:
-        x: (B, N, C); shift, scale: (B, nb, C), nb = ceil(N / block_size); one dtype and device.
+        x: (B, N, C); shift, scale: (B, nb, C), nb = ceil(N / block_size); one device, float
+            dtypes (the conditioning may differ from x, e.g. bf16 under autocast with fp32 x).
         eps: added to the variance, > 0.
 
     Returns:
@@ -131,7 +137,8 @@ def gated_residual(x, y, gate, block_size, inplace=False, backend="auto"):
     """``out[b, n] = x[b, n] + gate[b, n // block_size]·y[b, n]``.
 
     Args:
-        x, y: (B, N, C); gate: (B, nb, C), nb = ceil(N / block_size); one dtype and device.
+        x, y: (B, N, C); gate: (B, nb, C), nb = ceil(N / block_size); one device, float dtypes
+            (y and gate may differ from x, e.g. bf16 under autocast with an fp32 residual stream).
         inplace: write the result into ``x`` (inference only: refused when grad is needed).
 
     Returns:
@@ -140,7 +147,7 @@ def gated_residual(x, y, gate, block_size, inplace=False, backend="auto"):
     _check_conditioning(x, block_size, gate=gate)
     check_tensor("y", y, 3)
     check_shape("y", y, tuple(x.shape))
-    check_same("x", x, y=y)
+    check_same_device("x", x, y=y)
     if inplace and torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, gate)):
         raise RuntimeError("inplace: gated_residual(inplace=True) is for inference; a tensor here requires grad")
     chosen = resolve(backend, "gated_residual", x.device)

@@ -46,8 +46,18 @@ def make_cache(model, batch_size: int, dtype: torch.dtype, device: torch.device)
 
     return HistoryKVCache(
         model.history_layers, batch_size, model.num_heads, model.config.head_dim, model.num_tokens, model.steps,
-        dtype, device, backend=model.cache_backend,
+        _autocast_dtype(device) or dtype, device, backend=model.cache_backend,
     )
+
+
+def _autocast_dtype(device: torch.device):
+    """The dtype the qkv Linear produces under an active autocast on ``device`` (None without one):
+    the cache must hold that dtype, not the weights'."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
 
 
 def _guide(out, channels: int, scale):
@@ -269,7 +279,8 @@ class CUDAGraphSampler:
 
 
 def _graph_sampler(model, batch_size, guided, dtype, device) -> CUDAGraphSampler:
-    key = (batch_size, guided, dtype, str(device), model.attn_backend, model.mod_backend, model.cache_backend)
+    key = (batch_size, guided, dtype, _autocast_dtype(device), str(device), model.attn_backend, model.mod_backend,
+           model.cache_backend)
     runner = model._graph_samplers.get(key)
     if runner is None:
         runner = CUDAGraphSampler(model, batch_size, guided, dtype, device)

@@ -1,0 +1,85 @@
+"""bf16 autocast, as training runs on the GPU: an fp32 residual stream meets bf16 Linear outputs.
+
+CPU autocast runs the same code paths (the GPU's is the same rule with another device type), so
+these catch dtype mismatches between the model, the ops and the KV cache before a GPU does.
+"""
+
+import json
+
+import pytest
+import torch
+
+import ard_kernels as ak
+from ard_kernels.models import ARDiT
+
+BACKENDS = ["reference", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modulation_ops_take_bf16_conditioning_with_fp32_x(backend):
+    x = torch.randn(2, 7, 72, requires_grad=True)
+    shift, scale, gate = (torch.randn(2, 3, 72, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    y = torch.randn(2, 7, 72, dtype=torch.bfloat16, requires_grad=True)
+    out = ak.gated_residual(x, ak.modulated_layer_norm(x, shift, scale, 3, backend=backend) * y, gate, 3,
+                            backend=backend)
+    assert out.dtype == torch.float32
+    grads = torch.autograd.grad(out.square().sum(), (x, shift, scale, gate, y))
+    assert [g.dtype for g in grads] == [torch.float32] + [torch.bfloat16] * 4
+    # against the same computation in fp32: only the inputs' bf16 rounding separates them
+    ref = ak.gated_residual(x, ak.modulated_layer_norm(x, shift.float(), scale.float(), 3, backend="reference")
+                            * y.float(), gate.float(), 3, backend="reference")
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=1e-2)
+
+
+def student(backend):
+    torch.manual_seed(0)
+    model = ARDiT("DiT-tiny/2", input_size=8, num_classes=10, history_layers=2, attn_backend=backend,
+                  mod_backend=backend)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_forward_train_and_backward_under_bf16_autocast(backend):
+    model = student(backend)
+    states, y = torch.randn(2, 4, 4, 8, 8), torch.tensor([1, 7])
+    ref = model.forward_train(states, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_train(states, y)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.15, rtol=0.05)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_sampling_under_bf16_autocast_keeps_a_bf16_cache(cfg_scale):
+    model = student("auto").eval()
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 7])
+    with torch.no_grad():
+        ref = model.sample(noise, y, cfg_scale=cfg_scale)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.sample(noise, y, cfg_scale=cfg_scale)
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_training_cli_with_bf16_autocast(tmp_path):
+    from ard_kernels.models import DiT
+    from ard_kernels.train import build_parser, train
+    from ard_kernels.trajectories import TrajectoryConfig, generate, write_manifest
+
+    torch.manual_seed(0)
+    teacher = DiT("DiT-tiny/2", input_size=8, num_classes=10).eval()
+    cfg = TrajectoryConfig(model="DiT-tiny/2", num=8, shard_size=8, steps=6, record_indices=[4, 2, 1, 0],
+                           input_size=8, num_classes=10)
+    generate(teacher, cfg, tmp_path / "traj", progress=False)
+    write_manifest(cfg, tmp_path / "traj")
+    args = build_parser().parse_args(["--model", "DiT-tiny/2", "--data", str(tmp_path / "traj"), "--out",
+                                      str(tmp_path / "run"), "--steps", "3", "--batch-size", "4",
+                                      "--history-layers", "2", "--log-every", "1", "--no-progress",
+                                      "--precision", "bf16"])
+    train(args)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
