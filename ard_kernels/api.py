@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import masks, reference
-from ._backends import resolve
+from ._backends import log_once, resolve
 from ._validation import (
     check_block_size,
     check_int,
@@ -62,12 +62,22 @@ def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_ls
         scale = 1.0 / math.sqrt(d)
     else:
         check_positive("scale", scale)
-    table = masks.pattern_table(pattern, masks.num_blocks(lk, block_size))
+    nb = masks.num_blocks(lk, block_size)
+    # A named pattern stays a name for the backends that take one (reference, sdpa, triton): their
+    # choices are then plain Python, and under torch.compile no CPU table tensor enters the graph.
+    # A user table is validated and copied to the CPU once here.
+    if isinstance(pattern, str):
+        if pattern not in masks.PATTERNS:
+            raise ValueError(f"pattern: expected one of {masks.PATTERNS} or a bool tensor (nb, nb), got {pattern!r}")
+    else:
+        pattern = masks.pattern_table(pattern, nb)
 
     chosen = resolve(backend, "block_attention", q.device)
     if chosen == "triton" and d not in TRITON_HEAD_DIMS:
         if backend == "triton":
             raise ValueError(f"q: backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={d}")
+        log_once(f"attention-head-dim-{d}", f"ard_kernels.block_attention: head dim {d} is outside the Triton "
+                 "kernel's range (multiples of 8 in [16, 256]); using 'sdpa'")
         chosen = "sdpa"
     if chosen == "sdpa" and return_lse:
         if backend == "sdpa":
@@ -76,19 +86,20 @@ def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_ls
             )
         chosen = "reference"
     if chosen == "reference":
-        return reference.block_attention_ref(q, k, v, block_size, table, scale, return_lse)
+        return reference.block_attention_ref(q, k, v, block_size, pattern, scale, return_lse)
     if chosen == "sdpa":
         from .ops.attention_peers import block_attention_sdpa
 
-        # A named pattern stays a name: its fast-path checks are then plain Python under torch.compile.
-        return block_attention_sdpa(q, k, v, block_size, pattern if isinstance(pattern, str) else table, scale)
+        return block_attention_sdpa(q, k, v, block_size, pattern, scale)
     if chosen == "flex":
         from .ops.attention_peers import block_attention_flex
 
-        return block_attention_flex(q, k, v, block_size, table, scale, return_lse)
+        return block_attention_flex(q, k, v, block_size, masks.pattern_table(pattern, nb), scale, return_lse)
     from .ops.block_attention import block_attention_triton
 
-    return block_attention_triton(q, k, v, block_size, table, scale, return_lse)
+    # The op takes the pattern as plain-int constants (a user table is read with tolist(): under
+    # torch.compile that is a graph break, named patterns compile without one).
+    return block_attention_triton(q, k, v, block_size, pattern, scale, return_lse)
 
 
 def _check_conditioning(x, block_size, **conds):

@@ -186,7 +186,7 @@ def test_schedule_classifies_tiles(seed, bm, bn):
 
 def test_schedule_is_cached_and_small():
     table = masks.pattern_table("causal", 4)
-    key = (table.numpy().tobytes(), 4, 1024, 1024, 256, ((128, 64),))
+    key = (tuple(block_schedule.encode_pattern("causal", 4)), 4, 1024, 1024, 256, ((128, 64),))
     s1 = block_schedule.schedule_host(*key)
     assert s1 is block_schedule.schedule_host(*key)
     assert s1.dtype == torch.int32 and s1.numel() < 300
@@ -201,7 +201,7 @@ def test_schedule_layout(nb):
     bs, lk, lq = 3, 3 * nb - 1, 2 * nb
     table = _random_table(nb, torch.Generator().manual_seed(nb)).numpy()
     pairs = ((16, 16), (32, 16))
-    s = block_schedule.schedule_host(table.tobytes(), nb, lq, lk, bs, pairs).tolist()
+    s = block_schedule.schedule_host(tuple(block_schedule.encode_pattern(table, nb)), nb, lq, lk, bs, pairs).tolist()
     tab = s[s[0]:]
     if nb <= block_schedule.SMALL_NB:
         decoded = [[(tab[i] >> j) & 1 == 1 for j in range(nb)] for i in range(nb)]
@@ -217,11 +217,33 @@ def test_schedule_layout(nb):
                 assert s[s[at + 2 * row + 1]:s[at + 2 * row + 2]] == np.flatnonzero(m[row]).tolist()
 
 
+@pytest.mark.parametrize("nb", [1, 2, 5, 32, 61, 62, 63, 124, 130])
+def test_pattern_encoding_round_trips(nb):
+    """Named patterns (closed forms, plain Python) and tables encode to the same ints, and decode back."""
+    w = block_schedule.words_per_row(nb)
+    for pattern in masks.PATTERNS:
+        table = masks.pattern_table(pattern, nb)
+        rows = block_schedule.encode_pattern(pattern, nb)
+        assert all(type(r) is int and 0 <= r < 2**block_schedule.WORD_BITS for r in rows)
+        assert len(rows) == nb * w
+        assert rows == block_schedule.encode_pattern(table, nb) == block_schedule.encode_pattern(table.numpy(), nb)
+        decoded = block_schedule.decode_pattern(nb, rows)
+        assert np.array_equal(decoded, table.numpy())
+        assert all(decoded[i, j] == masks.block_visible(pattern, i, j) for i in range(nb) for j in range(nb))
+    table = _random_table(nb, torch.Generator().manual_seed(nb))
+    assert np.array_equal(block_schedule.decode_pattern(nb, block_schedule.encode_pattern(table, nb)), table.numpy())
+    with pytest.raises(ValueError, match="rows: expected"):
+        block_schedule.decode_pattern(nb, [1] * (nb * w + 1))
+    with pytest.raises(ValueError, match="pattern: expected"):
+        block_schedule.encode_pattern("banded", nb)
+
+
 def test_custom_op_fake_and_compile(triton_device):
     """torch.compile(fullgraph=True) traces the custom op and its autograd without breaks."""
     torch.library.opcheck(
         torch.ops.ard_kernels.block_attention_fwd,
-        (*(t.detach() for t in _inputs(1, 1, 5, 9, 16, triton_device)), masks.pattern_table("causal", 3), 3, 0.25),
+        (*(t.detach() for t in _inputs(1, 1, 5, 9, 16, triton_device)), 3, block_schedule.encode_pattern("causal", 3),
+         3, 0.25),
         test_utils=("test_schema", "test_faketensor"),
     )
     q, k, v = _inputs(1, 2, 9, 9, 16, triton_device)
@@ -237,6 +259,102 @@ def test_custom_op_fake_and_compile(triton_device):
     dq_ref, = torch.autograd.grad(ref.sum(), (q,))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(dq, dq_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_opcheck_autograd(triton_device):
+    """The int-encoded pattern passes opcheck's autograd and AOT-dispatch checks too (forward and backward)."""
+    q, k, v = _inputs(1, 1, 5, 9, 16, triton_device)
+    torch.library.opcheck(torch.ops.ard_kernels.block_attention_fwd,
+                          (q, k, v, 3, block_schedule.encode_pattern("window", 3), 3, 0.25),
+                          test_utils=("test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+# Ops that would build the pattern as a (CPU) tensor inside the graph: masks.pattern_table's and friends.
+_TABLE_OPS = ("arange", "le", "ge", "eq", "bitwise_and", "bitwise_or", "logical_and", "logical_or", "unsqueeze",
+              "lift_fresh_copy", "_to_copy", "scalar_tensor", "tensor")
+
+
+def _op_name(target) -> str:
+    """``aten.arange.start`` -> ``arange``; a Python callable -> its ``__name__``."""
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", "")
+    return name.split(".")[0]
+
+
+@pytest.mark.parametrize("pattern", ["causal", "first"])
+def test_compile_graph_holds_no_pattern_tensor(pattern, triton_device):
+    """Under torch.compile a named pattern reaches the ops as int constants: no table tensor in the graphs.
+
+    Checked on the graphs AOT autograd hands the compiler (what inductor and CUDA-graph trees see):
+    forward and backward hold the custom ops with ``nb`` and ``rows`` as plain ints, no tensor
+    constant, no op that builds a table, every tensor on q's device. Outputs and gradients match eager.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs = {}
+
+    def record(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    dynamo_graphs = []
+    aot = aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw"))
+
+    def backend(gm, example_inputs):
+        dynamo_graphs.append(gm)
+        return aot(gm, example_inputs)
+
+    torch._dynamo.reset()
+    bs, lk, lq = 3, 9, 7
+    nb = masks.num_blocks(lk, bs)
+    q, k, v = _inputs(1, 2, lq, lk, 16, triton_device)
+
+    def f(q, k, v):
+        return ard_kernels.block_attention(q, k, v, bs, pattern, return_lse=True, backend="triton")
+
+    out, lse, grads = _run(torch.compile(f, fullgraph=True, backend=backend), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(f, q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    assert len(dynamo_graphs) == 1 and set(graphs) == {"fw", "bw"}
+    rows = block_schedule.encode_pattern(pattern, nb)
+    (op,) = [n for n in dynamo_graphs[0].graph.nodes if n.target is torch.ops.ard_kernels.block_attention_fwd]
+    assert op.args[3:5] == (nb, rows)  # constants, not graph values
+    for name, gm in graphs.items():
+        ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+        target = getattr(torch.ops.ard_kernels, f"block_attention_{name}d").default
+        (call,) = [n for n in ops if n.target is target]
+        assert call.args[-4:-2] == (nb, rows), name
+        assert not [n for n in gm.graph.nodes if n.op == "get_attr"], f"{name}: a tensor constant in the graph"
+        built = [n for n in ops if _op_name(n.target) in _TABLE_OPS]
+        assert not built, f"{name}: ops that build a pattern tensor: {built}"
+        for n in gm.graph.nodes:
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                assert val.device == q.device, f"{name}: {n} on {val.device}"
+
+
+def test_compile_user_table_matches(triton_device):
+    """A user bool table is data: read on the host (a graph break under torch.compile), still right."""
+    bs, lk, lq = 3, 9, 9
+    table = _random_table(masks.num_blocks(lk, bs), torch.Generator().manual_seed(3))
+    q, k, v = _inputs(1, 1, lq, lk, 16, triton_device)
+
+    def f(q, k, v):
+        return ard_kernels.block_attention(q, k, v, bs, table, return_lse=True, backend="triton")
+
+    torch._dynamo.reset()
+    out, lse, grads = _run(torch.compile(f, backend="aot_eager"), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, table, return_lse=True), q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +376,8 @@ def test_tma_path_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, monkeypa
     monkeypatch.setattr(ba, "_INTERPRETER_TMA", True)
     q, k, v = _inputs(b, h, lq, lk, d, "cpu", bnhd=bnhd)
     table = masks.pattern_table(pattern, masks.num_blocks(lk, bs))
-    assert ba._Launch(q, k, table, bs, 1.0, "fwd", v).tma
+    nb = masks.num_blocks(lk, bs)
+    assert ba._Launch(q, k, nb, block_schedule.encode_pattern(table, nb), bs, 1.0, "fwd", v).tma
     out, lse, grads = _run(lambda *a: ba.block_attention_triton(*a, bs, table, 1.0 / math.sqrt(d), True), q, k, v)
     ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, pattern, return_lse=True), q, k, v)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
@@ -299,7 +418,8 @@ def test_tma_descriptors_and_pre_hook():
     assert no_rest[1] is no_rest[3] is no_rest[5] is None
     ba._set_fwd_desc_blocks(dict(zip(ba._FWD_DESCS, no_rest), BLOCK_M=64, BLOCK_N=32, D0=64, DP1=16))
     assert no_rest[0].block_shape == [1, 1, 64, 64] and no_rest[2].block_shape == [1, 1, 32, 64]
-    assert ba._Launch(q, k, masks.pattern_table("causal", 1), 64, 1.0, "fwd", v).fwd_descriptors(q, k, v) == \
+    assert ba._Launch(q, k, 1, block_schedule.encode_pattern("causal", 1), 64, 1.0, "fwd", v).fwd_descriptors(
+        q, k, v) == \
         (None,) * 6  # not Hopper (or interpreter without the tests' flag): pointer path, no descriptors
 
 

@@ -11,8 +11,12 @@
   loaded, so the time scales with the number of allowed block pairs;
 * the transpose (per key tile, the query tiles that see it) for the dK/dV pass.
 
-Schedules are cached per (table, Lq, Lk, block_size, tiles) and copied to the device once, so a
+Schedules are cached per (pattern, Lq, Lk, block_size, tiles) and copied to the device once, so a
 launch never reads device memory on the host (no syncs; capturable in a CUDA graph once warm).
+The ops take the pattern as plain ints (``nb`` and ``rows``, the row bit masks of
+:func:`ard_kernels.ops.block_schedule.encode_pattern`), not as a tensor: under ``torch.compile``
+they are constants of the graph, so no CPU tensor lands in it (inductor would compile CPU code
+for one, and CUDA-graph trees skip graphs holding CPU tensors).
 The head dim is split into a power-of-two main part and a power-of-two remainder (72 = 64 + 8,
 the 8 padded to a 16-wide masked tile) and every product runs as two dots accumulating into the
 same tile, instead of padding 72 to 128.
@@ -20,7 +24,8 @@ same tile, instead of padding 72 to 128.
 Backward (FlashAttention-2 style): ``delta = rowsum(dO ∘ O) − dlse``; a dK/dV kernel iterates over
 the query tiles that see each key tile, a dQ kernel over the key tiles each query tile sees.
 Exposed as torch custom ops ``ard_kernels::block_attention_fwd`` / ``block_attention_bwd`` with
-fake implementations and registered autograd, so ``torch.compile`` traces them without breaks.
+fake implementations and registered autograd, so ``torch.compile`` traces them without breaks
+(a named pattern encodes to constants; a user table is read with ``tolist()``: a graph break).
 
 The ``@triton.jit`` kernels are in :mod:`ard_kernels.ops.block_attention_kernels`; this module holds
 the host side: tile configs, the Hopper TMA path, launchers, custom ops and :func:`aot_specs`.
@@ -197,19 +202,24 @@ def _fwd_descriptors(q, k, v, d0: int, dp1: int, has_d1: bool, block_m: int, blo
 
 
 class _Launch:
-    """Everything a launch needs that depends only on shapes, the table and the device."""
+    """Everything a launch needs that depends only on shapes, the pattern and the device.
 
-    def __init__(self, q, k, table, block_size, scale, kind, v=None):
+    ``nb``, ``rows``: the pattern's int encoding (:func:`block_schedule.encode_pattern`).
+    """
+
+    def __init__(self, q, k, nb, rows, block_size, scale, kind, v=None):
         self.B, self.H, self.Lq, d = q.shape
         self.Lk = k.shape[2]
-        self.nb = table.shape[0]
+        self.nb = int(nb)
+        if self.nb != -(-self.Lk // block_size):
+            raise ValueError(f"nb: expected ceil(Lk / block_size) = {-(-self.Lk // block_size)} blocks, got {nb}")
         self.d0, self.d1, self.dp1 = _split_head_dim(d)
         self.width = self.d0 + (self.dp1 if self.d1 else 0)  # the tile columns the kernels hold per row
         if q.device.type == "cpu" and not _interpreting():
             raise RuntimeError("q: Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before import "
                                f"for CPU tensors; got device {q.device}")
-        table_bytes = table.detach().to("cpu", torch.bool).contiguous().numpy().tobytes()
-        self.pat_key = block_schedule.pattern_key(table_bytes, self.nb, block_size)
+        rows = tuple(rows)
+        self.pat_key = block_schedule.pattern_key(rows, self.nb, block_size)
         self.interp = _interpreting()
         self.tma = v is not None and kind == "fwd" and _use_tma(q, k, v, self.width)
         if self.interp:
@@ -218,7 +228,7 @@ class _Launch:
             pairs = _INTERPRETER_PAIRS
         else:
             self.kernel, pairs = _tuned(kind, self.width > 128, q.dtype == torch.float32, self.tma_configs())
-        self.sched = block_schedule.schedule_on(table_bytes, self.nb, self.Lq, self.Lk, block_size, pairs,
+        self.sched = block_schedule.schedule_on(rows, self.nb, self.Lq, self.Lk, block_size, pairs,
                                                 str(q.device))
         self.block_size = block_size
         self.kind = kind
@@ -270,13 +280,14 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def block_attention_fwd(q, k, v, table, block_size: int, scale: float):
+def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float):
     """``O = softmax(Q·Kᵀ·scale + log M)·V`` and ``lse = log Σ exp(Q·Kᵀ·scale + log M)``.
 
-    q: (B, H, Lq, D), k, v: (B, H, Lk, D), any strides, one float dtype; table: CPU bool (nb, nb).
+    q: (B, H, Lq, D), k, v: (B, H, Lk, D), any strides, one float dtype; nb, rows: the pattern's int
+    encoding (:func:`block_schedule.encode_pattern`), nb = ceil(Lk / block_size).
     Returns O (B, H, Lq, D) in q's dtype (q's layout where q is dense) and lse (B, H, Lq) fp32.
     """
-    L = _Launch(q, k, table, block_size, scale, "fwd", v)
+    L = _Launch(q, k, nb, rows, block_size, scale, "fwd", v)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     a = _row_align(q, k, v, out)
@@ -288,14 +299,14 @@ def block_attention_fwd(q, k, v, table, block_size: int, scale: float):
     return out, lse
 
 
-def block_attention_bwd(do, q, k, v, out, lse, dlse, table, block_size: int, scale: float):
+def block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: int, scale: float):
     """``dS = P∘(dO·Vᵀ − delta)``, ``delta = rowsum(dO∘O) − dlse``; returns dQ = scale·dS·K, dK = scale·dSᵀ·Q,
     dV = Pᵀ·dO, each shaped and typed like its input. ``dlse`` (B, H, Lq) fp32 may be None."""
     with _on_device(q):
-        return _block_attention_bwd(do, q, k, v, out, lse, dlse, table, block_size, scale)
+        return _block_attention_bwd(do, q, k, v, out, lse, dlse, nb, rows, block_size, scale)
 
 
-def _block_attention_bwd(do, q, k, v, out, lse, dlse, table, block_size: int, scale: float):
+def _block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: int, scale: float):
     B, H, Lq, d = q.shape
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     pre_m = 16 if _interpreting() else 64
@@ -306,11 +317,11 @@ def _block_attention_bwd(do, q, k, v, out, lse, dlse, table, block_size: int, sc
 
     a = _row_align(q, k, v, do, dq, dk, dv)
     st = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a))
-    L = _Launch(q, k, table, block_size, scale, "dkdv")
+    L = _Launch(q, k, nb, rows, block_size, scale, "dkdv")
     L.kernel[_grid(L.Lk, "BLOCK_N", B * H)](
         q, k, v, do, lse, delta, dk, dv, L.sched, *st, *_strides(dk, a), *_strides(dv, a), *L.scalars(), L.scale,
         L.pat_key, **L.constexprs(), ALIGN=a)
-    L = _Launch(q, k, table, block_size, scale, "dq")
+    L = _Launch(q, k, nb, rows, block_size, scale, "dq")
     L.kernel[_grid(L.Lq, "BLOCK_M", B * H)](
         q, k, v, do, lse, delta, dq, L.sched, *st, *_strides(dq, a), *L.scalars(), L.scale, L.pat_key,
         **L.constexprs(), ALIGN=a)
@@ -322,60 +333,68 @@ def _block_attention_bwd(do, q, k, v, out, lse, dlse, table, block_size: int, sc
 # ----------------------------------------------------------------------------------------------
 
 
+# The pattern travels as ``int nb, int[] rows`` (block_schedule's int encoding), never as a tensor:
+# dynamo specialises on them (a new pattern recompiles) and the graph holds no CPU tensor.
 @torch.library.custom_op("ard_kernels::block_attention_fwd", mutates_args=())
-def _block_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+def _block_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nb: int, rows: list[int],
                             block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return block_attention_fwd(q, k, v, table, block_size, scale)
+    return block_attention_fwd(q, k, v, nb, rows, block_size, scale)
 
 
 @_block_attention_fwd_op.register_fake
-def _(q, k, v, table, block_size, scale):
+def _(q, k, v, nb, rows, block_size, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ard_kernels::block_attention_bwd", mutates_args=())
 def _block_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],  # noqa: UP045
-                            table: torch.Tensor,
+                            nb: int, rows: list[int],
                             block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return block_attention_bwd(do, q, k, v, out, lse, dlse, table, block_size, scale)
+    return block_attention_bwd(do, q, k, v, out, lse, dlse, nb, rows, block_size, scale)
 
 
 @_block_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, table, block_size, scale):
+def _(do, q, k, v, out, lse, dlse, nb, rows, block_size, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, block_size, scale = inputs
+    q, k, v, nb, rows, block_size, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, table)
-    ctx.block_size, ctx.scale = block_size, scale
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.nb, ctx.rows, ctx.block_size, ctx.scale = nb, rows, block_size, scale
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, table = ctx.saved_tensors
-    dq, dk, dv = _block_attention_bwd_op(dout, q, k, v, out, lse, dlse, table, ctx.block_size, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _block_attention_bwd_op(dout, q, k, v, out, lse, dlse, ctx.nb, ctx.rows, ctx.block_size,
+                                         ctx.scale)
+    return dq, dk, dv, None, None, None, None
 
 
 _block_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def block_attention_triton(q, k, v, block_size: int, table: torch.Tensor, scale: float, return_lse: bool = False):
-    """``O = softmax(Q·Kᵀ·scale + log M)·V``, M the block mask of ``table``: the Triton backend.
+def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, return_lse: bool = False):
+    """``O = softmax(Q·Kᵀ·scale + log M)·V``, M the block mask of ``pattern``: the Triton backend.
 
     Args (validated by :func:`ard_kernels.block_attention`):
         q: (B, H, Lq, D); k, v: (B, H, Lk, D), Lq <= Lk, same float dtype and device, any strides;
             D a multiple of 8 in [16, 256]. CPU tensors run under TRITON_INTERPRET=1.
-        block_size: tokens per block; table: CPU bool (nb, nb), nb = ceil(Lk / block_size).
+        block_size: tokens per block; pattern: a name ("causal", "diagonal", "window", "first") or a
+            validated bool table (nb, nb), nb = ceil(Lk / block_size). A name is encoded in plain
+            Python (constants under ``torch.compile``); a table is read with ``tolist()`` (a graph break
+            under ``torch.compile``: pass a name where one fits).
         scale: softmax scale; return_lse: also return the fp32 log-sum-exp.
 
     Returns:
         O (B, H, Lq, D) in q's dtype, and with ``return_lse`` lse (B, H, Lq) fp32. Differentiable
         w.r.t. q, k, v (and through lse).
     """
-    out, lse = torch.ops.ard_kernels.block_attention_fwd(q, k, v, table, int(block_size), float(scale))
+    nb = -(-k.shape[2] // block_size)
+    rows = block_schedule.encode_pattern(pattern, nb)
+    out, lse = torch.ops.ard_kernels.block_attention_fwd(q, k, v, nb, rows, int(block_size), float(scale))
     return (out, lse) if return_lse else out
 
 

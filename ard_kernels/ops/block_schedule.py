@@ -11,7 +11,7 @@ Each (query tile m, key tile n) pair of a (BLOCK_M, BLOCK_N) tiling is one of:
   sequence end); the kernel looks the table up per element;
 * skipped: no pair is allowed.
 
-Everything is packed into one int32 tensor ``S``, copied to the device once per (table, Lq, Lk,
+Everything is packed into one int32 tensor ``S``, copied to the device once per (pattern, Lq, Lk,
 block_size, tile sizes) and cached, so a launch never reads device memory on the host (no syncs;
 capturable in a CUDA graph once warm)::
 
@@ -26,6 +26,12 @@ capturable in a CUDA graph once warm)::
 * ``bwd_s`` (= ``S[2 + 2s]``): the transpose, per key tile over the query tiles that see it (dK/dV).
 
 All offsets are absolute indices into ``S``, so the kernels need only ``S`` and the slot.
+
+The pattern reaches the custom ops, and this module's caches, as plain ints (:func:`encode_pattern`):
+``nb`` and ``rows``, row i's allowed key blocks as a bit mask split into :data:`WORD_BITS`-bit words,
+``rows[i·W + w]`` holding key blocks ``[w·WORD_BITS, (w + 1)·WORD_BITS)`` (bit b: block
+``w·WORD_BITS + b``), ``W = ceil(nb / WORD_BITS)``. ``torch.compile`` sees constants (a new pattern
+is a recompile), not a CPU tensor inside the graph; the table is rebuilt here, on the host.
 """
 
 from __future__ import annotations
@@ -37,6 +43,58 @@ import torch
 
 # Up to this many blocks a table row fits one int32 bit mask (the kernels' SMALL_NB path).
 SMALL_NB = 32
+# Bits per word of the int encoding: every word is a non-negative int64 well clear of the sign bit.
+WORD_BITS = 62
+
+
+def words_per_row(nb: int) -> int:
+    """``W = ceil(nb / WORD_BITS)``: the words of one row in the int encoding."""
+    return -(-nb // WORD_BITS)
+
+
+def _named_row_mask(pattern: str, i: int) -> int:
+    """Query block i's key blocks under a named pattern as one Python int bit mask (bit j: block j).
+
+    Closed forms of :func:`ard_kernels.masks.block_visible` (tests check them against it), O(1) per
+    row so that tracing stays cheap however many blocks there are.
+    """
+    if pattern == "causal":
+        return (1 << (i + 1)) - 1
+    if pattern == "diagonal":
+        return 1 << i
+    if pattern == "window":
+        return (1 << i) | ((1 << (i - 1)) if i else 0)
+    if pattern == "first":
+        return (1 << i) | 1
+    raise ValueError(f"pattern: expected one of ('causal', 'diagonal', 'window', 'first') or a bool table, "
+                     f"got {pattern!r}")
+
+
+def encode_pattern(pattern, nb: int) -> list:
+    """The int encoding ``rows`` (module docstring) of a named pattern or a bool (nb, nb) table.
+
+    A name is encoded in plain Python, so ``torch.compile`` folds it to constants. A table (tensor
+    or numpy array, already validated) is read with ``.tolist()``, which under ``torch.compile``
+    is a graph break for a tensor: user tables are data, and a schedule is built from them on the host.
+    Returns a list of nb·W non-negative ints below ``2**WORD_BITS``.
+    """
+    if isinstance(pattern, str):
+        masks = [_named_row_mask(pattern, i) for i in range(nb)]
+    else:
+        masks = [sum(1 << j for j, seen in enumerate(row) if seen) for row in pattern.tolist()]
+    word = (1 << WORD_BITS) - 1
+    return [(m >> (WORD_BITS * w)) & word for m in masks for w in range(words_per_row(nb))]
+
+
+def decode_pattern(nb: int, rows) -> np.ndarray:
+    """The bool (nb, nb) table of an int encoding (inverse of :func:`encode_pattern`)."""
+    w = words_per_row(nb)
+    if len(rows) != nb * w:
+        raise ValueError(f"rows: expected {nb * w} words for {nb} blocks ({w} per row), got {len(rows)}")
+    words = np.array(rows, dtype=np.int64).reshape(nb, w)
+    j = np.arange(nb)
+    table = (words[:, j // WORD_BITS] >> (j % WORD_BITS)) & 1
+    return table.astype(np.bool_)
 
 
 def classify_tiles(table: np.ndarray, lq: int, lk: int, block_size: int, block_m: int, block_n: int):
@@ -87,13 +145,13 @@ def _packed_table(table: np.ndarray) -> list:
 
 
 @functools.lru_cache(maxsize=256)
-def schedule_host(table_bytes: bytes, nb: int, lq: int, lk: int, block_size: int, pairs: tuple) -> torch.Tensor:
+def schedule_host(rows: tuple, nb: int, lq: int, lk: int, block_size: int, pairs: tuple) -> torch.Tensor:
     """The packed schedule ``S`` (module docstring) on the CPU, for every (BLOCK_M, BLOCK_N) in ``pairs``.
 
-    table_bytes: a CPU bool (nb, nb) table's bytes (hashable: the cache key). Returns a 1-D int32
-    tensor; one small tensor, so one host-to-device copy per key.
+    rows: the int encoding of the (nb, nb) table, as a tuple (hashable: the cache key). Returns a 1-D
+    int32 tensor; one small tensor, so one host-to-device copy per key.
     """
-    table = np.frombuffer(table_bytes, dtype=np.bool_).reshape(nb, nb)
+    table = decode_pattern(nb, rows)
     header = [0] * (1 + 2 * len(pairs))
     header[0] = len(header)
     out = header + _packed_table(table)
@@ -107,19 +165,19 @@ def schedule_host(table_bytes: bytes, nb: int, lq: int, lk: int, block_size: int
             out.extend(ptr)
             out.extend(idx)
     if len(out) >= 2**31:
-        raise ValueError(f"table: schedule too large for int32 offsets ({len(out)} entries)")
+        raise ValueError(f"rows: schedule too large for int32 offsets ({len(out)} entries)")
     return torch.tensor(out, dtype=torch.int32)
 
 
 @functools.lru_cache(maxsize=256)
-def schedule_on(table_bytes, nb, lq, lk, block_size, pairs, device: str) -> torch.Tensor:
-    """:func:`schedule_host` copied to ``device`` once and cached there."""
-    return schedule_host(table_bytes, nb, lq, lk, block_size, pairs).to(device)
+def schedule_on(rows: tuple, nb, lq, lk, block_size, pairs, device: str) -> torch.Tensor:
+    """:func:`schedule_host` copied to ``device`` once and cached there (no host-to-device copy after warm-up)."""
+    return schedule_host(rows, nb, lq, lk, block_size, pairs).to(device)
 
 
 _PATTERN_KEYS: dict = {}
 
 
-def pattern_key(table_bytes: bytes, nb: int, block_size: int) -> int:
-    """Small int naming a (table, block_size): an autotune key that ignores batch and head count."""
-    return _PATTERN_KEYS.setdefault((table_bytes, nb, block_size), len(_PATTERN_KEYS))
+def pattern_key(rows: tuple, nb: int, block_size: int) -> int:
+    """Small int naming a (pattern, block_size): an autotune key that ignores batch and head count."""
+    return _PATTERN_KEYS.setdefault((rows, nb, block_size), len(_PATTERN_KEYS))
