@@ -33,7 +33,6 @@ the host side: tile configs, the Hopper TMA path, launchers, custom ops and :fun
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional
@@ -41,7 +40,7 @@ from typing import Optional
 import torch
 import triton
 
-from . import block_schedule
+from . import block_schedule, launch_device
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
     _block_attention_bwd_dq_kernel,
@@ -275,11 +274,6 @@ def _grid(rows: int, tile: str, bh: int):
     return lambda meta: (triton.cdiv(rows, meta[tile]) * bh,)
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on the tensors' GPU, not whichever one is current (Triton launches on the current one)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float):
     """``O = softmax(Q·Kᵀ·scale + log M)·V`` and ``lse = log Σ exp(Q·Kᵀ·scale + log M)``.
 
@@ -291,7 +285,7 @@ def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     a = _row_align(q, k, v, out)
-    with _on_device(q):
+    with launch_device(q):
         L.kernel[_grid(L.Lq, "BLOCK_M", L.B * L.H)](
             q, k, v, out, lse, L.sched, *L.fwd_descriptors(q, k, v), *_strides(q, a), *_strides(k, a),
             *_strides(v, a), *_strides(out, a),
@@ -302,7 +296,7 @@ def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float):
 def block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: int, scale: float):
     """``dS = P∘(dO·Vᵀ − delta)``, ``delta = rowsum(dO∘O) − dlse``; returns dQ = scale·dS·K, dK = scale·dSᵀ·Q,
     dV = Pᵀ·dO, each shaped and typed like its input. ``dlse`` (B, H, Lq) fp32 may be None."""
-    with _on_device(q):
+    with launch_device(q):
         return _block_attention_bwd(do, q, k, v, out, lse, dlse, nb, rows, block_size, scale)
 
 

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_device
 from ._rows import block_program, block_rows, interpreter_tile, load_block_row, load_tile, row_groups, tile_rows
 
 
@@ -90,15 +91,16 @@ def _launch_fwd(x, y, gate, out, block_size):
     block_m, block_c, num_warps = _tile(C, block_size, x.device)
     tiles = triton.cdiv(block_size, block_m)
     grid = (tiles * nb * B, triton.cdiv(C, block_c))
-    _gated_residual_fwd_kernel[grid](
-        x, y, gate, out,
-        N, C, block_size, nb, tiles,
-        x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        gate.stride(0), gate.stride(1), gate.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    with launch_device(x):
+        _gated_residual_fwd_kernel[grid](
+            x, y, gate, out,
+            N, C, block_size, nb, tiles,
+            x.stride(0), x.stride(1), x.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            gate.stride(0), gate.stride(1), gate.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
 
 
 def gated_residual_fwd(x, y, gate, block_size):
@@ -120,15 +122,16 @@ def gated_residual_bwd(dout, y, gate, block_size):
     chunks = triton.cdiv(C, block_c)
     groups, rows_per_group = row_groups(block_size, block_m, B * nb * chunks, y.device)
     part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=y.device)
-    _gated_residual_bwd_kernel[(groups * nb * B, chunks)](
-        dout, y, gate, dy, part,
-        N, C, block_size, nb, groups, rows_per_group,
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        gate.stride(0), gate.stride(1), gate.stride(2),
-        dy.stride(0), dy.stride(1),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    with launch_device(y):
+        _gated_residual_bwd_kernel[(groups * nb * B, chunks)](
+            dout, y, gate, dy, part,
+            N, C, block_size, nb, groups, rows_per_group,
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            gate.stride(0), gate.stride(1), gate.stride(2),
+            dy.stride(0), dy.stride(1),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
     return dy, part.sum(dim=2).to(gate.dtype)
 
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_device
 from ._rows import block_program, block_rows, interpreter_tile, load_block_row, load_tile, row_groups, tile_rows
 
 
@@ -128,15 +129,16 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps):
     block_m, block_c, num_warps = _row_tile(C, block_size, x.device, 8192)
     tiles = triton.cdiv(block_size, block_m)
     grid = (tiles * nb * B,)
-    _modulated_layer_norm_fwd_kernel[grid](
-        x, shift, scale, y, mean, rstd,
-        N, C, block_size, nb, tiles, eps,
-        x.stride(0), x.stride(1), x.stride(2),
-        shift.stride(0), shift.stride(1), shift.stride(2),
-        scale.stride(0), scale.stride(1), scale.stride(2),
-        y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    with launch_device(x):
+        _modulated_layer_norm_fwd_kernel[grid](
+            x, shift, scale, y, mean, rstd,
+            N, C, block_size, nb, tiles, eps,
+            x.stride(0), x.stride(1), x.stride(2),
+            shift.stride(0), shift.stride(1), shift.stride(2),
+            scale.stride(0), scale.stride(1), scale.stride(2),
+            y.stride(0), y.stride(1),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
     return y, mean, rstd
 
 
@@ -157,15 +159,16 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
     dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     grid = (groups * nb * B,)
-    _modulated_layer_norm_bwd_kernel[grid](
-        dy, x, scale, mean, rstd, dx, dshift_part, dscale_part,
-        N, C, block_size, nb, groups, rows_per_group,
-        dy.stride(0), dy.stride(1), dy.stride(2),
-        x.stride(0), x.stride(1), x.stride(2),
-        scale.stride(0), scale.stride(1), scale.stride(2),
-        dx.stride(0), dx.stride(1),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    with launch_device(x):
+        _modulated_layer_norm_bwd_kernel[grid](
+            dy, x, scale, mean, rstd, dx, dshift_part, dscale_part,
+            N, C, block_size, nb, groups, rows_per_group,
+            dy.stride(0), dy.stride(1), dy.stride(2),
+            x.stride(0), x.stride(1), x.stride(2),
+            scale.stride(0), scale.stride(1), scale.stride(2),
+            dx.stride(0), dx.stride(1),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
     return dx, dshift_part.sum(dim=2).to(shift_dtype), dscale_part.sum(dim=2).to(scale.dtype)
 
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_device
+
 
 @triton.jit
 def _timestep_embedding_fwd_kernel(
@@ -62,10 +64,11 @@ def timestep_embedding_fwd(t, dim, max_period):
         else:  # interpreter: cost is per program
             block_m = min(triton.next_power_of_2(M), 64)
         grid = (triton.cdiv(M, block_m), triton.cdiv(dim, block_d))
-        _timestep_embedding_fwd_kernel[grid](
-            flat, out, M, dim, dim // 2, -math.log(max_period),
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
-        )
+        with launch_device(flat):
+            _timestep_embedding_fwd_kernel[grid](
+                flat, out, M, dim, dim // 2, -math.log(max_period),
+                BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+            )
     return out.reshape(*t.shape, dim)
 
 
