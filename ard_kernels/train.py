@@ -21,6 +21,7 @@ Logs: ``OUT/log.jsonl`` (step, loss, per-head losses, images/s) and a tqdm bar o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -73,6 +74,9 @@ def setup_distributed(device_arg):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_arg:
         device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            # torch.cuda.set_device and DDP's device_ids need an index; each rank takes its own GPU
+            device = torch.device("cuda", local_rank)
     else:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -81,6 +85,45 @@ def setup_distributed(device_arg):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return rank, world, device
+
+
+def device_policy(device: torch.device, precision: str, fsdp: bool) -> dict:
+    """What the device decides, in one place (the GPU choices are testable without a GPU).
+
+    Returns {"precision": "bf16" | "fp32" (``auto`` resolved: bf16 on CUDA), "fused_adamw" (CUDA,
+    unsharded), "pin_memory" (CUDA), "tf32" (CUDA: fp32 matmuls and convolutions in TF32),
+    "ddp_kwargs" (``device_ids`` on CUDA)}.
+    """
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    return {"precision": precision, "fused_adamw": cuda and not fsdp, "pin_memory": cuda, "tf32": cuda,
+            "ddp_kwargs": {"device_ids": [device.index]} if cuda else {}}
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for fp32 matmuls and cuDNN convolutions inside the block, the previous settings restored after.
+
+    Restored because ``train`` is also called in-process (tests, notebooks): fp32 work after it must
+    stay fp32. torch >= 2.9 has the ``fp32_precision`` settings and refuses to read the legacy
+    ``allow_tf32`` flags once they were set, so the new settings are used where they exist.
+    """
+    if not enabled:
+        yield
+        return
+    knobs = [(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+             (torch.backends.cudnn.conv, "fp32_precision", "tf32")] \
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv") else \
+        [(torch.backends.cuda.matmul, "allow_tf32", True), (torch.backends.cudnn, "allow_tf32", True)]
+    saved = [getattr(obj, name) for obj, name, _ in knobs]
+    for obj, name, value in knobs:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for (obj, name, _), old in zip(knobs, saved):
+            setattr(obj, name, old)
 
 
 def build_student(args, ds: TrajectoryDataset):
@@ -123,18 +166,29 @@ def apply_activation_checkpointing(model: nn.Module, student: nn.Module) -> None
              check_fn=lambda m: id(m) in blocks)
 
 
-def apply_fsdp(model: StudentTrainStep, bf16: bool) -> None:
+def apply_fsdp(model: StudentTrainStep, bf16: bool, device: torch.device) -> None:
     """FSDP2: one ``fully_shard`` unit per transformer block, the rest (embedders, heads) in the root unit.
 
     With ``bf16`` the gathered parameters are bf16 (half the all-gather traffic) while the sharded
-    master weights, the gradient reduction and the optimizer stay fp32.
+    master weights, the gradient reduction and the optimizer stay fp32. The residual stream stays
+    fp32 as under DDP + autocast: FSDP does not cast the units' inputs, and the fixed ``pos_embed``
+    table is left out of FSDP (an fp32 replica per rank), since a bf16 copy added to the patch
+    embedding would make the whole stream bf16.
+
+    The device mesh is built on the training ``device``: ``fully_shard``'s default mesh is on the
+    machine's accelerator, which would move a ``--device cpu`` student onto the GPU.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    kw = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                              cast_forward_inputs=False)
     for block in model.student.blocks:
         fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    fixed = {p for p in model.parameters() if not p.requires_grad}
+    fully_shard(model, ignored_params=fixed or None, **kw)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -233,18 +287,19 @@ def _batches(loader: DataLoader, sampler: ResumableSampler, start_step: int, per
 def train(args) -> dict:
     """Run the training loop; returns {"step", "log" (list of logged dicts), "student", "ema"}."""
     rank, world, device = setup_distributed(args.device)
+    policy = device_policy(device, args.precision, args.fsdp)
+    with tf32_matmuls(policy["tf32"]):
+        return _train(args, rank, world, device, policy)
+
+
+def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> dict:
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if args.batch_size % world:
         raise ValueError(f"batch_size: expected a multiple of the world size {world}, got {args.batch_size}")
     per_rank = args.batch_size // world
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = policy["precision"]
 
     ds = TrajectoryDataset(args.data, in_memory=args.in_memory)
     if len(ds) < args.batch_size:
@@ -258,14 +313,13 @@ def train(args) -> dict:
     if args.fsdp:
         if world == 1 and not dist.is_initialized():
             raise ValueError("fsdp: needs a process group; launch with torchrun (any --nproc_per_node)")
-        apply_fsdp(model, bf16=precision == "bf16")
+        apply_fsdp(model, bf16=precision == "bf16", device=device)
         ema = ShardedEMA(model, args.ema, prefix=PREFIX)
     elif world > 1:
-        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+        model = nn.parallel.DistributedDataParallel(model, **policy["ddp_kwargs"])
     train_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(train_params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda" and not args.fsdp)
+                                  fused=policy["fused_adamw"])
 
     start = 0
     resume = latest_checkpoint(out) if args.resume else None
@@ -275,7 +329,7 @@ def train(args) -> dict:
 
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=policy["pin_memory"], persistent_workers=False)
     if len(sampler) < per_rank:
         raise ValueError(f"batch_size: each of {world} ranks gets {len(sampler)} samples, fewer than {per_rank}")
     batches = _batches(loader, sampler, start, per_rank)
@@ -316,9 +370,12 @@ def train(args) -> dict:
             if world > 1:
                 dist.all_reduce(stats)
                 stats /= world
+            # Reading the stats waits for the GPU: only then does the clock measure finished steps
+            # (CUDA launches return at once, so without the wait images/s counts launches).
+            stats = stats.tolist()
             elapsed = time.perf_counter() - t0
-            rec = {"step": step, "loss": stats[0].item(), "head_losses": stats[1:-1].tolist(),
-                   "grad_norm": stats[-1].item(), "images_per_s": args.batch_size * window_n / elapsed,
+            rec = {"step": step, "loss": stats[0], "head_losses": stats[1:-1],
+                   "grad_norm": stats[-1], "images_per_s": args.batch_size * window_n / elapsed,
                    "lr": optimizer.param_groups[0]["lr"]}
             log.append(rec)
             if rank == 0:

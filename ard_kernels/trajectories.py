@@ -245,6 +245,20 @@ def load_teacher(name: str, ckpt: str | None, input_size: int, in_channels: int,
     return model.eval()
 
 
+def resolve_device(device_arg: str | None, local_rank: int = 0) -> torch.device:
+    """``--device`` (default ``cuda:LOCAL_RANK`` if available, else cpu; a bare ``cuda`` gets LOCAL_RANK).
+
+    A CUDA device is also made the current one: Triton launches its kernels on the current device,
+    not on the tensors', so rank r's teacher on ``cuda:r`` would otherwise run on ``cuda:0``.
+    """
+    device = torch.device(device_arg or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
 def _parse_indices(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
@@ -285,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     cfg = TrajectoryConfig(model=args.model, num=args.num, shard_size=args.shard_size, steps=args.steps,
                            spacing=args.spacing, cfg_scale=args.cfg_scale,
                            guidance_channels=args.guidance_channels, record=args.record,

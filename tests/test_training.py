@@ -77,10 +77,12 @@ def data_dir(tmp_path_factory):
 
 
 def args_for(data_dir, out, *extra):
+    # --device cpu: these tests compare with CPU tensors and need exact resume, on a GPU machine too
+    # (there train's default would be cuda with bf16; tests/test_training_gpu_paths.py covers that)
     return build_parser().parse_args(["--model", "DiT-tiny/2", "--data", str(data_dir), "--out", str(out),
                                       "--steps", "4", "--batch-size", "4", "--history-layers", "2",
                                       "--log-every", "1", "--ckpt-every", "2", "--lr", "1e-3", "--no-progress",
-                                      "--seed", "1", *extra])
+                                      "--seed", "1", "--device", "cpu", *extra])
 
 
 def losses(out):
