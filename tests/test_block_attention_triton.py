@@ -184,6 +184,22 @@ def test_schedule_classifies_tiles(seed, bm, bn):
             assert masked[m, n] == (tile.any() and not tile[:rows].all())
 
 
+@pytest.mark.parametrize("pattern", ["causal", "diagonal", "window", "first"])
+@pytest.mark.parametrize("nb", [1, 2, 4, 5])
+@pytest.mark.parametrize("bm,bn", [(128, 64), (64, 64), (128, 128)])
+def test_work_scales_with_allowed_block_pairs(pattern, nb, bm, bn):
+    """ARD's whole 256-token blocks: every scheduled tile is unmasked, and there are exactly
+    (allowed block pairs)·(256/BLOCK_M)·(256/BLOCK_N) of them, in training and at a cached step."""
+    table = masks.pattern_table(pattern, nb).numpy()
+    per_pair = (256 // bm) * (256 // bn)
+    full, masked = block_schedule.classify_tiles(table, nb * 256, nb * 256, 256, bm, bn)
+    assert not masked.any()
+    assert full.sum() == masks.allowed_block_pairs(pattern, nb) * per_pair
+    full, masked = block_schedule.classify_tiles(table, 256, nb * 256, 256, bm, bn)  # the last block's step
+    assert not masked.any()
+    assert full.sum() == table[-1].sum() * per_pair
+
+
 def test_schedule_is_cached_and_small():
     table = masks.pattern_table("causal", 4)
     key = (tuple(block_schedule.encode_pattern("causal", 4)), 4, 1024, 1024, 256, ((128, 64),))
