@@ -558,3 +558,14 @@ def test_cuda_compile_fullgraph():
     torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=1e-3)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_gradient_through_the_lse_alone(triton_device):
+    """Only the lse used: the backward gets no output gradient (grads are not materialised)."""
+    q, k, v = (torch.randn(1, 2, 10, 16, device=triton_device, requires_grad=True) for _ in range(3))
+    _, lse = ard_kernels.block_attention(q, k, v, 5, "first", return_lse=True, backend="triton")
+    got = torch.autograd.grad(lse.sum(), (q, k))
+    _, lse_ref = block_attention_ref(q, k, v, 5, "first", return_lse=True)
+    want = torch.autograd.grad(lse_ref.sum(), (q, k))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

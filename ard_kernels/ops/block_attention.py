@@ -358,10 +358,15 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.nb, ctx.rows, ctx.block_size, ctx.scale = nb, rows, block_size, scale
+    # An unused lse (the common case) arrives as None, not a materialised (B, H, Lq) zero tensor
+    # that the backward would allocate and read: the kernels take dlse as optional.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:  # only the lse was used
+        dout = torch.zeros_like(out)
     dq, dk, dv = _block_attention_bwd_op(dout, q, k, v, out, lse, dlse, ctx.nb, ctx.rows, ctx.block_size,
                                          ctx.scale)
     return dq, dk, dv, None, None, None, None
