@@ -49,20 +49,34 @@ def test_forward_train_and_backward_under_bf16_autocast(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.forward_train(states, y)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, atol=0.15, rtol=0.05)
+    # outputs reach ~1.5 (std ~0.4); bf16 autocast moves them by at most ~0.05 here
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)
     out.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
-def test_sampling_under_bf16_autocast_keeps_a_bf16_cache(cfg_scale):
+def test_sampling_under_bf16_autocast_keeps_a_bf16_cache(cfg_scale, monkeypatch):
+    from ard_kernels import sampling
+
+    caches = []
+    make_cache = sampling.make_cache
+
+    def recording_make_cache(*args, **kwargs):
+        caches.append(make_cache(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(sampling, "make_cache", recording_make_cache)
     model = student("auto").eval()
     noise, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 7])
     with torch.no_grad():
         ref = model.sample(noise, y, cfg_scale=cfg_scale)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model.sample(noise, y, cfg_scale=cfg_scale)
-    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    assert [c.dtype for c in caches] == [torch.float32, torch.bfloat16]
+    assert all(c.length == c.capacity for c in caches)  # every step's k, v went through the cache
+    # samples reach ~1.6; bf16 autocast moves them by ~0.01 here
+    torch.testing.assert_close(out.float(), ref, atol=0.03, rtol=0.01)
 
 
 def test_training_cli_with_bf16_autocast(tmp_path):

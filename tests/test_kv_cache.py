@@ -90,7 +90,11 @@ def test_overflow_raises_and_writes_nothing():
         cache.advance(3)
     assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
     assert cache.length == 6
-    cache.split_append(0, random_qkv(cache, 2))  # exactly full is fine
+    qkv = random_qkv(cache, 2)
+    q, k_all, _ = cache.split_append(0, qkv)  # exactly full is fine, and written
+    k_new = qkv.reshape(2, 2, 3, 3, 8)[:, :, 1].transpose(1, 2)
+    assert k_all.shape[2] == cache.capacity and torch.equal(k_all[:, :, 6:], k_new)
+    assert torch.equal(k_all[:, :, :6], before_k[0, :, :, :6])
     cache.advance(2)
     assert cache.length == cache.capacity
 
@@ -109,8 +113,17 @@ def test_reset_starts_over():
 
 def test_device_offset_mode_flags_instead_of_raising():
     cache = make_cache(block=4, blocks=2, device_offset=True)
+    host = make_cache(block=4, blocks=2)
     out, _ = run_steps(cache, steps=2, n=4)
+    ref, _ = run_steps(host, steps=2, n=4)
     assert int(cache.offset) == 8 and cache.length == 8
+    # the second step fills the cache exactly: written, not refused
+    assert torch.equal(cache.k, host.k) and torch.equal(cache.v, host.v) and cache.k[:, :, :, 4:].abs().sum() > 0
+    for a, b in zip(out, ref):
+        for x, y in zip(a, b):
+            for s, t in zip(x, y):
+                assert torch.equal(s, t)
+    cache.check()  # nothing was refused
     before = cache.k.clone()
     cache.offset.fill_(6)  # as a stale graph replay would leave it
     cache.split_append(0, random_qkv(cache, 3))

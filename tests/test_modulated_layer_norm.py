@@ -155,3 +155,26 @@ def test_many_row_groups(monkeypatch, triton_device):
     ref = grads(lambda *a: modulated_layer_norm_ref(*a, 11, EPS), inputs, dy)
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_eps_is_applied_inside_the_root(backend, triton_device):
+    """A large eps and rows of tiny variance, where eps dominates: at the default 1e-6 and unit variance an
+    ignored or misplaced eps changes y by ~1e-6, below every tolerance above. Oracle: F.layer_norm."""
+    b, n, c, block_size, eps = 2, 7, 72, 3, 0.25
+    x, shift, scale = make_inputs(b, n, c, block_size, device=triton_device, requires_grad=False)
+    x = x.clone()
+    x[:, 1] = x[:, 1] * 1e-2  # variance 4e-4 << eps: y there is mostly eps's doing
+    inputs = [t.requires_grad_() for t in (x, shift, scale)]
+    dy = torch.randn(b, n, c, device=triton_device)
+
+    def oracle(x, shift, scale):
+        return (F.layer_norm(x, (c,), eps=eps) * (1 + _per_token(scale, n, block_size))
+                + _per_token(shift, n, block_size))
+
+    ours = grads(lambda *a: ak.modulated_layer_norm(*a, block_size, eps=eps, backend=backend), inputs, dy)
+    want = grads(oracle, inputs, dy)
+    for name, o, r in zip(["y", "dx", "dshift", "dscale"], ours, want):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    default = ak.modulated_layer_norm(*inputs, block_size, backend=backend)
+    assert (default - ours[0]).abs().max() > 0.1  # eps moved the result: the case can tell them apart

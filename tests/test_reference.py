@@ -232,3 +232,23 @@ def test_block_attention_sdpa_compiles_without_graph_breaks(pattern, lq):
     fn = torch.compile(lambda q, k, v: ak.block_attention(q, k, v, 4, pattern, backend="sdpa"),
                        fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(q, k, v), reference.block_attention_ref(q, k, v, 4, pattern))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex", "triton"])
+@pytest.mark.parametrize("pattern", ["causal", "first"])
+def test_block_attention_custom_scale(backend, pattern):
+    """A non-default softmax scale reaches every backend (every other test uses 1/sqrt(D), so a backend that
+    ignored ``scale`` would pass them). Oracle: SDPA on the loop-built mask with that scale, fp64."""
+    block_size, lk, lq, d, scale = 4, 11, 7, 16, 0.9
+    q, k, v = qkv(1, 2, lq, lk, d)
+    mask = loop_mask(pattern, lq, lk, block_size)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
+    out = ak.block_attention(q, k, v, block_size, pattern, scale=scale, backend=backend)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (expected - F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+            ).abs().max() > 1e-2  # the scale matters here
+    if backend != "sdpa":  # SDPA has no lse
+        _, lse = ak.block_attention(q, k, v, block_size, pattern, scale=scale, return_lse=True, backend=backend)
+        s = (q.double() @ k.double().transpose(-1, -2)) * scale
+        torch.testing.assert_close(lse.double(), torch.logsumexp(s.masked_fill(~mask, -math.inf), -1),
+                                   atol=1e-5, rtol=1e-5)
