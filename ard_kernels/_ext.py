@@ -105,6 +105,13 @@ def _position(offset, n, capacity):
     return None, offset
 
 
+def _status_and_stream(k_cache: torch.Tensor, status):
+    """The ops' overflow flag (``status``, or a fresh zeroed int32 (1,) on the cache's device) and stream."""
+    if status is None:
+        status = torch.zeros(1, dtype=torch.int32, device=k_cache.device)
+    return status, (current_stream(k_cache.device) if k_cache.is_cuda else 0)
+
+
 def check_status(status: torch.Tensor, what: str = "KV cache append") -> None:
     """Raise ValueError if a kernel flagged an overflow in ``status`` (reads it: one sync); resets it."""
     if int(status[0].item()) != 0:
@@ -128,9 +135,7 @@ def kv_append(k_cache, v_cache, k, v, offset, status=None, check=True):
         None. Raises ValueError on overflow, with the caches untouched.
     """
     dev_offset, host_offset = _position(offset, k.shape[2], k_cache.shape[2])
-    if status is None:
-        status = torch.zeros(1, dtype=torch.int32, device=k_cache.device)
-    stream = current_stream(k_cache.device) if k_cache.is_cuda else 0
+    status, stream = _status_and_stream(k_cache, status)
     torch.ops.ard_kernels.kv_append(k_cache, v_cache, k, v, dev_offset, host_offset, status, stream)
     if check and dev_offset is not None:
         check_status(status, "kv_append")
@@ -143,9 +148,7 @@ def qkv_split_append(qkv, k_cache, v_cache, offset, num_heads, status=None, chec
     Arguments as for :func:`kv_append`.
     """
     dev_offset, host_offset = _position(offset, qkv.shape[1], k_cache.shape[2])
-    if status is None:
-        status = torch.zeros(1, dtype=torch.int32, device=k_cache.device)
-    stream = current_stream(k_cache.device) if k_cache.is_cuda else 0
+    status, stream = _status_and_stream(k_cache, status)
     q = torch.ops.ard_kernels.qkv_split_append(qkv, k_cache, v_cache, dev_offset, host_offset, status, num_heads,
                                                stream)
     if check and dev_offset is not None:

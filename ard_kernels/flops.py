@@ -60,9 +60,6 @@ import torch
 FREQ_DIM = 256  # width of DiT's sinusoidal timestep embedding
 TABLE_HISTORY_LAYERS = (0, 1, 3, 6, 12, 28)
 
-# name -> (depth, hidden, heads); the patch size comes from the "/p" suffix.
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-
 
 @dataclasses.dataclass(frozen=True)
 class DiTShape:
@@ -106,21 +103,12 @@ def shape_from_model(model) -> DiTShape:
 
 
 def shape_from_config(name: str, input_size: int = 32, learn_sigma: bool = True) -> DiTShape:
-    """The :class:`DiTShape` of a named config ("DiT-XL/2", "DiT-tiny/2", …)."""
-    try:
-        from ard_kernels.models.configs import get_config
-    except ImportError:  # the analytic model does not need the models package
-        get_config = None
-    if get_config is not None:
-        cfg = get_config(name)
-        return DiTShape(cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size, input_size, 4,
-                        8 if learn_sigma else 4, cfg.mlp_ratio)
-    try:
-        size, patch = name.removeprefix("DiT-").split("/")
-        depth, hidden, heads = _SIZES[size]
-    except (KeyError, ValueError):
-        raise ValueError(f"config: expected one of DiT-{{S,B,L,XL}}/{{2,4,8}}, got {name!r}") from None
-    return DiTShape(depth, hidden, heads, int(patch), input_size, 4, 8 if learn_sigma else 4)
+    """The :class:`DiTShape` of a named config ("DiT-XL/2", "DiT-tiny/2", …), 4 latent channels."""
+    from ard_kernels.models.configs import get_config  # the one table of sizes
+
+    cfg = get_config(name)
+    return DiTShape(cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size, input_size, 4,
+                    8 if learn_sigma else 4, cfg.mlp_ratio)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,16 +25,17 @@ device), "auto" = cuda when the cache is on a CUDA device and the extension is b
 is logged once per process and readable as ``cache.backend``.
 
 Bounds: an append past the capacity raises ValueError and writes nothing. By default the check
-is made on the host from ``cache.length`` (no sync), so a step stays capturable in a CUDA graph
-whose write positions are those at capture time (one graph per step). With
-``device_offset=True`` the write position lives in the int64 device tensor ``cache.offset``
-instead, moved by :meth:`advance` on the device, so ONE captured graph serves every step; the
-kernels then check the bounds on the device, write nothing on overflow and set
-``cache.status``, which :meth:`check` reads (one sync) and turns into the ValueError. The
-"torch" backend does the same without a sync (an ``index_copy_`` at device-computed positions,
-redirected onto the old values when it would overflow), so it is capturable too. The views
-returned by the writes (``length + n`` tokens) follow the host ``length`` in both modes: a graph
-that serves every step must read a fixed-size view (e.g. the whole capacity, masked) instead.
+is made on the host from ``cache.length`` (no sync), so the writes stay capturable in a CUDA graph
+whose write positions are those at capture time: :mod:`ard_kernels.sampling` captures all K steps,
+reset included, as one graph this way. With ``device_offset=True`` the write position lives in the
+int64 device tensor ``cache.offset`` instead, moved by :meth:`advance` on the device, so ONE
+captured single-step graph can be replayed for every step; the kernels then check the bounds on
+the device, write nothing on overflow and set ``cache.status``, which :meth:`check` reads (one
+sync) and turns into the ValueError. The "torch" backend does the same without a sync (an
+``index_copy_`` at device-computed positions, redirected onto the old values when it would
+overflow), so it is capturable too. The views returned by the writes (``length + n`` tokens)
+follow the host ``length`` in both modes: a graph that serves every step must read a fixed-size
+view (e.g. the whole capacity, masked) instead.
 
 The storage is allocated outside ``torch.inference_mode`` even when the cache is built inside it:
 an inference tensor refuses in-place writes once the mode is left, and a cache kept between
@@ -54,6 +55,7 @@ BACKENDS = ("auto", "cuda", "torch")
 
 
 def _resolve_backend(backend: str, device: torch.device, head_dim: int) -> str:
+    """The backend a cache on ``device`` with head dim ``head_dim`` uses: "cuda" or "torch" (see the module doc)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":

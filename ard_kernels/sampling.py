@@ -98,6 +98,7 @@ def _steps(model, x, y2, scale, cache, guided: bool, first: int = 0, last: int =
 
 
 def _check(model, noise, y, cfg_scale):
+    """Validate the sampler's inputs: noise (B, C, H, W), integer labels (B,) on its device, guidance, pattern."""
     expected = (model.in_channels, model.input_size, model.input_size)
     if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or tuple(noise.shape[1:]) != expected:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
@@ -258,6 +259,7 @@ class CUDAGraphSampler:
         return _steps(self.model, x, y2, self.scale, self.cache, self.guided)[0]
 
     def capture(self) -> None:
+        """(Re)capture the K steps; the previous graph and its outputs are dropped first."""
         self._replay = self.outs = None  # the old graph's pool is released before the new capture
         # Outside inference mode (grad still off): the captured outputs are normal tensors, whatever
         # mode the first call came in, so later calls in either mode may read and write them.
@@ -279,6 +281,11 @@ class CUDAGraphSampler:
 
 
 def _graph_sampler(model, batch_size, guided, dtype, device) -> CUDAGraphSampler:
+    """``model``'s cached :class:`CUDAGraphSampler` for this call, made on first use.
+
+    The key holds everything a captured graph bakes in: batch size, guidance on/off, dtype, the
+    active autocast dtype (the cache's), the device and the three backends.
+    """
     key = (batch_size, guided, dtype, _autocast_dtype(device), str(device), model.attn_backend, model.mod_backend,
            model.cache_backend)
     runner = model._graph_samplers.get(key)

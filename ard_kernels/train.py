@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .training import ModelEMA, ShardedEMA, TrajectoryDataset, ard_loss, teacher_forced_states
 from .training.ema import clean_name
+from .trajectories import resolve_device
 
 PREFIX = "student."
 
@@ -71,16 +72,8 @@ def setup_distributed(device_arg):
     """(rank, world_size, device); initialises the process group under torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_arg:
-        device = torch.device(device_arg)
-        if device.type == "cuda" and device.index is None:
-            # torch.cuda.set_device and DDP's device_ids need an index; each rank takes its own GPU
-            device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    # DDP's device_ids need an index: a bare "cuda" becomes cuda:LOCAL_RANK, made the current device.
+    device = resolve_device(device_arg, int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
@@ -147,10 +140,6 @@ def build_student(args, ds: TrajectoryDataset):
     return student
 
 
-def _blocks(student: nn.Module):
-    return list(student.blocks)
-
-
 def apply_activation_checkpointing(model: nn.Module, student: nn.Module) -> None:
     """Recompute each transformer block in the backward pass (non-reentrant ``torch.utils.checkpoint``)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -161,7 +150,7 @@ def apply_activation_checkpointing(model: nn.Module, student: nn.Module) -> None
         apply_activation_checkpointing as apply_ac,
     )
 
-    blocks = {id(b) for b in _blocks(student)}
+    blocks = {id(b) for b in student.blocks}
     apply_ac(model, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
              check_fn=lambda m: id(m) in blocks)
 

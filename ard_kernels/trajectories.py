@@ -248,8 +248,9 @@ def load_teacher(name: str, ckpt: str | None, input_size: int, in_channels: int,
 def resolve_device(device_arg: str | None, local_rank: int = 0) -> torch.device:
     """``--device`` (default ``cuda:LOCAL_RANK`` if available, else cpu; a bare ``cuda`` gets LOCAL_RANK).
 
-    A CUDA device is also made the current one: Triton launches its kernels on the current device,
-    not on the tensors', so rank r's teacher on ``cuda:r`` would otherwise run on ``cuda:0``.
+    A CUDA device is also made the current one, so that whatever follows the current device rather
+    than the tensors' (``"cuda"`` allocations, streams, NCCL's device, CUDA-graph pools) runs on rank
+    r's own GPU ``cuda:r``, never on ``cuda:0``.
     """
     device = torch.device(device_arg or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

@@ -27,7 +27,10 @@ from .dit import DiT, FinalLayer
 
 
 def _history_kv(cache, layer: int, lo: int, hi: int, qkv):
-    """Append ``qkv``'s keys/values to history layer ``layer``; keys [lo, hi) are those attended."""
+    """Append ``qkv`` (B, n, 3·C)'s keys/values to history layer ``layer`` of ``cache``.
+
+    Returns (q (B, H, n, D), keys, values (B, H, hi − lo, D)): the cached tokens [lo, hi) are the ones attended.
+    """
     q, k_all, v_all = cache.split_append(layer, qkv)
     return q, k_all[:, :, lo:hi], v_all[:, :, lo:hi]
 
@@ -55,8 +58,9 @@ class ARDiT(DiT):
             0 <= history_layers <= cfg.depth
         ):
             raise ValueError(f"history_layers: expected an int in [0, depth={cfg.depth}], got {history_layers!r}")
-        with torch.device("cpu"):  # the table is host data, even when the model is built on "meta"
-            table = masks.pattern_table(pattern, steps)  # validates name / shape / empty rows
+        # Validates name / shape / empty rows; always a CPU table (host data even when the model is
+        # built under `with torch.device("meta"|"cuda")`), so the plans below need no device guard.
+        table = masks.pattern_table(pattern, steps)
         super().__init__(cfg, **dit_kwargs)
         self.steps = steps
         self.history_layers = history_layers
@@ -69,8 +73,7 @@ class ARDiT(DiT):
             head = FinalLayer(cfg.hidden_size, cfg.patch_size, self.out_channels)
             setattr(self, f"final_layer{k}", head)
         self._init_heads()
-        with torch.device("cpu"):
-            self._plans = [self._attention_plan(k) for k in range(steps)] if history_layers else None
+        self._plans = [self._attention_plan(k) for k in range(steps)] if history_layers else None
         self.set_backends()
         self._graph_samplers = {}
 
@@ -259,12 +262,10 @@ class ARDiT(DiT):
 
         sd = read_state_dict(state_dict_or_path)
         inferred = infer_dit_kwargs(sd)
-        if config is None:
-            config = inferred.pop("config")
-        else:
-            inferred.pop("config")
+        inferred_config = inferred.pop("config")
         inferred.update(kwargs)
-        model = cls(config, history_layers=history_layers, steps=steps, pattern=pattern, t_max=t_max, **inferred)
+        model = cls(inferred_config if config is None else config, history_layers=history_layers, steps=steps,
+                    pattern=pattern, t_max=t_max, **inferred)
         sd = dict(sd)
         head_keys = [k for k in sd if k.startswith("final_layer.")]
         for k in range(2, steps + 1):

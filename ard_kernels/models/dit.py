@@ -23,11 +23,10 @@ import torch
 import torch.nn as nn
 
 from .. import api
-from ..adaln import adaln_modulation
+from ..adaln import NORM_EPS, adaln_modulation
 from .configs import DiTConfig, get_config
 
 FREQUENCY_EMBEDDING_SIZE = 256
-NORM_EPS = 1e-6
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -103,6 +102,7 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def token_drop(self, labels, force_drop_ids=None):
+        """Labels (B,) with the dropped ones (random, or ``force_drop_ids == 1``) set to the null class."""
         if force_drop_ids is None:
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
@@ -110,6 +110,7 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels, train: bool, force_drop_ids=None):
+        """(B,) int64 labels → (B, hidden) rows, after label dropout in training or with ``force_drop_ids``."""
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -159,11 +160,6 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def adaln_chunks(c, modulation: nn.Sequential, chunks: int):
-    """``SiLU(c)·Wᵀ + b`` split into ``chunks`` tensors (B, nb, C): one row per (sample, block)."""
-    return adaln_modulation(c, modulation[1], chunks)
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block on tokens (B, N, C) with per-block conditioning c (B, nb, C).
 
@@ -180,8 +176,8 @@ class DiTBlock(nn.Module):
         self.backend = "auto"
 
     def modulation(self, c):
-        """The six (B, nb, C) modulation vectors of conditioning c (B, nb, C)."""
-        return adaln_chunks(c, self.adaLN_modulation, 6)
+        """``Linear(SiLU(c))`` split into the six (B, nb, C) modulation vectors of conditioning c (B, nb, C)."""
+        return adaln_modulation(c, self.adaLN_modulation[1], 6)
 
     def forward(self, x, c, block_size, pattern, kv=None, attn_block_size: int | None = None, mod=None):
         """x (B, N, C), c (B, nb, C) with nb = ceil(N / block_size) → (B, N, C).
@@ -212,7 +208,8 @@ class FinalLayer(nn.Module):
         self.backend = "auto"
 
     def forward(self, x, c, block_size):
-        shift, scale = adaln_chunks(c, self.adaLN_modulation, 2)
+        """x (B, N, C), c (B, nb, C) with nb = ceil(N / block_size) → (B, N, p²·C_out)."""
+        shift, scale = adaln_modulation(c, self.adaLN_modulation[1], 2)
         x = api.modulated_layer_norm(x, shift, scale, block_size, eps=NORM_EPS, backend=self.backend)
         return self.linear(x)
 

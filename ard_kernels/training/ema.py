@@ -35,6 +35,7 @@ class ModelEMA:
 
     @property
     def module(self) -> torch.nn.Module:
+        """The averaged copy of the student (what sampling and checkpoints use)."""
         return self.averaged.module
 
     @property
@@ -43,9 +44,11 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, student: torch.nn.Module) -> None:
+        """``θ_ema ← decay·θ_ema + (1 − decay)·θ`` (a plain copy at the first update)."""
         self.averaged.update_parameters(student)
 
     def state_dict(self) -> dict:
+        """The averaged weights as CPU tensors, keyed like the student's state dict."""
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, sd: dict, num_updates: int) -> None:
@@ -54,6 +57,7 @@ class ModelEMA:
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter; a plain tensor itself."""
     return p.to_local() if hasattr(p, "to_local") else p
 
 
@@ -75,6 +79,7 @@ class ShardedEMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """``shadow ← decay·shadow + (1 − decay)·θ`` on the local shards (a plain copy at the first update)."""
         params = [_local(p).detach() for p in model.parameters()]
         if self.num_updates == 0:
             torch._foreach_copy_(self.shadow, params)
