@@ -35,7 +35,8 @@ $(COMPAT_STAMP):
 compat: $(COMPAT_STAMP)
 
 test: $(STAMP) $(COMPAT_STAMP)
-	ARD_KERNELS_TRITON36_PYTHON=$(abspath $(COMPAT_VENV))/bin/python $(PY) -m pytest tests
+	ARD_KERNELS_REQUIRE_TEST_DEPS=1 ARD_KERNELS_TRITON36_PYTHON=$(abspath $(COMPAT_VENV))/bin/python \
+		$(PY) -m pytest tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -7,16 +7,23 @@ divides by ``half − 1`` and its ``norm2`` uses ``norm_eps``. The test builds d
 that everything else (names, qkv fusion, chunk orders, unpatchify, position table) agrees.
 """
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
 from ard_kernels.models import DiT, diffusers_to_dit, dit_from_diffusers
 
-try:  # a test requirement (requirements-dev.txt pins it): missing is a broken set-up, not a reason to skip
-    import diffusers  # noqa: F401
-except ImportError as exc:
-    raise ImportError("tests/test_diffusers_interop.py needs diffusers, a test requirement: "
-                      "pip install -r requirements-dev.txt (make test installs it)") from exc
+# A test requirement (requirements-dev.txt pins it): under `make test`, which installs it and sets
+# ARD_KERNELS_REQUIRE_TEST_DEPS=1, a missing diffusers fails these tests instead of skipping them.
+# Elsewhere (the GPU machines have no diffusers and no network) the module skips, so that
+# collecting it cannot stop `pytest tests -m cuda`.
+if importlib.util.find_spec("diffusers") is None:
+    if os.environ.get("ARD_KERNELS_REQUIRE_TEST_DEPS") == "1":
+        raise ImportError("tests/test_diffusers_interop.py needs diffusers, a test requirement: "
+                          "pip install -r requirements-dev.txt (make test installs it)")
+    pytest.skip("diffusers is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
 
 
 def tiny_diffusers(sample_size=8, learn_sigma=True, num_classes=10):
