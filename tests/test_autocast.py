@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from _trajectory_helpers import write_tiny_trajectories
 
 import ard_kernels as ak
 from ard_kernels.models import ARDiT
@@ -80,16 +81,9 @@ def test_sampling_under_bf16_autocast_keeps_a_bf16_cache(cfg_scale, monkeypatch)
 
 
 def test_training_cli_with_bf16_autocast(tmp_path):
-    from ard_kernels.models import DiT
     from ard_kernels.train import build_parser, train
-    from ard_kernels.trajectories import TrajectoryConfig, generate, write_manifest
 
-    torch.manual_seed(0)
-    teacher = DiT("DiT-tiny/2", input_size=8, num_classes=10).eval()
-    cfg = TrajectoryConfig(model="DiT-tiny/2", num=8, shard_size=8, steps=6, record_indices=[4, 2, 1, 0],
-                           input_size=8, num_classes=10)
-    generate(teacher, cfg, tmp_path / "traj", progress=False)
-    write_manifest(cfg, tmp_path / "traj")
+    write_tiny_trajectories(tmp_path / "traj", num=8, shard_size=8)
     args = build_parser().parse_args(["--model", "DiT-tiny/2", "--data", str(tmp_path / "traj"), "--out",
                                       str(tmp_path / "run"), "--steps", "3", "--batch-size", "4",
                                       "--history-layers", "2", "--log-every", "1", "--no-progress",

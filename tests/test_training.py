@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _trajectory_helpers import write_tiny_trajectories
 from safetensors.torch import load_file, save_file
 
 from ard_kernels.models import ARDiT, DiT
 from ard_kernels.train import build_parser, latest_checkpoint, train
 from ard_kernels.training import ModelEMA, ard_loss, teacher_forced_states
-from ard_kernels.trajectories import TrajectoryConfig, generate, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,17 +63,7 @@ def test_model_ema_follows_the_formula():
 # -------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("traj")
-    torch.manual_seed(0)
-    teacher = DiT("DiT-tiny/2", input_size=8, num_classes=10).eval()
-    with torch.no_grad():
-        for head in (teacher.final_layer.linear, teacher.final_layer.adaLN_modulation[-1]):
-            head.weight.normal_(std=0.02)
-    cfg = TrajectoryConfig(model="DiT-tiny/2", num=12, shard_size=5, steps=6, record_indices=[4, 2, 1, 0],
-                           input_size=8, num_classes=10)
-    generate(teacher, cfg, out, progress=False)
-    write_manifest(cfg, out)
-    return out
+    return write_tiny_trajectories(tmp_path_factory.mktemp("traj"))
 
 
 def args_for(data_dir, out, *extra):
