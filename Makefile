@@ -7,12 +7,17 @@ PIP := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 TRITON_CPU := triton==3.7.1
 STAMP := $(VENV)/.ard_kernels-installed
-# The GPU machines run triton 3.6: a second venv compiles every kernel with it for sm_90 (no GPU
-# needed), so code that only newer Tritons accept is caught here (tests/test_aot_compile.py).
-COMPAT_VENV ?= .venv-triton36
-COMPAT_STAMP := $(COMPAT_VENV)/.installed
+# The GPU machines run torch 2.11.0+cu130 and triton 3.6.0, not this CPU stack: a second venv holds
+# that stack (the CUDA torch wheel imports without a GPU), so what breaks only there is caught here:
+# every kernel compiled by triton 3.6 for sm_90 (tests/test_aot_compile.py), the CUDA extension built
+# against the CUDA torch, and the `-m cuda` tests collected (tests/test_gpu_stack.py). It gets only
+# packages the GPU machines' image has too (no diffusers), so a test module that needs more fails here.
+TORCH_GPU := torch==2.11.0
+TRITON_GPU := triton==3.6.0
+GPU_STACK_VENV ?= .venv-gpu-stack
+GPU_STACK_STAMP := $(GPU_STACK_VENV)/.installed
 
-.PHONY: test bench lint wheel clean install compat
+.PHONY: test bench lint wheel clean install gpu-stack
 
 install: $(STAMP)
 
@@ -27,15 +32,16 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml Makefile
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
-$(COMPAT_STAMP):
-	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install -q $(TORCH_CPU) triton==3.6.0 numpy
+$(GPU_STACK_STAMP): Makefile
+	$(PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_VENV)/bin/python -m pip install -q $(TORCH_GPU) $(TRITON_GPU) numpy ninja pybind11 \
+		pytest pytest-benchmark hypothesis safetensors tqdm
 	@touch $@
 
-compat: $(COMPAT_STAMP)
+gpu-stack: $(GPU_STACK_STAMP)
 
-test: $(STAMP) $(COMPAT_STAMP)
-	ARD_KERNELS_REQUIRE_TEST_DEPS=1 ARD_KERNELS_TRITON36_PYTHON=$(abspath $(COMPAT_VENV))/bin/python \
+test: $(STAMP) $(GPU_STACK_STAMP)
+	ARD_KERNELS_REQUIRE_TEST_DEPS=1 ARD_KERNELS_GPU_STACK_PYTHON=$(abspath $(GPU_STACK_VENV))/bin/python \
 		$(PY) -m pytest tests
 
 bench: $(STAMP)
@@ -49,4 +55,4 @@ wheel: $(STAMP)
 	@ls -l dist/*.whl
 
 clean:
-	rm -rf build dist *.egg-info results ard_kernels/*.so $(COMPAT_VENV)
+	rm -rf build dist *.egg-info results ard_kernels/*.so $(GPU_STACK_VENV)

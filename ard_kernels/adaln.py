@@ -9,7 +9,8 @@ In ARD block k of K trajectory states has its own timestep, so the conditioning
 ``c = t_emb(t_k) + y_emb`` is one vector per (sample, block): c is (B, nb, C). The published
 code repeats c for every token and runs the adaLN Linear(C, 6C) on all B·N token rows; here it
 runs on the B·nb block rows (N/nb = 256× fewer rows for DiT-XL/2 at 4×256 tokens) and the
-chunks feed :func:`ard_kernels.modulated_layer_norm` / :func:`ard_kernels.gated_residual`,
+chunks feed :func:`ard_kernels.modulated_layer_norm` / :func:`ard_kernels.gated_residual` (and the
+two fused, :func:`ard_kernels.gated_residual_modulated_layer_norm`, at the attention's residual),
 which index them by ``n // block_size``: the token-wise time embedding costs nothing per token.
 
 The ``*_per_token`` functions are the published formulation (conditioning repeated per token,
@@ -84,8 +85,9 @@ def adaln_layer(x, c_blocks, linear, attn, mlp, block_size, eps=NORM_EPS, backen
     """
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_modulation(c_blocks, linear, 6)
     h = api.modulated_layer_norm(x, shift_msa, scale_msa, block_size, eps=eps, backend=backend)
-    x = api.gated_residual(x, attn(h), gate_msa, block_size, backend=backend)
-    h = api.modulated_layer_norm(x, shift_mlp, scale_mlp, block_size, eps=eps, backend=backend)
+    # The attention's residual and the MLP's LayerNorm of its result: one fused pass.
+    x, h = api.gated_residual_modulated_layer_norm(x, attn(h), gate_msa, shift_mlp, scale_mlp, block_size, eps=eps,
+                                                   backend=backend)
     return api.gated_residual(x, mlp(h), gate_mlp, block_size, backend=backend)
 
 

@@ -34,6 +34,7 @@ OP_MODULES = (
     "ard_kernels.ops.block_attention",
     "ard_kernels.ops.modulated_layer_norm",
     "ard_kernels.ops.gated_residual",
+    "ard_kernels.ops.gated_residual_modulated_layer_norm",
     "ard_kernels.ops.timestep_embedding",
 )
 

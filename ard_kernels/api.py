@@ -170,6 +170,41 @@ def gated_residual(x, y, gate, block_size, inplace=False, backend="auto"):
     return gated_residual_triton(x, y, gate, block_size, inplace)
 
 
+def gated_residual_modulated_layer_norm(x, y, gate, shift, scale, block_size, eps=1e-6, inplace=False,
+                                        backend="auto"):
+    """``out = x + gate·y`` and ``h = LN(out)·(1 + scale) + shift``, conditioning per block, fused.
+
+    :func:`gated_residual` followed by :func:`modulated_layer_norm` of its result (a DiT block's
+    attention residual and the MLP's input) in one pass over the tokens: row n of sample b uses
+    ``gate``/``shift``/``scale[b, n // block_size]``.
+
+    Args:
+        x, y: (B, N, C); gate, shift, scale: (B, nb, C), nb = ceil(N / block_size); one device,
+            float dtypes (y and the conditioning may differ from x, e.g. bf16 under autocast).
+        eps: LayerNorm epsilon, > 0.
+        inplace: write ``out`` into ``x`` (inference only: refused when grad is needed).
+
+    Returns:
+        (out, h), (B, N, C) each in x's dtype (``out`` is ``x`` itself when ``inplace``);
+        differentiable in x, y, gate, shift and scale.
+    """
+    _check_conditioning(x, block_size, gate=gate, shift=shift, scale=scale)
+    check_tensor("y", y, 3)
+    check_shape("y", y, tuple(x.shape))
+    check_same_device("x", x, y=y)
+    check_positive("eps", eps)
+    if inplace and torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, gate, shift, scale)):
+        raise RuntimeError("inplace: gated_residual_modulated_layer_norm(inplace=True) is for inference; "
+                           "a tensor here requires grad")
+    chosen = resolve(backend, "gated_residual_modulated_layer_norm", x.device)
+    if chosen == "reference":
+        out, h = reference.gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, block_size, eps)
+        return (x.copy_(out), h) if inplace else (out, h)
+    from .ops.gated_residual_modulated_layer_norm import gated_residual_modulated_layer_norm_triton
+
+    return gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_size, eps, inplace)
+
+
 def timestep_embedding(t, dim, max_period=10000, backend="auto"):
     """``emb = [cos(t·f_i), sin(t·f_i)]``, ``f_i = exp(−ln(max_period)·i/(dim//2))``: DiT's embedding.
 

@@ -232,11 +232,18 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
+def _addmm_activation_flops(bias_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._addmm_activation`` (fc1 + GELU in one GEMM on CUDA), counted as its addmm."""
+    m, k = mat1_shape
+    return 2 * m * k * mat2_shape[1]
+
+
 def _count(fn) -> int:
-    """Total FLOPs FlopCounterMode registers while ``fn()`` runs (CPU flash SDPA included)."""
+    """Total FLOPs FlopCounterMode registers while ``fn()`` runs (CPU flash SDPA and the fused
+    fc1 + GELU GEMM of CUDA inference included: the counter has no formula for either)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    custom = {}
+    custom = {torch.ops.aten._addmm_activation: _addmm_activation_flops}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         custom[cpu_sdpa] = _cpu_sdpa_flops

@@ -111,6 +111,22 @@ def gated_residual_ref(x, y, gate, block_size):
     return out.to(x.dtype)
 
 
+def gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, block_size, eps=1e-6):
+    """``out = x + gate·y``, then ``h = LN(out)·(1 + scale) + shift``, conditioning per block.
+
+    The two ops of a DiT block's middle, as :func:`gated_residual_ref` followed by
+    :func:`modulated_layer_norm_ref` of ``out`` (stored in x's dtype, then normalised).
+
+    Args:
+        x, y: (B, N, C); gate, shift, scale: (B, nb, C), nb = ceil(N / block_size).
+
+    Returns:
+        (out, h), both (B, N, C) in x's dtype.
+    """
+    out = gated_residual_ref(x, y, gate, block_size)
+    return out, modulated_layer_norm_ref(out, shift, scale, block_size, eps)
+
+
 def kv_append_ref(k_cache, v_cache, k, v, offset):
     """``k_cache[:, :, offset:offset+n] = k``; ``v_cache[:, :, offset:offset+n] = v``, in place.
 

@@ -1,4 +1,4 @@
-"""Token-wise conditioning kernels: modulated LayerNorm, gated residual, and one layer's adaLN path.
+"""Token-wise conditioning kernels: modulated LayerNorm, gated residual, the two fused, one layer's adaLN path.
 
 ``ms`` = median time (``triton.testing.do_bench`` on CUDA, a perf_counter loop on CPU);
 ``gbps`` = effective bandwidth: the bytes an ideal kernel moves (each tensor read or written
@@ -11,7 +11,9 @@ Providers:
 - ``eager_ref``: :mod:`ard_kernels.reference` in eager PyTorch (per-block view, fp32 math);
 - ``compiled_ref``: ``torch.compile`` of the same reference (CUDA only);
 - ``per_token``: the published formulation, conditioning already repeated per token
-  (B, N, C) as its adaLN Linear produces it; DiT's ``modulate`` / ``x + gate·y`` in eager.
+  (B, N, C) as its adaLN Linear produces it; DiT's ``modulate`` / ``x + gate·y`` in eager;
+- ``ours_unfused`` (``gated_residual_modulated_layer_norm`` only): our two separate kernels, one
+  after the other, so the row shows what the fusion saves.
 
 ``adaln_layer`` times the whole adaLN path of one DiT layer with the attention and MLP replaced
 by the identity: the modulation Linear (on B·nb block rows for ours/eager_ref/compiled_ref, on
@@ -60,7 +62,7 @@ CASES = {
 }
 CASES["all"] = CASES["main"] + CASES["extra"]
 CPU_CASES = [(2, 4 * 16, 128, 16), (1, 4 * 16, 128, 16)]
-OPS = ("modulated_layer_norm", "adaln_layer", "gated_residual")
+OPS = ("modulated_layer_norm", "adaln_layer", "gated_residual", "gated_residual_modulated_layer_norm")
 
 
 def _parse(argv: Sequence[str] | None):
@@ -127,6 +129,33 @@ def _elementwise_cases(op, b, n, c, block_size, dtype, device, providers):
         }
         # fwd: x, y, shift, scale; bwd: x, dy, dx, mean/rstd, scale, dshift, dscale.
         nbytes = {"fwd": 2 * tok + 2 * blk, "bwd": 3 * tok + 8 * b * n + 3 * blk}
+    elif op == "gated_residual_modulated_layer_norm":
+        from ard_kernels.ops.gated_residual import gated_residual_triton
+        from ard_kernels.ops.gated_residual_modulated_layer_norm import gated_residual_modulated_layer_norm_triton
+        from ard_kernels.ops.modulated_layer_norm import modulated_layer_norm_triton
+
+        ref = reference.gated_residual_modulated_layer_norm_ref
+        gate = torch.randn(b, nb, c, device=device, dtype=dtype) * 0.1
+        inputs = [x, torch.randn(b, n, c, device=device, dtype=dtype), gate, *conds]
+
+        def unfused(a, y, g, s, k):  # our two kernels one after the other: what the fusion saves
+            out = gated_residual_triton(a, y, g, block_size)
+            return out, modulated_layer_norm_triton(out, s, k, block_size, EPS)
+
+        def per_token(a, y, g, s, k):
+            out = a + g * y
+            return out, F.layer_norm(out, (c,), eps=EPS) * (1 + k) + s
+
+        fns = {
+            "ours": lambda a, y, g, s, k: gated_residual_modulated_layer_norm_triton(a, y, g, s, k, block_size, EPS),
+            "ours_unfused": unfused,
+            "eager_ref": lambda a, y, g, s, k: ref(a, y, g, s, k, block_size, EPS),
+            "per_token": per_token,
+        }
+        if "ours" in providers and "ours_unfused" not in providers:
+            providers = [*providers, "ours_unfused"]
+        # fwd: x, y, out, h, gate/shift/scale; bwd: dout, dh, out, y, dx, dy, mean/rstd, gate, scale, 3 sums.
+        nbytes = {"fwd": 4 * tok + 3 * blk, "bwd": 6 * tok + 8 * b * n + 5 * blk}
     else:
         from ard_kernels.ops.gated_residual import gated_residual_triton as ours
 
@@ -147,10 +176,11 @@ def _elementwise_cases(op, b, n, c, block_size, dtype, device, providers):
             continue
         args = inputs
         if p == "per_token":  # its Linear already made per-token conditioning: not timed here
-            n_cond = 2 if op == "modulated_layer_norm" else 1
+            n_cond = {"modulated_layer_norm": 2, "gated_residual": 1}.get(op, 3)
             args = inputs[:-n_cond] + [_per_token(t, n, block_size) for t in inputs[-n_cond:]]
         cases.append((p, fns[p], args))
-    return cases, nbytes, torch.randn(b, n, c, device=device, dtype=dtype)
+    dy = torch.randn(b, n, c, device=device, dtype=dtype)
+    return cases, nbytes, ((dy, torch.randn_like(dy)) if op == "gated_residual_modulated_layer_norm" else dy)
 
 
 def _layer_cases(b, n, c, block_size, dtype, device, providers):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from test_gpu_stack import gpu_stack_env, gpu_stack_python
 
 from ard_kernels import aot_check
 
@@ -63,19 +64,11 @@ def test_attention_fits_the_shared_memory_of_its_targets(report):
 
 
 def test_every_kernel_compiles_with_triton_36_for_sm90():
-    """The GPU machines run triton 3.6: compile every kernel with it too (make test provides it)."""
+    """The GPU machines run torch 2.11 and triton 3.6: compile every kernel with them too, in the GPU-stack
+    venv (`make test` builds it; tests/test_gpu_stack.py checks its versions)."""
+    python = gpu_stack_python()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    python = os.environ.get("ARD_KERNELS_TRITON36_PYTHON")
-    local = os.path.join(root, ".venv-triton36", "bin", "python")
-    if not python and os.path.exists(local):
-        python = local  # `make test` built it here
-    if not python:
-        pytest.skip("no triton 3.6 venv: `make test` builds .venv-triton36 (or set ARD_KERNELS_TRITON36_PYTHON)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root
-    version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], capture_output=True,
-                             text=True, env=env, check=True).stdout.strip()
-    assert version.startswith("3.6"), f"{python} has triton {version}, expected 3.6"
+    env = gpu_stack_env(PYTHONPATH=root)
     proc = subprocess.run([python, "-m", "ard_kernels.aot_check", "--arch", "90", "--json"], capture_output=True,
                           text=True, env=env, cwd=root, timeout=900)
     assert proc.stdout, proc.stderr[-4000:]

@@ -180,3 +180,12 @@ def test_run_all_isolated_with_deadline(tmp_path):
     rows = json.loads((tmp_path / "kv_cache.json").read_text())["rows"]
     assert rows and {r["op"] for r in rows} == {"append"}
     assert "## Targets" in (tmp_path / "SUMMARY.md").read_text() and (tmp_path / "TARGETS.md").is_file()
+
+
+def test_counter_sees_the_fused_gelu_gemm_as_its_addmm():
+    """CUDA inference runs fc1 + GELU as ``_addmm_activation``, for which FlopCounterMode has no formula."""
+    from ard_kernels.flops import _count
+
+    x, w, b = torch.randn(6, 8), torch.randn(16, 8), torch.randn(16)
+    fused = _count(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+    assert fused == _count(lambda: torch.addmm(b, x, w.t())) == 2 * 6 * 8 * 16

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ard_kernels.models import CONFIGS, ARDiT, DiT, DiTConfig, get_config, infer_dit_kwargs, sincos_pos_embed_2d
+from ard_kernels.models.dit import Mlp, gelu_epilogue_applies
 
 TINY = dict(input_size=8, num_classes=10, attn_backend="reference", mod_backend="reference")
 PATTERNS = ["causal", "diagonal", "window", "first"]
@@ -226,18 +227,23 @@ def naive_dit_forward(model, x, t, y):
     return out.reshape(-1, c_out, g * p, g * p)
 
 
-@pytest.mark.parametrize("attn_backend", ["reference", "sdpa"])
-def test_dit_forward_matches_the_original_formulation(attn_backend):
-    model = tiny_dit(attn_backend=attn_backend)
+@pytest.mark.parametrize("attn_backend,mod_backend", [("reference", "reference"), ("sdpa", "reference"),
+                                                      ("triton", "triton")])
+def test_dit_forward_matches_the_original_formulation(attn_backend, mod_backend):
+    """Also with the Triton kernels (interpreted here): the fused residual + LayerNorm boundaries
+    between blocks and before the head compute the original's separate ops."""
+    model = tiny_dit(attn_backend=attn_backend, mod_backend=mod_backend)
+    # The kernels sum LayerNorm rows in another order than PyTorch: fp32 rounding, ~3e-6 of the output's scale.
+    tol = dict(rtol=1e-5, atol=1e-5 if mod_backend == "reference" else 5e-5)
     x = torch.randn(3, 4, 8, 8)
     t = torch.tensor([0.0, 499.5, 999.0])
     y = torch.tensor([0, 9, 10])  # 10 = null class
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), naive_dit_forward(model, x, t, y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x, t, y), naive_dit_forward(model, x, t, y), **tol)
     # Training-mode forward with grad (the out-of-place residual path) agrees too; dropout off.
     model.y_embedder.dropout_prob = 0.0
     model.train()
-    torch.testing.assert_close(model(x, t, y), naive_dit_forward(model, x, t, y), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x, t, y), naive_dit_forward(model, x, t, y), **tol)
 
 
 def test_forward_with_cfg_guides_the_first_three_channels_like_dit():
@@ -335,3 +341,35 @@ def test_invalid_arguments_are_named():
         student.forward_train(torch.randn(2, 3, 4, 8, 8), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="y"):
         student.forward_train(torch.randn(2, 4, 4, 8, 8), torch.tensor([1]))
+
+
+# ------------------------------------------------------------------------------- MLP GELU epilogue
+def test_gelu_epilogue_is_never_taken_on_the_cpu():
+    """On the CPU ``_addmm_activation`` applies the exact GELU, not DiT's tanh one: the Mlp must not use it."""
+    mlp = Mlp(16, 64)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert not gelu_epilogue_applies(x, mlp.fc1)
+        torch.testing.assert_close(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_gelu_epilogue_computes_dits_mlp(dtype):
+    """fc1 + tanh-GELU as one cuBLASLt GEMM, in inference only: as close to the fp32 MLP as the two-op
+    MLP in that dtype; with autograd or autocast on, the two-op path (the epilogue has neither)."""
+    torch.manual_seed(0)
+    mlp = Mlp(1152, 4608).cuda()
+    x = torch.randn(2, 256, 1152, device="cuda")
+    with torch.no_grad():
+        want = mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
+        lowp = mlp.to(dtype)
+        xl = x.to(dtype)
+        assert gelu_epilogue_applies(xl, lowp.fc1)
+        fused = lowp(xl)
+        two_op = lowp.fc2(F.gelu(lowp.fc1(xl), approximate="tanh"))
+    err, base = (fused.float() - want).abs().max().item(), (two_op.float() - want).abs().max().item()
+    assert fused.dtype == dtype and err <= 2 * base + 1e-5, (err, base)
+    assert not gelu_epilogue_applies(xl, lowp.fc1)  # grad mode is on again
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert not gelu_epilogue_applies(x, mlp.float().fc1)

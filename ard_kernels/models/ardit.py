@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .. import masks
 from .configs import get_config
-from .dit import DiT, FinalLayer
+from .dit import DiT, FinalLayer, run_blocks
 
 
 def _history_kv(cache, layer: int, lo: int, hi: int, qkv):
@@ -214,16 +214,19 @@ class ARDiT(DiT):
         tokens = self.embed(x)
         ck = c[:, k:k + 1]
         lo, hi, bs, pat = self._plans[k] if self.history_layers else (0, n, n, "causal")
-        for i, block in enumerate(self.blocks):
-            mod = None if mods is None else tuple(m[:, k:k + 1] for m in mods[i])
-            if i < self.history_layers:
-                kv = functools.partial(_history_kv, cache, i, lo, hi)
-                tokens = block(tokens, ck, n, pat, kv=kv, attn_block_size=bs, mod=mod)
-            else:
-                tokens = block(tokens, ck, n, "diagonal", mod=mod)
+        layer_kwargs = [
+            {"pattern": pat, "kv": functools.partial(_history_kv, cache, i, lo, hi), "attn_block_size": bs}
+            if i < self.history_layers else {"pattern": "diagonal"}
+            for i in range(len(self.blocks))
+        ]
+        if mods is None:
+            mods = [block.modulation(ck) for block in self.blocks]
+        else:
+            mods = [tuple(m[:, k:k + 1] for m in layer) for layer in mods]
+        out = run_blocks(self.blocks, self.heads[k], tokens, ck, n, mods, layer_kwargs)
         if self.history_layers:
             cache.advance(n)
-        return self.unpatchify(self.heads[k](tokens, ck, n))
+        return self.unpatchify(out)
 
     def sample(self, noise, y, cfg_scale: float = 1.0, return_states: bool = False, use_cuda_graphs: bool = False,
                vae=None):

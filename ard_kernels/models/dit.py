@@ -9,7 +9,8 @@ hot ops go through :mod:`ard_kernels.api` with a selectable backend:
 
 - attention: :func:`ard_kernels.block_attention` (``attn_backend``);
 - LayerNorm + modulate and the gated residual: :func:`ard_kernels.modulated_layer_norm`,
-  :func:`ard_kernels.gated_residual` (``mod_backend``);
+  :func:`ard_kernels.gated_residual`, and the two fused where one follows the other
+  (:func:`ard_kernels.gated_residual_modulated_layer_norm`) (``mod_backend``);
 - the sinusoidal timestep features: :func:`ard_kernels.timestep_embedding` (``mod_backend``).
 
 Shapes: images (B, C_in, H, W) with H = W = ``input_size``; T = (H / p)² tokens of width
@@ -147,8 +148,24 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(b, n, c))
 
 
+def gelu_epilogue_applies(x, fc1: nn.Linear) -> bool:
+    """Whether ``GELU_tanh(fc1(x))`` can run as one cuBLASLt GEMM with a GELU epilogue.
+
+    ``torch._addmm_activation(bias, x, Wᵀ, use_gelu=True)`` applies the tanh-approximate GELU (DiT's)
+    inside the GEMM on CUDA, saving a pass over the 4·C-wide hidden activations (read and write)
+    and a launch per layer. It has no autograd formula and autocast does not cover it, so: CUDA
+    tensors, no autograd, no autocast, one dtype, a bias. (On the CPU the same op applies the
+    exact GELU, another function: never used there.)
+    """
+    return (x.is_cuda and not torch.is_grad_enabled() and fc1.bias is not None
+            and not torch.is_autocast_enabled("cuda") and x.dtype == fc1.weight.dtype == fc1.bias.dtype)
+
+
 class Mlp(nn.Module):
-    """``fc2(GELU_tanh(fc1(x)))``, hidden width ``mlp_ratio·C`` (``mlp.fc1``, ``mlp.fc2``)."""
+    """``fc2(GELU_tanh(fc1(x)))``, hidden width ``mlp_ratio·C`` (``mlp.fc1``, ``mlp.fc2``).
+
+    In CUDA inference fc1 and the GELU are one GEMM (:func:`gelu_epilogue_applies`).
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -157,6 +174,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=True)
 
     def forward(self, x):
+        if gelu_epilogue_applies(x, self.fc1):
+            rows = x.reshape(-1, x.shape[-1])
+            hidden = torch._addmm_activation(self.fc1.bias, rows, self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(hidden.reshape(*x.shape[:-1], hidden.shape[-1]))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -179,23 +200,62 @@ class DiTBlock(nn.Module):
         """``Linear(SiLU(c))`` split into the six (B, nb, C) modulation vectors of conditioning c (B, nb, C)."""
         return adaln_modulation(c, self.adaLN_modulation[1], 6)
 
-    def forward(self, x, c, block_size, pattern, kv=None, attn_block_size: int | None = None, mod=None):
+    def forward(self, x, c, block_size, pattern, kv=None, attn_block_size: int | None = None, mod=None, h=None,
+                next_norm=None):
         """x (B, N, C), c (B, nb, C) with nb = ceil(N / block_size) → (B, N, C).
 
         ``kv`` and ``attn_block_size`` (default ``block_size``) go to the attention: a cached step
         attends over a key sequence blocked differently from its own tokens. ``mod``, when given,
         replaces :meth:`modulation` of c (the sampler computes all K blocks' vectors up front).
+
+        Chaining blocks (:func:`run_blocks`): ``h``, when given, is this block's attention input
+        ``LN(x)·(1 + scale_msa) + shift_msa``, already computed by the block before; with
+        ``next_norm = (shift, scale)``, the modulation of the LayerNorm that follows this block,
+        it returns ``(x, LN(x)·(1 + scale) + shift)``, that LayerNorm fused with its last residual.
         """
         attn_bs = block_size if attn_block_size is None else attn_block_size
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c) if mod is None else mod
         be = self.backend
         # In inference the residual stream is ours alone: update it in place (no new (B, N, C) buffer).
         inplace = not torch.is_grad_enabled()
-        h = api.modulated_layer_norm(x, shift_msa, scale_msa, block_size, eps=NORM_EPS, backend=be)
-        x = api.gated_residual(x, self.attn(h, attn_bs, pattern, kv), gate_msa, block_size,
-                               inplace=inplace, backend=be)
-        h = api.modulated_layer_norm(x, shift_mlp, scale_mlp, block_size, eps=NORM_EPS, backend=be)
-        return api.gated_residual(x, self.mlp(h), gate_mlp, block_size, inplace=inplace, backend=be)
+        if h is None:
+            h = api.modulated_layer_norm(x, shift_msa, scale_msa, block_size, eps=NORM_EPS, backend=be)
+        # Each residual is fused with the LayerNorm that reads its result: one pass over the stream.
+        x, h = api.gated_residual_modulated_layer_norm(x, self.attn(h, attn_bs, pattern, kv), gate_msa, shift_mlp,
+                                                       scale_mlp, block_size, eps=NORM_EPS, inplace=inplace, backend=be)
+        if next_norm is None:
+            return api.gated_residual(x, self.mlp(h), gate_mlp, block_size, inplace=inplace, backend=be)
+        return api.gated_residual_modulated_layer_norm(x, self.mlp(h), gate_mlp, *next_norm, block_size, eps=NORM_EPS,
+                                                       inplace=inplace, backend=be)
+
+
+def run_blocks(blocks, head, x, c, block_size, mods, layer_kwargs=None):
+    """The trunk and the head's LayerNorm, each block's last residual fused with the next LayerNorm.
+
+    ``x_{i+1} = block_i(x_i)``, then ``head.linear(LN(x_depth)·(1 + scale) + shift)``, computed
+    with one fused pass at every block boundary (:func:`ard_kernels.gated_residual_modulated_layer_norm`)
+    instead of a residual pass and a LayerNorm pass.
+
+    Args:
+        blocks: the :class:`DiTBlock` s, in order; head: a :class:`FinalLayer`.
+        x: (B, N, C) tokens; c: (B, nb, C) conditioning of the head.
+        mods: each block's six modulation vectors for these tokens (:meth:`DiTBlock.modulation`),
+            computed before the blocks run: the fused boundary needs the next block's. (Not for a
+            student sharded per block by FSDP, whose parameters exist only inside each block's
+            forward: training calls the blocks one by one.)
+        layer_kwargs: optional per-block dicts of extra :meth:`DiTBlock.forward` arguments
+            (pattern, kv, attn_block_size); default ``pattern="diagonal"``.
+
+    Returns:
+        (B, N, p²·C_out), the head's output.
+    """
+    h = None
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        next_norm = mods[i + 1][:2] if i < last else head.modulation(c)
+        kwargs = layer_kwargs[i] if layer_kwargs is not None else {"pattern": "diagonal"}
+        x, h = block(x, None, block_size, mod=mods[i], h=h, next_norm=next_norm, **kwargs)
+    return head.linear(h)
 
 
 class FinalLayer(nn.Module):
@@ -207,9 +267,13 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
         self.backend = "auto"
 
+    def modulation(self, c):
+        """``(shift, scale) = Linear(SiLU(c))`` of conditioning c (B, nb, C), each (B, nb, C)."""
+        return adaln_modulation(c, self.adaLN_modulation[1], 2)
+
     def forward(self, x, c, block_size):
         """x (B, N, C), c (B, nb, C) with nb = ceil(N / block_size) → (B, N, p²·C_out)."""
-        shift, scale = adaln_modulation(c, self.adaLN_modulation[1], 2)
+        shift, scale = self.modulation(c)
         x = api.modulated_layer_norm(x, shift, scale, block_size, eps=NORM_EPS, backend=self.backend)
         return self.linear(x)
 
@@ -324,10 +388,8 @@ class DiT(nn.Module):
         """
         tokens = self.embed(x)
         c = (self.t_embedder(t) + self.y_embedder(y, self.training))[:, None]  # (B, 1, hidden): one block
-        n = self.num_tokens
-        for block in self.blocks:
-            tokens = block(tokens, c, n, "diagonal")
-        return self.unpatchify(self.final_layer(tokens, c, n))
+        mods = [block.modulation(c) for block in self.blocks]
+        return self.unpatchify(run_blocks(self.blocks, self.final_layer, tokens, c, self.num_tokens, mods))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels: int = 3):
         """Classifier-free guidance on a doubled batch, as the original DiT.

@@ -55,6 +55,33 @@ def load_block_row(ptr, b, blk64, stride_b, stride_n, stride_c, cols, col_ok):
     return tl.load(ptr + b * stride_b + blk64 * stride_n + cols * stride_c, mask=col_ok, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def modulated_norm_tile(x, mask, SHIFT_ptr, SCALE_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
+                        stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok, C, eps):
+    """``LN(x)·(1 + scale) + shift`` of an fp32 tile of whole rows (zero outside ``mask``), with the
+    block's shift/scale rows loaded here: returns (y, per-row mean, per-row rstd)."""
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    shift = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols, col_ok)
+    scale = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
+    return xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :], mean, rstd
+
+
+@triton.jit
+def modulated_norm_backward_tile(x, dy, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask, gain, C):
+    """One tile of the backward of ``y = x̂·gain + shift``, x̂ = LayerNorm(x) from the saved per-row
+    mean and rstd: returns (x̂, zero outside ``mask``, for the dscale sums; dx, LayerNorm's backward
+    through x̂ of the upstream gradient dy·gain)."""
+    mean = tl.load(MEAN_ptr + b * N + n64, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD_ptr + b * N + n64, mask=row_ok, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g_xhat = dy * gain[None, :]
+    c1 = tl.sum(g_xhat * xhat, axis=1) / C
+    c2 = tl.sum(g_xhat, axis=1) / C
+    return xhat, (g_xhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+
+
 @functools.cache
 def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -91,3 +118,19 @@ def row_groups(block_size, block_m, pairs, device):
     groups = max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(programs_target(device), pairs)))
     rows_per_group = triton.cdiv(tiles, groups) * block_m
     return triton.cdiv(block_size, rows_per_group), rows_per_group
+
+
+def row_tile(C, block_size, device, target_elems):
+    """(BLOCK_M, BLOCK_C, num_warps) for a whole-row tile of width C.
+
+    GPU: about ``target_elems`` elements per program (several rows for small C, at most 16) so
+    each program has enough bytes in flight, and about 16 elements per thread (warps grow with
+    the tile); a backward keeps more tiles live, so it asks for fewer.
+    """
+    if device.type != "cuda":
+        return interpreter_tile(C, block_size)
+    block_c = triton.next_power_of_2(C)
+    block_m = tile_rows(block_size, block_c, target_elems, 16)
+    elems = block_m * block_c
+    num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
+    return block_m, block_c, num_warps

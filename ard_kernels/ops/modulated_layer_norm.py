@@ -17,7 +17,16 @@ import triton
 import triton.language as tl
 
 from . import launch_device
-from ._rows import block_program, block_rows, interpreter_tile, load_block_row, load_tile, row_groups, tile_rows
+from ._rows import (
+    block_program,
+    block_rows,
+    load_block_row,
+    load_tile,
+    modulated_norm_backward_tile,
+    modulated_norm_tile,
+    row_groups,
+    row_tile,
+)
 
 
 @triton.jit
@@ -38,15 +47,9 @@ def _modulated_layer_norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
 
     x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / C
-    rstd = tl.rsqrt(var + eps)
-
-    blk64 = blk.to(tl.int64)
-    shift = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols, col_ok)
-    scale = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
-    y = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    y, mean, rstd = modulated_norm_tile(x, mask, SHIFT_ptr, SCALE_ptr, b, blk.to(tl.int64),
+                                        stride_sh_b, stride_sh_n, stride_sh_c, stride_sc_b, stride_sc_n, stride_sc_c,
+                                        cols, col_ok, C, eps)
     tl.store(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :],
              y.to(Y_ptr.dtype.element_ty), mask=mask)
     tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
@@ -80,38 +83,15 @@ def _modulated_layer_norm_bwd_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
         dy = load_tile(DY_ptr, b, n64, cols, stride_dy_b, stride_dy_n, stride_dy_c, mask)
-        mean = tl.load(MEAN_ptr + b * N + n64, mask=row_ok, other=0.0)
-        rstd = tl.load(RSTD_ptr + b * N + n64, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat, dx = modulated_norm_backward_tile(x, dy, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask, gain, C)
         acc_dshift += tl.sum(dy, axis=0)
         acc_dscale += tl.sum(dy * xhat, axis=0)
-        # LayerNorm backward through x̂ with the modulated upstream gradient dy·(1 + scale).
-        g_xhat = dy * gain[None, :]
-        c1 = tl.sum(g_xhat * xhat, axis=1) / C
-        c2 = tl.sum(g_xhat, axis=1) / C
-        dx = (g_xhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n + cols[None, :],
                  dx.to(DX_ptr.dtype.element_ty), mask=mask)
 
     part = ((b * num_blocks + blk64) * groups + g) * C + cols
     tl.store(DSHIFT_PART_ptr + part, acc_dshift, mask=col_ok)
     tl.store(DSCALE_PART_ptr + part, acc_dscale, mask=col_ok)
-
-
-def _row_tile(C, block_size, device, target_elems):
-    """(BLOCK_M, BLOCK_C, num_warps) for a whole-row tile of width C.
-
-    GPU: about ``target_elems`` elements per program (several rows for small C, at most 16) so
-    each program has enough bytes in flight, and about 16 elements per thread (warps grow with
-    the tile); the backward keeps five tiles live, so it asks for half the forward's.
-    """
-    if device.type != "cuda":
-        return interpreter_tile(C, block_size)
-    block_c = triton.next_power_of_2(C)
-    block_m = tile_rows(block_size, block_c, target_elems, 16)
-    elems = block_m * block_c
-    num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
-    return block_m, block_c, num_warps
 
 
 def modulated_layer_norm_fwd(x, shift, scale, block_size, eps):
@@ -126,7 +106,7 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps):
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if y.numel() == 0:
         return y, mean, rstd
-    block_m, block_c, num_warps = _row_tile(C, block_size, x.device, 8192)
+    block_m, block_c, num_warps = row_tile(C, block_size, x.device, 8192)
     tiles = triton.cdiv(block_size, block_m)
     grid = (tiles * nb * B,)
     with launch_device(x):
@@ -154,7 +134,7 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
     if dx.numel() == 0:
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=x.device)
         return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
-    block_m, block_c, num_warps = _row_tile(C, block_size, x.device, 4096)
+    block_m, block_c, num_warps = row_tile(C, block_size, x.device, 4096)
     groups, rows_per_group = row_groups(block_size, block_m, B * nb, x.device)
     dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
@@ -249,7 +229,7 @@ def aot_specs():
         for C in (1152, 2048, 8192):
             for kind, kernel, target in (("fwd", _modulated_layer_norm_fwd_kernel, 8192),
                                          ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
-                block_m, block_c, num_warps = _row_tile(C, 256, cuda, target)
+                block_m, block_c, num_warps = row_tile(C, 256, cuda, target)
                 stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
                          "DSCALE_PART_ptr": "*fp32"}
                 specs.append({

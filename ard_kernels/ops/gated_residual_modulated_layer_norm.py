@@ -1,0 +1,336 @@
+"""Gated residual fused with the next modulated LayerNorm, per-(sample, block) conditioning (Triton).
+
+``out[b, n] = x[b, n] + gate[b, j]·y[b, n]``,
+``h[b, n] = LN(out[b, n])·(1 + scale[b, j]) + shift[b, j]``, with ``j = n // block_size``.
+
+Inside a DiT block the attention's gated residual is followed at once by the MLP's modulated
+LayerNorm of the same stream. Run apart, the two ops read the stream twice and launch twice;
+fused, one pass reads x and y and writes out and h (4 row passes instead of 5, 1 launch
+instead of 2), which matters most at batch 1, where each launch is a visible share of a step.
+The LayerNorm sees ``out`` rounded to its storage dtype, exactly what the separate ops see.
+
+Backward, one pass with ``g = dout + LN_backward(dh·(1 + scale))``: ``dx = g``,
+``dy = gate·g``, and the per-(sample, block) reductions ``dgate = Σ_rows g·y``,
+``dshift = Σ_rows dh``, ``dscale = Σ_rows dh·x̂``, reduced deterministically over row groups
+as in :mod:`ard_kernels.ops._rows` (5 row passes instead of the 9 of the separate backwards).
+
+Registered as ``ard_kernels::gated_residual_modulated_layer_norm_fwd`` / ``_bwd`` (autograd)
+and ``ard_kernels::gated_residual_modulated_layer_norm_inplace`` (updates x, inference).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch_device
+from ._rows import (
+    block_program,
+    block_rows,
+    load_block_row,
+    load_tile,
+    modulated_norm_backward_tile,
+    modulated_norm_tile,
+    row_groups,
+    row_tile,
+)
+
+# Elements per program: the forward keeps x, y, out and h live, the backward seven tiles.
+_FWD_TILE_ELEMS = 8192
+_BWD_TILE_ELEMS = 2048
+
+
+@triton.jit
+def _gated_residual_modulated_layer_norm_fwd_kernel(
+    X_ptr, Y_ptr, GATE_ptr, SHIFT_ptr, SCALE_ptr, OUT_ptr, H_ptr, MEAN_ptr, RSTD_ptr,
+    N, C, block_size, num_blocks, tiles_per_block, eps,
+    stride_x_b, stride_x_n, stride_x_c,
+    stride_y_b, stride_y_n, stride_y_c,
+    stride_g_b, stride_g_n, stride_g_c,
+    stride_sh_b, stride_sh_n, stride_sh_c,
+    stride_sc_b, stride_sc_n, stride_sc_c,
+    stride_o_b, stride_o_n, stride_o_c,
+    stride_h_b, stride_h_n,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per (sample, block, row tile), row tiles fastest; whole rows (LayerNorm needs them).
+    # In place, OUT is X: every element is read before the same program overwrites it.
+    b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
+    n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    blk64 = blk.to(tl.int64)
+
+    gate = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols, col_ok)
+    x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
+    y = load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
+    out = (x + gate[None, :] * y).to(OUT_ptr.dtype.element_ty)
+    tl.store(OUT_ptr + b * stride_o_b + n64[:, None] * stride_o_n + cols[None, :] * stride_o_c, out, mask=mask)
+
+    # Normalise the stored value, as a separate LayerNorm reading `out` back would.
+    h, mean, rstd = modulated_norm_tile(out.to(tl.float32), mask, SHIFT_ptr, SCALE_ptr, b, blk64,
+                                        stride_sh_b, stride_sh_n, stride_sh_c, stride_sc_b, stride_sc_n, stride_sc_c,
+                                        cols, col_ok, C, eps)
+    tl.store(H_ptr + b * stride_h_b + n64[:, None] * stride_h_n + cols[None, :],
+             h.to(H_ptr.dtype.element_ty), mask=mask)
+    tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
+    tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
+
+
+@triton.jit
+def _gated_residual_modulated_layer_norm_bwd_kernel(
+    DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, GATE_ptr, SCALE_ptr, MEAN_ptr, RSTD_ptr,
+    DX_ptr, DY_ptr, DGATE_PART_ptr, DSHIFT_PART_ptr, DSCALE_PART_ptr,
+    N, C, block_size, num_blocks, groups, rows_per_group,
+    stride_do_b, stride_do_n, stride_do_c,
+    stride_dh_b, stride_dh_n, stride_dh_c,
+    stride_o_b, stride_o_n, stride_o_c,
+    stride_y_b, stride_y_n, stride_y_c,
+    stride_g_b, stride_g_n, stride_g_c,
+    stride_sc_b, stride_sc_n, stride_sc_c,
+    stride_dx_b, stride_dx_n,
+    stride_dy_b, stride_dy_n,
+    HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per (sample, block, row group): loops over its rows in BLOCK_M tiles, keeping the
+    # three per-block partial sums in registers. rows_per_group is a multiple of BLOCK_M.
+    b, blk, grp = block_program(tl.program_id(0), groups, num_blocks)
+    blk64 = blk.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    gate = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols, col_ok)
+    gain = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
+    acc_dgate = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+
+    for r in range(0, rows_per_group, BLOCK_M):
+        n64, row_ok = block_rows(blk, grp * rows_per_group + r, block_size, N, BLOCK_M)
+        mask = row_ok[:, None] & col_ok[None, :]
+        o = load_tile(OUT_ptr, b, n64, cols, stride_o_b, stride_o_n, stride_o_c, mask)
+        dh = load_tile(DH_ptr, b, n64, cols, stride_dh_b, stride_dh_n, stride_dh_c, mask)
+        xhat, g = modulated_norm_backward_tile(o, dh, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask, gain, C)
+        acc_dshift += tl.sum(dh, axis=0)
+        acc_dscale += tl.sum(dh * xhat, axis=0)
+        if HAS_DOUT:  # the stream's own gradient: out also feeds the next residual
+            g += load_tile(DOUT_ptr, b, n64, cols, stride_do_b, stride_do_n, stride_do_c, mask)
+        tl.store(DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n + cols[None, :],
+                 g.to(DX_ptr.dtype.element_ty), mask=mask)
+        y = load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
+        acc_dgate += tl.sum(g * y, axis=0)
+        tl.store(DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n + cols[None, :],
+                 (g * gate[None, :]).to(DY_ptr.dtype.element_ty), mask=mask)
+
+    part = ((b * num_blocks + blk64) * groups + grp) * C + cols
+    tl.store(DGATE_PART_ptr + part, acc_dgate, mask=col_ok)
+    tl.store(DSHIFT_PART_ptr + part, acc_dshift, mask=col_ok)
+    tl.store(DSCALE_PART_ptr + part, acc_dscale, mask=col_ok)
+
+
+def _bwd_tile(C, block_size, device):
+    """The backward's whole-row tile: twice the warps of :func:`row_tile` (about 8 elements per
+    thread and tile), because it keeps seven tiles live and would spill at 16; and at most 8 warps
+    for C <= 2048 (a 2048-element tile), whose threads may then use up to 255 registers (16 warps
+    cap them at 128: the fp32 tiles spilled there)."""
+    block_m, block_c, num_warps = row_tile(C, block_size, device, _BWD_TILE_ELEMS)
+    return block_m, block_c, (min(16, 2 * num_warps) if device.type == "cuda" else num_warps)
+
+
+def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps):
+    """Run the forward into ``out`` (x itself in place); returns (h, mean, rstd)."""
+    B, N, C = x.shape
+    nb = gate.shape[1]
+    h = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    if h.numel() == 0:
+        return h, mean, rstd
+    block_m, block_c, num_warps = row_tile(C, block_size, x.device, _FWD_TILE_ELEMS)
+    tiles = triton.cdiv(block_size, block_m)
+    with launch_device(x):
+        _gated_residual_modulated_layer_norm_fwd_kernel[(tiles * nb * B,)](
+            x, y, gate, shift, scale, out, h, mean, rstd,
+            N, C, block_size, nb, tiles, eps,
+            x.stride(0), x.stride(1), x.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            gate.stride(0), gate.stride(1), gate.stride(2),
+            shift.stride(0), shift.stride(1), shift.stride(2),
+            scale.stride(0), scale.stride(1), scale.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            h.stride(0), h.stride(1),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    return h, mean, rstd
+
+
+def gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, block_size, eps):
+    """Launch the forward: returns (out, h (B, N, C) contiguous in x's dtype, mean, rstd (B, N) fp32)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h, mean, rstd = _launch_fwd(x, y, gate, shift, scale, out, block_size, eps)
+    return out, h, mean, rstd
+
+
+def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype, scale, mean, rstd, block_size):
+    """Launch the backward: returns (dx like out, dy like y, dgate, dshift, dscale (B, nb, C)).
+
+    ``dout`` may be None (out itself unused downstream). The per-block sums are accumulated in fp32
+    per (sample, block, row group) and summed over the groups in a fixed order (deterministic).
+    """
+    B, N, C = out.shape
+    nb = gate.shape[1]
+    dx = torch.empty((B, N, C), dtype=out.dtype, device=out.device)
+    dy = torch.empty((B, N, C), dtype=y.dtype, device=out.device)
+    if dx.numel() == 0:
+        zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=out.device)
+        return dx, dy, zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype)
+    block_m, block_c, num_warps = _bwd_tile(C, block_size, out.device)
+    groups, rows_per_group = row_groups(block_size, block_m, B * nb, out.device)
+    parts = torch.empty((3, B, nb, groups, C), dtype=torch.float32, device=out.device)
+    has_dout = dout is not None
+    dout_arg = dout if has_dout else dh  # never read without HAS_DOUT; any tensor fills the slot
+    with launch_device(out):
+        _gated_residual_modulated_layer_norm_bwd_kernel[(groups * nb * B,)](
+            dout_arg, dh, out, y, gate, scale, mean, rstd,
+            dx, dy, parts[0], parts[1], parts[2],
+            N, C, block_size, nb, groups, rows_per_group,
+            dout_arg.stride(0), dout_arg.stride(1), dout_arg.stride(2),
+            dh.stride(0), dh.stride(1), dh.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            gate.stride(0), gate.stride(1), gate.stride(2),
+            scale.stride(0), scale.stride(1), scale.stride(2),
+            dx.stride(0), dx.stride(1),
+            dy.stride(0), dy.stride(1),
+            HAS_DOUT=has_dout, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    # Three separate sums: results that were views of one tensor would alias (custom ops forbid it).
+    return (dx, dy, parts[0].sum(dim=2).to(gate.dtype), parts[1].sum(dim=2).to(shift_dtype),
+            parts[2].sum(dim=2).to(scale.dtype))
+
+
+@torch.library.custom_op("ard_kernels::gated_residual_modulated_layer_norm_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    block_size: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, block_size, eps)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, y, gate, shift, scale, block_size, eps):
+    B, N, C = x.shape
+    stats = x.new_empty((B, N), dtype=torch.float32)
+    return x.new_empty((B, N, C)), x.new_empty((B, N, C)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("ard_kernels::gated_residual_modulated_layer_norm_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor | None, dh: torch.Tensor, out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+    shift: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # shift is passed only for its dtype (the schema carries no dtypes); it is never read.
+    return gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift.dtype, scale, mean, rstd,
+                                                   block_size)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, dh, out, y, gate, shift, scale, mean, rstd, block_size):
+    return (out.new_empty(out.shape), y.new_empty(y.shape), gate.new_empty(gate.shape),
+            shift.new_empty(shift.shape), scale.new_empty(scale.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    _, y, gate, shift, scale, block_size, _ = inputs
+    out, _, mean, rstd = output
+    # The backward needs `out` (for x̂), not x: x itself is never saved.
+    ctx.save_for_backward(out, y, gate, shift, scale, mean, rstd)
+    ctx.block_size = block_size
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dout, dh, _dmean, _drstd):
+    out, y, gate, shift, scale, mean, rstd = ctx.saved_tensors
+    if dh is None:
+        dh = torch.zeros_like(out)
+    dx, dy, dgate, dshift, dscale = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_bwd(
+        dout, dh, out, y, gate, shift, scale, mean, rstd, ctx.block_size)
+    return dx, dy, dgate, dshift, dscale, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("ard_kernels::gated_residual_modulated_layer_norm_inplace", mutates_args=("x",))
+def _inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                block_size: int, eps: float) -> torch.Tensor:
+    return _launch_fwd(x, y, gate, shift, scale, x, block_size, eps)[0]
+
+
+@_inplace_op.register_fake
+def _inplace_fake(x, y, gate, shift, scale, block_size, eps):
+    return x.new_empty(x.shape)
+
+
+def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_size: int, eps: float = 1e-6,
+                                               inplace: bool = False):
+    """``out = x + gate·y``, ``h = LN(out)·(1 + scale) + shift``, conditioning per block (Triton).
+
+    Row n of sample b uses ``gate``/``shift``/``scale[b, n // block_size]``. LayerNorm without
+    affine (biased variance, eps inside the root) of ``out`` as stored; math in fp32.
+
+    Args:
+        x, y: (B, N, C) bf16/fp16/fp32, any strides (no copy is made).
+        gate, shift, scale: (B, nb, C), nb = ceil(N / block_size), any float dtype and strides.
+        block_size: tokens per block (the last block may be partial).
+        eps: LayerNorm epsilon.
+        inplace: write ``out`` into x and return x as ``out`` (inference only). y must not overlap x.
+
+    Returns:
+        (out, h), both (B, N, C) in x's dtype (h contiguous; out contiguous unless in place).
+        Differentiable in x, y, gate, shift and scale (per-block sums deterministic). Inputs are
+        assumed validated (:func:`ard_kernels.gated_residual_modulated_layer_norm` validates).
+
+    Raises:
+        RuntimeError: ``inplace=True`` while grad mode is on and an input requires grad.
+    """
+    if inplace:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, gate, shift, scale)):
+            raise RuntimeError(
+                "inplace: gated_residual_modulated_layer_norm(inplace=True) is inference-only, but an input "
+                "requires grad (use inplace=False, or run under torch.no_grad())"
+            )
+        h = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_inplace(x, y, gate, shift, scale,
+                                                                              int(block_size), float(eps))
+        return x, h
+    out, h, _, _ = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale,
+                                                                                 int(block_size), float(eps))
+    return out, h
+
+
+def aot_specs():
+    """GPU configurations for ``python -m ard_kernels.aot_check``: DiT and text-to-image widths."""
+    from ..aot_check import make_signature
+
+    cuda = torch.device("cuda")
+    fp32 = {name: "*fp32" for name in ("MEAN_ptr", "RSTD_ptr", "DGATE_PART_ptr", "DSHIFT_PART_ptr",
+                                       "DSCALE_PART_ptr")}
+    specs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for C in (1152, 2048, 8192):
+            for kind, kernel in (("fwd", _gated_residual_modulated_layer_norm_fwd_kernel),
+                                 ("bwd", _gated_residual_modulated_layer_norm_bwd_kernel)):
+                if kind == "fwd":
+                    block_m, block_c, num_warps = row_tile(C, 256, cuda, _FWD_TILE_ELEMS)
+                else:
+                    block_m, block_c, num_warps = _bwd_tile(C, 256, cuda)
+                constexprs = {"BLOCK_M": block_m, "BLOCK_C": block_c}
+                if kind == "bwd":
+                    constexprs["HAS_DOUT"] = True
+                specs.append({
+                    "name": f"gated_residual_modulated_layer_norm_{kind}_{dtype}_C{C}",
+                    "kernel": kernel,
+                    "signature": make_signature(kernel, dtype, fp32, floats=("eps",)),
+                    "constexprs": constexprs,
+                    "num_warps": num_warps,
+                })
+    return specs

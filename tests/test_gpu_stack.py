@@ -1,0 +1,130 @@
+"""The GPU machines' software stack, checked without a GPU: torch 2.11.0+cu130 and triton 3.6.0.
+
+This venv (tests and package here) runs a newer CPU torch and Triton; what breaks only under the GPU
+machines' versions would otherwise show first there. `make test` builds `.venv-gpu-stack` with that
+stack and only packages the GPU machines' image also has (no diffusers), and points
+ARD_KERNELS_GPU_STACK_PYTHON at it. Its python, in subprocesses: builds the CUDA extension against
+the CUDA torch and loads it; collects the `-m cuda` tests, what the GPU machines run. Every kernel
+compiled by triton 3.6 for sm_90: tests/test_aot_compile.py, with :func:`gpu_stack_python`.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_VENV_PYTHON = ROOT / ".venv-gpu-stack" / "bin" / "python"
+TORCH, CUDA, TRITON = "2.11.", "13.", "3.6."
+
+
+def _skip_or_fail(reason):
+    """Skip, except under `make test` (ARD_KERNELS_REQUIRE_TEST_DEPS=1), which provides what is missing."""
+    if os.environ.get("ARD_KERNELS_REQUIRE_TEST_DEPS") == "1":
+        pytest.fail(f"{reason} (ARD_KERNELS_REQUIRE_TEST_DEPS=1: required under make test)")
+    pytest.skip(reason)
+
+
+@functools.cache
+def _versions(python):
+    code = "import json, torch, triton; print(json.dumps([torch.__version__, torch.version.cuda, triton.__version__]))"
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=gpu_stack_env(), timeout=300)
+    assert proc.returncode == 0, f"{python} cannot import torch and triton: {proc.stderr[-3000:]}"
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def gpu_stack_python():
+    """The GPU-stack venv's python (ARD_KERNELS_GPU_STACK_PYTHON, else .venv-gpu-stack), versions checked."""
+    python = os.environ.get("ARD_KERNELS_GPU_STACK_PYTHON")
+    if not python and LOCAL_VENV_PYTHON.exists():
+        python = str(LOCAL_VENV_PYTHON)  # `make test` built it here
+    if not python:
+        _skip_or_fail("no GPU-stack venv: `make test` builds .venv-gpu-stack (or set ARD_KERNELS_GPU_STACK_PYTHON)")
+    assert os.path.exists(python), f"ARD_KERNELS_GPU_STACK_PYTHON={python} does not exist"
+    torch_version, cuda, triton_version = _versions(python)
+    assert torch_version.startswith(TORCH) and (cuda or "").startswith(CUDA) and triton_version.startswith(TRITON), (
+        f"{python} has torch {torch_version} (CUDA {cuda}) and triton {triton_version}; the GPU machines run "
+        f"torch {TORCH}x+cu130 and triton {TRITON}x"
+    )
+    return python
+
+
+def gpu_stack_env(**extra):
+    """This process's environment less what only this venv's tests set (the Triton interpreter, the
+    test-dependency requirement, its PYTHONPATH), plus ``extra``."""
+    drop = ("TRITON_INTERPRET", "ARD_KERNELS_REQUIRE_TEST_DEPS", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    return env
+
+
+def _cuda_home():
+    spec = importlib.util.spec_from_file_location("ard_kernels_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # guarded by `if __name__ == "__main__"`: defines only
+    return module.find_cuda_home()
+
+
+@pytest.mark.slow
+def test_extension_builds_against_cuda_torch_and_loads(tmp_path):
+    """ard_kernels._C builds against the CUDA torch 2.11 and loads in it; built in a copy of the sources,
+    so the in-place ard_kernels/_C*.so of this venv's torch stays."""
+    python = gpu_stack_python()
+    if _cuda_home() is None:
+        _skip_or_fail("no nvcc (CUDA toolkit) to build the extension with")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "ard_kernels", src / "ard_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(ROOT / "csrc", src / "csrc")
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy2(ROOT / name, src / name)
+    # ninja from the venv, where the machine has none on PATH (torch's build looks it up there).
+    path = os.pathsep.join([os.path.dirname(python), os.environ.get("PATH", "")])
+    env = gpu_stack_env(ARD_KERNELS_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS="2", PATH=path)
+    build = subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, (build.stdout[-2000:], build.stderr[-4000:])
+    code = (
+        "import json, torch\n"
+        "import ard_kernels, ard_kernels._C\n"
+        "from ard_kernels import _ext\n"
+        "out = {'files': [ard_kernels.__file__, ard_kernels._C.__file__], 'available': _ext.extension_available(),\n"
+        "       'ops': [hasattr(torch.ops.ard_kernels, op) for op in ('kv_append', 'qkv_split_append')]}\n"
+        "kc, status = torch.zeros(1, 2, 8, 8), torch.zeros(1, dtype=torch.int32)\n"
+        "try:\n"
+        "    torch.ops.ard_kernels.kv_append(kc, kc.clone(), kc[:, :, :2].clone(), kc[:, :, :2].clone(), None, 0,\n"
+        "                                    status, 0)\n"
+        "    out['cpu'] = 'accepted'\n"
+        "except RuntimeError as e:\n"
+        "    out['cpu'] = str(e)\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([python, "-c", code], cwd=src, env=gpu_stack_env(PYTHONPATH=str(src)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(Path(f).resolve().is_relative_to(src.resolve()) for f in out["files"]), out["files"]
+    assert out["available"], proc.stderr[-4000:]
+    assert out["ops"] == [True, True], out
+    assert "expected CUDA tensors" in out["cpu"], out["cpu"]
+
+
+def test_cuda_tests_collect_under_the_gpu_stack():
+    """`pytest -m cuda tests`, what the GPU machines run, collects there: no test module imports something
+    torch 2.11 / triton 3.6 lack, or a package their image does not have. TRITON_INTERPRET=0 defines the
+    kernels for compiling, as on a GPU (without a GPU here conftest.py would turn the interpreter on)."""
+    python = gpu_stack_python()
+    proc = subprocess.run(
+        [python, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+        cwd=ROOT, env=gpu_stack_env(PYTHONPATH=str(ROOT), TRITON_INTERPRET="0"), capture_output=True, text=True,
+        timeout=300,
+    )
+    lines = proc.stdout.splitlines()
+    collected = [line for line in lines if line.startswith("tests/") and "::" in line]
+    report = "\n".join(line for line in lines if line not in collected)  # the errors, not the test ids
+    assert proc.returncode == 0, f"`pytest -m cuda` fails to collect there:\n{report[-8000:]}\n{proc.stderr[-2000:]}"
+    assert len(collected) > 100, f"only {len(collected)} cuda tests collected:\n{report[-3000:]}"
