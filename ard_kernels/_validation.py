@@ -17,6 +17,13 @@ def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES) -> None:
         raise TypeError(f"{name}: expected dtype in ({names}), got {t.dtype}")
 
 
+def check_out_dtype(name: str, dtype) -> None:
+    """``dtype`` is None (the input's) or one of the float dtypes the kernels write."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{name}: expected None or a dtype in ({names}), got {dtype!r}")
+
+
 def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
     """All tensors share ``ref``'s dtype and device."""
     for name, t in others.items():

@@ -17,6 +17,7 @@ from ._backends import log_once, resolve
 from ._validation import (
     check_block_size,
     check_int,
+    check_out_dtype,
     check_positive,
     check_same,
     check_same_device,
@@ -120,7 +121,7 @@ def _check_conditioning(x, block_size, **conds):
     check_same_device("x", x, **conds)
 
 
-def modulated_layer_norm(x, shift, scale, block_size, eps=1e-6, backend="auto"):
+def modulated_layer_norm(x, shift, scale, block_size, eps=1e-6, out_dtype=None, backend="auto"):
     """``y[b, n] = LN(x[b, n])·(1 + scale[b, n // block_size]) + shift[b, n // block_size]``.
 
     LayerNorm without affine (DiT's ``norm1``/``norm2``) fused with adaLN modulation whose
@@ -130,18 +131,22 @@ def modulated_layer_norm(x, shift, scale, block_size, eps=1e-6, backend="auto"):
         x: (B, N, C); shift, scale: (B, nb, C), nb = ceil(N / block_size); one device, float
             dtypes (the conditioning may differ from x, e.g. bf16 under autocast with fp32 x).
         eps: added to the variance, > 0.
+        out_dtype: y's dtype, default x's. Under autocast, the autocast dtype when y feeds a
+            Linear (which would cast it anyway): the same values, without the cast's pass.
 
     Returns:
-        (B, N, C) in x's dtype; differentiable in x, shift and scale.
+        (B, N, C) in ``out_dtype``; differentiable in x, shift and scale.
     """
     _check_conditioning(x, block_size, shift=shift, scale=scale)
     check_positive("eps", eps)
+    check_out_dtype("out_dtype", out_dtype)
+    out_dtype = out_dtype or x.dtype
     chosen = resolve(backend, "modulated_layer_norm", x.device)
     if chosen == "reference":
-        return reference.modulated_layer_norm_ref(x, shift, scale, block_size, eps)
+        return reference.modulated_layer_norm_ref(x, shift, scale, block_size, eps, out_dtype)
     from .ops.modulated_layer_norm import modulated_layer_norm_triton
 
-    return modulated_layer_norm_triton(x, shift, scale, block_size, eps)
+    return modulated_layer_norm_triton(x, shift, scale, block_size, eps, out_dtype)
 
 
 def gated_residual(x, y, gate, block_size, inplace=False, backend="auto"):
@@ -171,7 +176,7 @@ def gated_residual(x, y, gate, block_size, inplace=False, backend="auto"):
 
 
 def gated_residual_modulated_layer_norm(x, y, gate, shift, scale, block_size, eps=1e-6, inplace=False,
-                                        backend="auto"):
+                                        out_dtype=None, backend="auto"):
     """``out = x + gate·y`` and ``h = LN(out)·(1 + scale) + shift``, conditioning per block, fused.
 
     :func:`gated_residual` followed by :func:`modulated_layer_norm` of its result (a DiT block's
@@ -183,26 +188,30 @@ def gated_residual_modulated_layer_norm(x, y, gate, shift, scale, block_size, ep
             float dtypes (y and the conditioning may differ from x, e.g. bf16 under autocast).
         eps: LayerNorm epsilon, > 0.
         inplace: write ``out`` into ``x`` (inference only: refused when grad is needed).
+        out_dtype: h's dtype, default x's (as for :func:`modulated_layer_norm`); ``out`` stays in x's.
 
     Returns:
-        (out, h), (B, N, C) each in x's dtype (``out`` is ``x`` itself when ``inplace``);
-        differentiable in x, y, gate, shift and scale.
+        (out, h), (B, N, C) each, out in x's dtype (``x`` itself when ``inplace``), h in
+        ``out_dtype``; differentiable in x, y, gate, shift and scale.
     """
     _check_conditioning(x, block_size, gate=gate, shift=shift, scale=scale)
     check_tensor("y", y, 3)
     check_shape("y", y, tuple(x.shape))
     check_same_device("x", x, y=y)
     check_positive("eps", eps)
+    check_out_dtype("out_dtype", out_dtype)
+    out_dtype = out_dtype or x.dtype
     if inplace and torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, gate, shift, scale)):
         raise RuntimeError("inplace: gated_residual_modulated_layer_norm(inplace=True) is for inference; "
                            "a tensor here requires grad")
     chosen = resolve(backend, "gated_residual_modulated_layer_norm", x.device)
     if chosen == "reference":
-        out, h = reference.gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, block_size, eps)
+        out, h = reference.gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, block_size, eps,
+                                                                   out_dtype)
         return (x.copy_(out), h) if inplace else (out, h)
     from .ops.gated_residual_modulated_layer_norm import gated_residual_modulated_layer_norm_triton
 
-    return gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_size, eps, inplace)
+    return gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_size, eps, inplace, out_dtype)
 
 
 def timestep_embedding(t, dim, max_period=10000, backend="auto"):

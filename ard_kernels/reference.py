@@ -76,7 +76,7 @@ def _per_token(cond, n, block_size):
     return cond[:, idx]
 
 
-def modulated_layer_norm_ref(x, shift, scale, block_size, eps=1e-6):
+def modulated_layer_norm_ref(x, shift, scale, block_size, eps=1e-6, out_dtype=None):
     """``y[b, n] = LN(x[b, n])·(1 + scale[b, n // block_size]) + shift[b, n // block_size]``.
 
     LayerNorm without affine parameters (biased variance, ``eps`` inside the root), then
@@ -86,7 +86,7 @@ def modulated_layer_norm_ref(x, shift, scale, block_size, eps=1e-6):
         x: (B, N, C); shift, scale: (B, nb, C), nb = ceil(N / block_size); same dtype.
 
     Returns:
-        (B, N, C) in x's dtype.
+        (B, N, C) in ``out_dtype`` (default x's dtype).
     """
     n = x.shape[1]
     xf = _acc(x)
@@ -94,7 +94,7 @@ def modulated_layer_norm_ref(x, shift, scale, block_size, eps=1e-6):
     var = (xf - mean).square().mean(dim=-1, keepdim=True)
     xhat = (xf - mean) * torch.rsqrt(var + eps)
     y = xhat * (1 + _per_token(_acc(scale), n, block_size)) + _per_token(_acc(shift), n, block_size)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def gated_residual_ref(x, y, gate, block_size):
@@ -111,7 +111,7 @@ def gated_residual_ref(x, y, gate, block_size):
     return out.to(x.dtype)
 
 
-def gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, block_size, eps=1e-6):
+def gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, block_size, eps=1e-6, out_dtype=None):
     """``out = x + gate·y``, then ``h = LN(out)·(1 + scale) + shift``, conditioning per block.
 
     The two ops of a DiT block's middle, as :func:`gated_residual_ref` followed by
@@ -121,10 +121,10 @@ def gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, block_size
         x, y: (B, N, C); gate, shift, scale: (B, nb, C), nb = ceil(N / block_size).
 
     Returns:
-        (out, h), both (B, N, C) in x's dtype.
+        (out, h), (B, N, C) each: out in x's dtype, h in ``out_dtype`` (default x's dtype).
     """
     out = gated_residual_ref(x, y, gate, block_size)
-    return out, modulated_layer_norm_ref(out, shift, scale, block_size, eps)
+    return out, modulated_layer_norm_ref(out, shift, scale, block_size, eps, out_dtype)
 
 
 def kv_append_ref(k_cache, v_cache, k, v, offset):

@@ -91,3 +91,47 @@ def test_training_cli_with_bf16_autocast(tmp_path):
     train(args)
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(logged) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
+
+
+def _linear_input_dtypes(model, fn):
+    """The dtypes of what each LayerNorm-fed Linear (qkv, fc1, the heads' linear) receives while ``fn()`` runs."""
+    seen = []
+    linears = [m for name, m in model.named_modules()
+               if name.endswith(("attn.qkv", "mlp.fc1"))
+               or (name.startswith("final_layer") and name.endswith(".linear"))]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype)) for m in linears]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2 * len(model.blocks) + len(model.heads)
+    return set(seen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_outputs_are_written_in_the_autocast_dtype(backend, monkeypatch):
+    """Under autocast each modulated LayerNorm writes its output in bf16, which its Linears read as is:
+    no fp32 → bf16 cast pass over the tokens (two per block and one per head before), and the same
+    training forward and gradients up to bf16 rounding."""
+    from ard_kernels.models import dit
+
+    model = student(backend)
+    states, y = torch.randn(2, 4, 4, 8, 8), torch.tensor([1, 7])
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.forward_train(states, y)
+        grads = torch.autograd.grad(out.float().square().mean(), [p for p in model.parameters() if p.requires_grad])
+        return out, grads
+
+    assert _linear_input_dtypes(model, run) == {torch.bfloat16}
+    out, grads = run()
+    monkeypatch.setattr(dit, "linear_input_dtype", lambda x: x.dtype)  # fp32 outputs, cast inside the Linears
+    assert _linear_input_dtypes(model, run) == {torch.float32}
+    out_cast, grads_cast = run()
+    torch.testing.assert_close(out.float(), out_cast.float(), atol=2e-2, rtol=2e-2)
+    for g, gc in zip(grads, grads_cast):
+        torch.testing.assert_close(g, gc, atol=2e-2, rtol=5e-2)
+    with torch.no_grad():  # and in fp32 without autocast, fp32 as before
+        assert _linear_input_dtypes(model, lambda: model.forward_train(states, y)) == {torch.float32}

@@ -193,11 +193,14 @@ def test_backward_is_deterministic(triton_device):
 
 def test_opcheck_and_fullgraph_trace(triton_device):
     inputs = make_inputs(1, 5, 64, 2, device=triton_device)
-    torch.library.opcheck(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd.default, (*inputs, 2, EPS),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     detached = [t.detach() for t in inputs]
-    torch.library.opcheck(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_inplace.default,
-                          (detached[0].clone(), *detached[1:], 2, EPS), test_utils=("test_schema", "test_faketensor"))
+    for h_dtype in (torch.float32, torch.bfloat16):  # the fakes give h the requested dtype
+        torch.library.opcheck(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd.default,
+                              (*inputs, 2, EPS, h_dtype),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_inplace.default,
+                              (detached[0].clone(), *detached[1:], 2, EPS, h_dtype),
+                              test_utils=("test_schema", "test_faketensor"))
     fn = torch.compile(fused(2), backend="aot_eager", fullgraph=True)
     dout, dh = torch.randn(1, 5, 64, device=triton_device), torch.randn(1, 5, 64, device=triton_device)
     assert_all_close(grads2(fn, inputs, dout, dh), grads2(reference(2), inputs, dout, dh), 2e-5, "reference")
@@ -215,6 +218,36 @@ def test_gpu_tiling_forced(monkeypatch, triton_device):
     assert_all_close(grads2(fused(11), inputs, dout, dh), grads2(reference(11), inputs, dout, dh), 2e-5, "reference")
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_out_dtype_gives_h_what_autocast_would_cast_to(backend, inplace, triton_device):
+    """fp32 stream, h in bf16 (a Linear under autocast reads it so): out stays fp32, h is the fp32 h
+    rounded once, and bf16 dh gives the gradients the cast's backward would."""
+    inputs = make_inputs(2, 7, 72, 3, device=triton_device, requires_grad=not inplace)
+
+    def ours(*a):
+        return ak.gated_residual_modulated_layer_norm(*a, 3, eps=EPS, inplace=inplace, out_dtype=torch.bfloat16,
+                                                      backend=backend)
+
+    def cast(*a):
+        out, h = reference(3)(*a)
+        return out, h.bfloat16()
+
+    if inplace:
+        with torch.no_grad():
+            want = cast(*inputs)
+            got = ours(inputs[0].clone(), *inputs[1:])
+    else:
+        dout, dh = torch.randn(2, 7, 72, device=triton_device), torch.randn(2, 7, 72, device=triton_device).bfloat16()
+        got, want = grads2(ours, inputs, dout, dh), grads2(cast, inputs, dout, dh)
+        assert [g.dtype for g in got[2:]] == [torch.float32] * 5
+        for name, g, w in zip(NAMES[2:], got[2:], want[2:]):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1].float(), want[1].float(), atol=1.6e-2, rtol=1.6e-2)  # one bf16 ulp
+
+
 @pytest.mark.parametrize("mutate,error,match", [
     (lambda a: {**a, "y": a["y"][:, :5]}, ValueError, r"y: expected shape \(2, 7, 8\)"),
     (lambda a: {**a, "gate": a["gate"][:, :2]}, ValueError, r"gate: expected shape \(2, 3, 8\)"),
@@ -223,6 +256,7 @@ def test_gpu_tiling_forced(monkeypatch, triton_device):
     (lambda a: {**a, "block_size": 0}, ValueError, "block_size: expected a positive int"),
     (lambda a: {**a, "eps": 0.0}, ValueError, "eps"),
     (lambda a: {**a, "backend": "sdpa"}, ValueError, "backend: 'sdpa' serves block_attention only"),
+    (lambda a: {**a, "out_dtype": torch.float64}, TypeError, "out_dtype: expected None or a dtype in"),
 ])
 def test_input_errors(mutate, error, match):
     x, y, gate, shift, scale = make_inputs(2, 7, 8, 3, requires_grad=False)

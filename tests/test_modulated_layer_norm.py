@@ -96,8 +96,10 @@ def test_backward_is_deterministic(triton_device):
 def test_opcheck_and_fullgraph_trace(triton_device):
     """Schema, fake and autograd registrations agree with the kernel; a fullgraph trace has no break."""
     x, shift, scale = make_inputs(1, 5, 64, 2, device=triton_device)
-    torch.library.opcheck(torch.ops.ard_kernels.modulated_layer_norm_fwd.default, (x, shift, scale, 2, EPS),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for out_dtype in (torch.float32, torch.bfloat16):  # the fake gives y the requested dtype
+        torch.library.opcheck(torch.ops.ard_kernels.modulated_layer_norm_fwd.default,
+                              (x, shift, scale, 2, EPS, out_dtype),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     fn = torch.compile(lambda a, s, k: modulated_layer_norm_triton(a, s, k, 2, EPS), backend="aot_eager",
                        fullgraph=True)
     dy = torch.randn_like(x)
@@ -178,3 +180,25 @@ def test_eps_is_applied_inside_the_root(backend, triton_device):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
     default = ak.modulated_layer_norm(*inputs, block_size, backend=backend)
     assert (default - ours[0]).abs().max() > 0.1  # eps moved the result: the case can tell them apart
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_out_dtype_writes_what_autocast_would_cast_to(backend, triton_device):
+    """fp32 x, y in bf16 (what a Linear under autocast reads): y is the fp32 result rounded once, and the
+    bf16 upstream gradient gives the fp32 gradients the cast's backward would."""
+    inputs = make_inputs(2, 7, 72, 3, device=triton_device)
+    dy = torch.randn(2, 7, 72, device=triton_device).bfloat16()
+    ours = grads(lambda *a: ak.modulated_layer_norm(*a, 3, eps=EPS, out_dtype=torch.bfloat16, backend=backend),
+                 inputs, dy)
+    cast = grads(lambda *a: modulated_layer_norm_ref(*a, 3, EPS).bfloat16(), inputs, dy)
+    assert ours[0].dtype == torch.bfloat16 and [g.dtype for g in ours[1:]] == [torch.float32] * 3
+    # one bf16 ulp (the interpreter truncates where the GPU rounds); the gradients see the same dy
+    torch.testing.assert_close(ours[0].float(), cast[0].float(), atol=1.6e-2, rtol=1.6e-2)
+    for name, o, r in zip(["dx", "dshift", "dscale"], ours[1:], cast[1:]):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_out_dtype_is_validated():
+    x, shift, scale = make_inputs(1, 4, 8, 2, requires_grad=False)
+    with pytest.raises(TypeError, match="out_dtype: expected None or a dtype in"):
+        ak.modulated_layer_norm(x, shift, scale, 2, out_dtype=torch.int32, backend="reference")

@@ -136,11 +136,11 @@ def _bwd_tile(C, block_size, device):
     return block_m, block_c, (min(16, 2 * num_warps) if device.type == "cuda" else num_warps)
 
 
-def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps):
-    """Run the forward into ``out`` (x itself in place); returns (h, mean, rstd)."""
+def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
+    """Run the forward into ``out`` (x itself in place); returns (h in h_dtype, mean, rstd)."""
     B, N, C = x.shape
     nb = gate.shape[1]
-    h = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    h = torch.empty((B, N, C), dtype=h_dtype, device=x.device)
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if h.numel() == 0:
@@ -163,10 +163,11 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps):
     return h, mean, rstd
 
 
-def gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, block_size, eps):
-    """Launch the forward: returns (out, h (B, N, C) contiguous in x's dtype, mean, rstd (B, N) fp32)."""
+def gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, block_size, eps, h_dtype):
+    """Launch the forward: returns (out in x's dtype, h in h_dtype, both (B, N, C) contiguous; mean,
+    rstd (B, N) fp32)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h, mean, rstd = _launch_fwd(x, y, gate, shift, scale, out, block_size, eps)
+    h, mean, rstd = _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype)
     return out, h, mean, rstd
 
 
@@ -211,16 +212,16 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
 @torch.library.custom_op("ard_kernels::gated_residual_modulated_layer_norm_fwd", mutates_args=())
 def _fwd_op(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-    block_size: int, eps: float,
+    block_size: int, eps: float, h_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, block_size, eps)
+    return gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, block_size, eps, h_dtype)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, y, gate, shift, scale, block_size, eps):
+def _fwd_fake(x, y, gate, shift, scale, block_size, eps, h_dtype):
     B, N, C = x.shape
     stats = x.new_empty((B, N), dtype=torch.float32)
-    return x.new_empty((B, N, C)), x.new_empty((B, N, C)), stats, torch.empty_like(stats)
+    return x.new_empty((B, N, C)), x.new_empty((B, N, C), dtype=h_dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("ard_kernels::gated_residual_modulated_layer_norm_bwd", mutates_args=())
@@ -240,7 +241,7 @@ def _bwd_fake(dout, dh, out, y, gate, shift, scale, mean, rstd, block_size):
 
 
 def _setup_context(ctx, inputs, output):
-    _, y, gate, shift, scale, block_size, _ = inputs
+    _, y, gate, shift, scale, block_size, _, _ = inputs
     out, _, mean, rstd = output
     # The backward needs `out` (for x̂), not x: x itself is never saved.
     ctx.save_for_backward(out, y, gate, shift, scale, mean, rstd)
@@ -254,7 +255,7 @@ def _backward(ctx, dout, dh, _dmean, _drstd):
         dh = torch.zeros_like(out)
     dx, dy, dgate, dshift, dscale = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_bwd(
         dout, dh, out, y, gate, shift, scale, mean, rstd, ctx.block_size)
-    return dx, dy, dgate, dshift, dscale, None, None
+    return dx, dy, dgate, dshift, dscale, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -262,17 +263,17 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("ard_kernels::gated_residual_modulated_layer_norm_inplace", mutates_args=("x",))
 def _inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                block_size: int, eps: float) -> torch.Tensor:
-    return _launch_fwd(x, y, gate, shift, scale, x, block_size, eps)[0]
+                block_size: int, eps: float, h_dtype: torch.dtype) -> torch.Tensor:
+    return _launch_fwd(x, y, gate, shift, scale, x, block_size, eps, h_dtype)[0]
 
 
 @_inplace_op.register_fake
-def _inplace_fake(x, y, gate, shift, scale, block_size, eps):
-    return x.new_empty(x.shape)
+def _inplace_fake(x, y, gate, shift, scale, block_size, eps, h_dtype):
+    return x.new_empty(x.shape, dtype=h_dtype)
 
 
 def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_size: int, eps: float = 1e-6,
-                                               inplace: bool = False):
+                                               inplace: bool = False, out_dtype=None):
     """``out = x + gate·y``, ``h = LN(out)·(1 + scale) + shift``, conditioning per block (Triton).
 
     Row n of sample b uses ``gate``/``shift``/``scale[b, n // block_size]``. LayerNorm without
@@ -284,15 +285,17 @@ def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_s
         block_size: tokens per block (the last block may be partial).
         eps: LayerNorm epsilon.
         inplace: write ``out`` into x and return x as ``out`` (inference only). y must not overlap x.
+        out_dtype: h's dtype (default x's); out is in x's.
 
     Returns:
-        (out, h), both (B, N, C) in x's dtype (h contiguous; out contiguous unless in place).
+        (out, h), both (B, N, C): out in x's dtype (contiguous unless in place), h contiguous in out_dtype.
         Differentiable in x, y, gate, shift and scale (per-block sums deterministic). Inputs are
         assumed validated (:func:`ard_kernels.gated_residual_modulated_layer_norm` validates).
 
     Raises:
         RuntimeError: ``inplace=True`` while grad mode is on and an input requires grad.
     """
+    h_dtype = out_dtype or x.dtype
     if inplace:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, gate, shift, scale)):
             raise RuntimeError(
@@ -300,10 +303,10 @@ def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_s
                 "requires grad (use inplace=False, or run under torch.no_grad())"
             )
         h = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_inplace(x, y, gate, shift, scale,
-                                                                              int(block_size), float(eps))
+                                                                              int(block_size), float(eps), h_dtype)
         return x, h
     out, h, _, _ = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale,
-                                                                                 int(block_size), float(eps))
+                                                                                 int(block_size), float(eps), h_dtype)
     return out, h
 
 

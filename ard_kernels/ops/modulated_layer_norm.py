@@ -94,14 +94,14 @@ def _modulated_layer_norm_bwd_kernel(
     tl.store(DSCALE_PART_ptr + part, acc_dscale, mask=col_ok)
 
 
-def modulated_layer_norm_fwd(x, shift, scale, block_size, eps):
-    """Launch the forward kernel: returns (y (B, N, C) in x's dtype, mean (B, N) fp32, rstd (B, N) fp32).
+def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
+    """Launch the forward kernel: returns (y (B, N, C) in out_dtype, mean (B, N) fp32, rstd (B, N) fp32).
 
     Any strides are accepted for x, shift and scale (the kernel takes them); y is contiguous.
     """
     B, N, C = x.shape
     nb = shift.shape[1]
-    y = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    y = torch.empty((B, N, C), dtype=out_dtype, device=x.device)
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if y.numel() == 0:
@@ -154,16 +154,16 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
 
 @torch.library.custom_op("ard_kernels::modulated_layer_norm_fwd", mutates_args=())
 def _fwd_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block_size: int, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block_size: int, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return modulated_layer_norm_fwd(x, shift, scale, block_size, eps)
+    return modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, shift, scale, block_size, eps):
+def _fwd_fake(x, shift, scale, block_size, eps, out_dtype):
     B, N, C = x.shape
     stats = x.new_empty((B, N), dtype=torch.float32)
-    return x.new_empty((B, N, C)), stats, torch.empty_like(stats)
+    return x.new_empty((B, N, C), dtype=out_dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("ard_kernels::modulated_layer_norm_bwd", mutates_args=())
@@ -181,7 +181,7 @@ def _bwd_fake(dy, x, shift, scale, mean, rstd, block_size):
 
 
 def _setup_context(ctx, inputs, output):
-    x, shift, scale, block_size, _ = inputs
+    x, shift, scale, block_size, _, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, shift, scale, mean, rstd)
     ctx.block_size = block_size
@@ -194,13 +194,13 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy = torch.zeros_like(x)
     dx, dshift, dscale = torch.ops.ard_kernels.modulated_layer_norm_bwd(dy, x, shift, scale, mean, rstd,
                                                                        ctx.block_size)
-    return dx, dshift, dscale, None, None
+    return dx, dshift, dscale, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1e-6):
+def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1e-6, out_dtype=None):
     """``y[b, n] = LN(x[b, n])·(1 + scale[b, n // block_size]) + shift[b, n // block_size]`` (Triton).
 
     LayerNorm without affine (biased variance, eps inside the root), math in fp32.
@@ -210,13 +210,15 @@ def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1
         shift, scale: (B, nb, C), nb = ceil(N / block_size), x's dtype and device, any strides.
         block_size: tokens per block (the last block may be partial).
         eps: LayerNorm epsilon.
+        out_dtype: y's dtype (default x's); dx is in x's dtype whatever dy's.
 
     Returns:
-        y (B, N, C) contiguous, x's dtype. Differentiable in x, shift and scale; the
+        y (B, N, C) contiguous, in out_dtype. Differentiable in x, shift and scale; the
         dshift/dscale reductions are deterministic. Inputs are assumed validated
         (:func:`ard_kernels.modulated_layer_norm` validates).
     """
-    return torch.ops.ard_kernels.modulated_layer_norm_fwd(x, shift, scale, int(block_size), float(eps))[0]
+    return torch.ops.ard_kernels.modulated_layer_norm_fwd(x, shift, scale, int(block_size), float(eps),
+                                                          out_dtype or x.dtype)[0]
 
 
 def aot_specs():
