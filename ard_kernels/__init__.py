@@ -1,6 +1,7 @@
 """ard_kernels: fast kernels and a thin model for AutoRegressive Distillation of diffusion transformers.
 
-Public ops (each with ``backend=``): :func:`block_attention`, :func:`modulated_layer_norm`,
+Public ops (each with ``backend=``): :func:`block_attention` (and :func:`block_attention_qkv` on a
+packed QKV projection), :func:`modulated_layer_norm`,
 :func:`gated_residual`, :func:`gated_residual_modulated_layer_norm` (the two fused),
 :func:`timestep_embedding`; :func:`available_backends` says what runs here.
 Importing the package does no device work and never fails for want of the compiled extension.
@@ -9,6 +10,7 @@ Importing the package does no device work and never fails for want of the compil
 from ._backends import available_backends
 from .api import (
     block_attention,
+    block_attention_qkv,
     gated_residual,
     gated_residual_modulated_layer_norm,
     modulated_layer_norm,
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends",
     "block_attention",
+    "block_attention_qkv",
     "gated_residual",
     "gated_residual_modulated_layer_norm",
     "modulated_layer_norm",

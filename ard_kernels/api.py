@@ -28,6 +28,26 @@ from ._validation import (
 TRITON_HEAD_DIMS = range(16, 257, 8)
 
 
+def _attention_args(lq, lk, d, block_size, pattern, scale):
+    """Validate the block layout, pattern and scale of an attention call: returns (pattern, scale).
+
+    A named pattern stays a name for the backends that take one (reference, sdpa, triton): their
+    choices are then plain Python, and under torch.compile no CPU table tensor enters the graph. A
+    user table is validated and copied to the CPU once here. ``scale`` defaults to 1/sqrt(D).
+    """
+    check_block_size(block_size)
+    masks.check_lengths(lq, lk, block_size)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        check_positive("scale", scale)
+    if isinstance(pattern, str):
+        if pattern not in masks.PATTERNS:
+            raise ValueError(f"pattern: expected one of {masks.PATTERNS} or a bool tensor (nb, nb), got {pattern!r}")
+        return pattern, scale
+    return masks.pattern_table(pattern, masks.num_blocks(lk, block_size)), scale
+
+
 def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_lse=False, backend="auto"):
     """``O = softmax(Q·Kᵀ·scale + log M)·V``, M the block mask of ``pattern``.
 
@@ -57,21 +77,8 @@ def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_ls
     lk = k.shape[2]
     check_shape("k", k, (b, h, lk, d))
     check_shape("v", v, (b, h, lk, d))
-    check_block_size(block_size)
-    masks.check_lengths(lq, lk, block_size)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    else:
-        check_positive("scale", scale)
+    pattern, scale = _attention_args(lq, lk, d, block_size, pattern, scale)
     nb = masks.num_blocks(lk, block_size)
-    # A named pattern stays a name for the backends that take one (reference, sdpa, triton): their
-    # choices are then plain Python, and under torch.compile no CPU table tensor enters the graph.
-    # A user table is validated and copied to the CPU once here.
-    if isinstance(pattern, str):
-        if pattern not in masks.PATTERNS:
-            raise ValueError(f"pattern: expected one of {masks.PATTERNS} or a bool tensor (nb, nb), got {pattern!r}")
-    else:
-        pattern = masks.pattern_table(pattern, nb)
 
     chosen = resolve(backend, "block_attention", q.device)
     if chosen == "triton" and d not in TRITON_HEAD_DIMS:
@@ -101,6 +108,42 @@ def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_ls
     # The op takes the pattern as plain-int constants (a user table is read with tolist(): under
     # torch.compile that is a graph break, named patterns compile without one).
     return block_attention_triton(q, k, v, block_size, pattern, scale, return_lse)
+
+
+def block_attention_qkv(qkv, num_heads, block_size, pattern="causal", scale=None, backend="auto"):
+    """:func:`block_attention` on a packed QKV projection, all N tokens attending: (B, N, 3·H·D) → (B, N, H·D).
+
+    ``qkv`` holds [q | k | v] × (H, D) along its last axis, as DiT's (timm's) ``attn.qkv`` Linear
+    writes it; the result is the attention projection's input, ``O.transpose(1, 2).reshape(B, N, H·D)``.
+    With the Triton backend nothing is copied: q, k, v are strided views of qkv, O is written in
+    the (B, N, H·D) layout, and the backward writes dq, dk, dv into one (B, N, 3·H·D) gradient
+    (unpacked, the caller's permute of O and autograd's stack of dq, dk, dv each cost a pass).
+
+    Args:
+        qkv: (B, N, 3·H·D); fp16, bf16 or fp32.
+        num_heads: H, an int >= 1 dividing the last axis into 3·H heads.
+        block_size, pattern, scale, backend: as for :func:`block_attention` (Lq = Lk = N).
+
+    Returns:
+        (B, N, H·D) in qkv's dtype, differentiable w.r.t. qkv.
+    """
+    check_tensor("qkv", qkv, 3)
+    check_int("num_heads", num_heads)
+    b, n, width = qkv.shape
+    if width == 0 or width % (3 * num_heads):
+        raise ValueError(f"qkv: expected a last axis of 3·num_heads·D = a positive multiple of {3 * num_heads}, "
+                         f"got shape {tuple(qkv.shape)}")
+    d = width // (3 * num_heads)
+    chosen = resolve(backend, "block_attention", qkv.device)
+    if chosen == "triton" and d in TRITON_HEAD_DIMS:
+        pattern, scale = _attention_args(n, n, d, block_size, pattern, scale)
+        from .ops.block_attention import block_attention_qkv_triton
+
+        return block_attention_qkv_triton(qkv, num_heads, block_size, pattern, scale)
+    # Every other case (and its checks, fallbacks and logs) is block_attention's on the three views.
+    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    out = block_attention(q, k, v, block_size, pattern, scale, backend=backend)
+    return out.transpose(1, 2).reshape(b, n, num_heads * d)
 
 
 def _check_conditioning(x, block_size, **conds):

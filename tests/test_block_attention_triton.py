@@ -122,13 +122,22 @@ def test_head_dims(d, triton_device):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_output_is_token_major_so_the_projection_input_is_a_view(triton_device):
+    """Contiguous (B, H, N, D) inputs: O is still laid out (B, N, H, D), so (B, N, H·D) costs no copy."""
+    q, k, v = _inputs(2, 3, 9, 14, 24, triton_device)
+    out = ard_kernels.block_attention(q, k, v, 5, "causal", backend="triton")
+    tokens = out.transpose(1, 2).reshape(2, 9, 3 * 24)
+    assert tokens.data_ptr() == out.data_ptr() and tokens.is_contiguous()
+    torch.testing.assert_close(out, block_attention_ref(q, k, v, 5, "causal"), atol=2e-5, rtol=1e-4)
+
+
 def test_bnhd_strides_and_layout(triton_device):
     """(B, N, H, D) tensors viewed as (B, H, N, D): no copy needed, output keeps that layout."""
     q, k, v = _inputs(2, 3, 9, 14, 24, triton_device, bnhd=True)
     assert not q.is_contiguous()
     out, lse, grads = _run(lambda *a: ard_kernels.block_attention(*a, 5, "causal", return_lse=True,
                                                                   backend="triton"), q, k, v)
-    assert out.stride() == q.stride()
+    assert out.stride() == q.stride()  # the output is always token-major: q's layout here
     assert grads[0].stride() == q.stride() and grads[1].stride() == k.stride()
     ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, 5, "causal", return_lse=True), q, k, v)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)

@@ -140,12 +140,11 @@ class Attention(nn.Module):
         """
         b, n, c = x.shape
         qkv = self.qkv(x)
-        if kv is None:
-            q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = kv(qkv)
+        if kv is None:  # packed: no copy of q, k, v, O or their gradients between the two Linears
+            return self.proj(api.block_attention_qkv(qkv, self.num_heads, block_size, pattern, backend=self.backend))
+        q, k, v = kv(qkv)
         o = api.block_attention(q, k, v, block_size, pattern, backend=self.backend)
-        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))  # a view where O is token-major (Triton)
 
 
 def linear_input_dtype(x) -> torch.dtype:

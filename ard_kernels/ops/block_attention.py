@@ -274,15 +274,23 @@ def _grid(rows: int, tile: str, bh: int):
     return lambda meta: (triton.cdiv(rows, meta[tile]) * bh,)
 
 
-def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float):
+def _token_major_like(q):
+    """An empty (B, H, Lq, D) tensor like q laid out (B, Lq, H, D) in memory: the attention projection's
+    input ``O.transpose(1, 2).reshape(B, Lq, H·D)`` is then a view, not a copy of O."""
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, Lq, H, D)).transpose(1, 2)
+
+
+def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float, out=None):
     """``O = softmax(Q·Kᵀ·scale + log M)·V`` and ``lse = log Σ exp(Q·Kᵀ·scale + log M)``.
 
     q: (B, H, Lq, D), k, v: (B, H, Lk, D), any strides, one float dtype; nb, rows: the pattern's int
     encoding (:func:`block_schedule.encode_pattern`), nb = ceil(Lk / block_size).
-    Returns O (B, H, Lq, D) in q's dtype (q's layout where q is dense) and lse (B, H, Lq) fp32.
+    Returns O (B, H, Lq, D) in q's dtype, token-major in memory (:func:`_token_major_like`) or written
+    into ``out`` (any strides) when given, and lse (B, H, Lq) fp32.
     """
     L = _Launch(q, k, nb, rows, block_size, scale, "fwd", v)
-    out = torch.empty_like(q)
+    out = _token_major_like(q) if out is None else out
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     a = _row_align(q, k, v, out)
     with launch_device(q):
@@ -300,14 +308,15 @@ def block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: 
         return _block_attention_bwd(do, q, k, v, out, lse, dlse, nb, rows, block_size, scale)
 
 
-def _block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: int, scale: float):
+def _block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: int, scale: float, grads=None):
+    """The backward's three launches; ``grads``, when given, are the (dq, dk, dv) tensors to write (any strides)."""
     B, H, Lq, d = q.shape
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     pre_m = 16 if _interpreting() else 64
     _block_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m) * B * H,)](
         out, do, dlse.contiguous() if dlse is not None else delta, delta, *out.stride(), *do.stride(), H, Lq, d,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=triton.next_power_of_2(d))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if grads is None else grads
 
     a = _row_align(q, k, v, do, dq, dk, dv)
     st = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a))
@@ -337,7 +346,7 @@ def _block_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n
 
 @_block_attention_fwd_op.register_fake
 def _(q, k, v, nb, rows, block_size, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _token_major_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ard_kernels::block_attention_bwd", mutates_args=())
@@ -375,6 +384,82 @@ def _backward(ctx, dout, dlse):
 _block_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Packed QKV: the qkv Linear's output (B, N, 3·H·D) in, the projection's input (B, N, H·D) out. q, k, v
+# are strided views of qkv, O is written token-major and the backward writes dq, dk, dv into one
+# (B, N, 3·H·D) gradient: nothing is copied on either side (the unpacked op's caller would permute O
+# into the projection's input, and autograd would stack dq, dk, dv and permute them back into dqkv).
+def _qkv_views(qkv, num_heads: int):
+    """(q, k, v), each (B, H, N, D), as views of qkv (B, N, 3·H·D) laid out [q | k | v] × (H, D)."""
+    b, n, width = qkv.shape
+    return qkv.reshape(b, n, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("ard_kernels::block_attention_qkv_fwd", mutates_args=())
+def _block_attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, nb: int, rows: list[int], block_size: int,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _qkv_views(qkv, num_heads)
+    b, h, n, d = q.shape
+    out = qkv.new_empty((b, n, h * d))
+    _, lse = block_attention_fwd(q, k, v, nb, rows, block_size, scale, out=out.view(b, n, h, d).transpose(1, 2))
+    return out, lse
+
+
+@_block_attention_qkv_fwd_op.register_fake
+def _(qkv, num_heads, nb, rows, block_size, scale):
+    b, n, width = qkv.shape
+    return qkv.new_empty((b, n, width // 3)), qkv.new_empty((b, num_heads, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("ard_kernels::block_attention_qkv_bwd", mutates_args=())
+def _block_attention_qkv_bwd_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                num_heads: int, nb: int, rows: list[int], block_size: int,
+                                scale: float) -> torch.Tensor:
+    q, k, v = _qkv_views(qkv, num_heads)
+    b, h, n, d = q.shape
+    dqkv = torch.empty((b, n, 3 * h * d), dtype=qkv.dtype, device=qkv.device)
+    with launch_device(q):
+        _block_attention_bwd(do.reshape(b, n, h, d).transpose(1, 2), q, k, v, out.view(b, n, h, d).transpose(1, 2),
+                             lse, None, nb, rows, block_size, scale, grads=_qkv_views(dqkv, num_heads))
+    return dqkv
+
+
+@_block_attention_qkv_bwd_op.register_fake
+def _(do, qkv, out, lse, num_heads, nb, rows, block_size, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, num_heads, nb, rows, block_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.args = (num_heads, nb, rows, block_size, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _qkv_backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return _block_attention_qkv_bwd_op(dout, qkv, out, lse, *ctx.args), None, None, None, None, None
+
+
+_block_attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+def block_attention_qkv_triton(qkv, num_heads: int, block_size: int, pattern, scale: float):
+    """:func:`block_attention_triton` on a packed projection: qkv (B, N, 3·H·D) → O (B, N, H·D), no copies.
+
+    Args (validated by :func:`ard_kernels.block_attention_qkv`): qkv laid out [q | k | v] × (H, D)
+    along its last axis (DiT's qkv Linear); num_heads H; block_size, pattern, scale as for
+    :func:`block_attention_triton` (queries = keys = the N tokens).
+
+    Returns:
+        O (B, N, H·D) contiguous in qkv's dtype, differentiable w.r.t. qkv (its gradient one tensor).
+    """
+    nb = -(-qkv.shape[1] // block_size)
+    rows = block_schedule.encode_pattern(pattern, nb)
+    return torch.ops.ard_kernels.block_attention_qkv_fwd(qkv, int(num_heads), nb, rows, int(block_size),
+                                                         float(scale))[0]
+
+
 def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, return_lse: bool = False):
     """``O = softmax(Q·Kᵀ·scale + log M)·V``, M the block mask of ``pattern``: the Triton backend.
 
@@ -388,8 +473,9 @@ def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, retu
         scale: softmax scale; return_lse: also return the fp32 log-sum-exp.
 
     Returns:
-        O (B, H, Lq, D) in q's dtype, and with ``return_lse`` lse (B, H, Lq) fp32. Differentiable
-        w.r.t. q, k, v (and through lse).
+        O (B, H, Lq, D) in q's dtype, laid out (B, Lq, H, D) in memory (so ``O.transpose(1, 2)
+        .reshape(B, Lq, H·D)`` is a view), and with ``return_lse`` lse (B, H, Lq) fp32.
+        Differentiable w.r.t. q, k, v (and through lse).
     """
     nb = -(-k.shape[2] // block_size)
     rows = block_schedule.encode_pattern(pattern, nb)
