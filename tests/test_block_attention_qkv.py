@@ -128,8 +128,9 @@ def test_cuda_bf16_dit_shape_and_compile():
     dout = torch.randn(4, 1024, 16 * 72, device="cuda", dtype=torch.bfloat16)
     out, dqkv = out_and_grad(lambda t: ak.block_attention_qkv(t, 16, 256, "causal", backend="triton"), qkv, dout)
     ref_out, ref_dqkv = out_and_grad(lambda t: unpacked(t, 16, 256, "causal", backend="triton"), qkv, dout)
-    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)  # the same kernels on the same views
-    torch.testing.assert_close(dqkv, ref_dqkv, atol=0, rtol=0)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)  # the same kernel and config on the same views
+    # the backward writes other strides (one dqkv): the autotuner may pick another tile, another sum order
+    torch.testing.assert_close(dqkv, ref_dqkv, atol=2e-2, rtol=2e-2)
     fn = torch.compile(lambda t: ak.block_attention_qkv(t, 16, 256, "causal", backend="triton"), fullgraph=True)
     c_out, c_dqkv = out_and_grad(fn, qkv, dout)
     torch.testing.assert_close(c_out, out, atol=0, rtol=0)
