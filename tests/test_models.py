@@ -373,3 +373,15 @@ def test_cuda_gelu_epilogue_computes_dits_mlp(dtype):
     assert not gelu_epilogue_applies(xl, lowp.fc1)  # grad mode is on again
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert not gelu_epilogue_applies(x, mlp.float().fc1)
+
+
+def test_embed_writes_a_token_major_stream_in_one_add():
+    """Patches as a transposed view plus the position table: contiguous tokens, the original's values."""
+    model = tiny_dit()
+    x = torch.randn(3, 4, 8, 8)
+    patches = model.x_embedder(x)
+    assert not patches.is_contiguous()  # the view the original returns; the add lays it out
+    tokens = model.embed(x)
+    assert tokens.is_contiguous()
+    want = F.conv2d(x, model.x_embedder.proj.weight, model.x_embedder.proj.bias, stride=model.patch_size)
+    torch.testing.assert_close(tokens, want.flatten(2).transpose(1, 2) + model.pos_embed, rtol=0, atol=0)

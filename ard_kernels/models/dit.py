@@ -65,8 +65,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        # Token-major memory: the residual stream the row-wise kernels (LN, residual) read.
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+        # A (B, T, hidden) view of the convolution's (B, hidden, H/p, W/p) output, as the original
+        # (timm) returns it: DiT.embed's position add writes the token-major stream in one pass.
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedder(nn.Module):
@@ -379,8 +380,12 @@ class DiT(nn.Module):
         return [self.final_layer]
 
     def embed(self, x):
-        """Images (B', C_in, H, W) → tokens (B', T, hidden) with the position table added."""
-        return self.x_embedder(x) + self.pos_embed
+        """Images (B', C_in, H, W) → tokens (B', T, hidden) with the position table added, contiguous.
+
+        The contiguous table comes first: the sum takes its token-major layout, so the patches'
+        transpose is folded into the add (one kernel, no separate copy).
+        """
+        return self.pos_embed + self.x_embedder(x)
 
     def unpatchify(self, x):
         """Tokens (B, T, p²·C_out) → images (B, C_out, H, W); token n = row·grid + col, patch (p, q, c)."""
