@@ -385,3 +385,22 @@ def test_embed_writes_a_token_major_stream_in_one_add():
     assert tokens.is_contiguous()
     want = F.conv2d(x, model.x_embedder.proj.weight, model.x_embedder.proj.bias, stride=model.patch_size)
     torch.testing.assert_close(tokens, want.flatten(2).transpose(1, 2) + model.pos_embed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_forward_train_fused_boundaries_equal_the_block_by_block_path(backend, monkeypatch):
+    """Unsharded students fuse every block boundary (run_blocks); FSDP-sharded ones run block by block:
+    the same predictions and gradients."""
+    student = tiny_ardit(attn_backend=backend, mod_backend=backend)
+    states, y = torch.randn(2, 4, 4, 8, 8), torch.tensor([1, 7])
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def run():
+        out = student.forward_train(states, y)
+        return [out, *torch.autograd.grad(out.square().mean(), params)]
+
+    assert not student._blocks_sharded()
+    fused = run()
+    monkeypatch.setattr(ARDiT, "_blocks_sharded", lambda self: True)
+    for a, b in zip(fused, run()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -149,13 +149,29 @@ class ARDiT(DiT):
         # Every block gets the same position table: embed the B·K images, then lay blocks end to end.
         tokens = self.embed(states.reshape(b * self.steps, *expected[2:])).reshape(b, self.steps * n, -1)
         c = self.condition(y, self.training, force_drop_ids)
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, c, n, self.layer_pattern(i))
-        outs = [
-            self.unpatchify(head(tokens[:, k * n:(k + 1) * n], c[:, k:k + 1], n))
-            for k, head in enumerate(self.heads)
-        ]
+        if self._blocks_sharded():
+            # FSDP gathers a block's parameters only inside its forward: no modulation ahead of it.
+            for i, block in enumerate(self.blocks):
+                tokens = block(tokens, c, n, self.layer_pattern(i))
+            outs = [self.unpatchify(head(tokens[:, k * n:(k + 1) * n], c[:, k:k + 1], n))
+                    for k, head in enumerate(self.heads)]
+            return torch.stack(outs, dim=1)
+        # Block boundaries fused (run_blocks); head k's LayerNorm modulation applies to block k.
+        mods = [block.modulation(c) for block in self.blocks]
+        head_norm = [torch.cat(parts, dim=1) for parts in
+                     zip(*(head.modulation(c[:, k:k + 1]) for k, head in enumerate(self.heads)))]
+        h = run_blocks(self.blocks, tokens, n, mods, head_norm,
+                       [{"pattern": self.layer_pattern(i)} for i in range(len(self.blocks))])
+        outs = [self.unpatchify(head.linear(h[:, k * n:(k + 1) * n])) for k, head in enumerate(self.heads)]
         return torch.stack(outs, dim=1)
+
+    def _blocks_sharded(self) -> bool:
+        """Whether FSDP shards the blocks one by one (their parameters exist only inside their forward)."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # a torch without distributed support
+            return False
+        return any(isinstance(block, FSDPModule) for block in self.blocks)
 
     # ------------------------------------------------------------------------------------ sampling
     def check_sampling_pattern(self) -> None:
@@ -223,10 +239,11 @@ class ARDiT(DiT):
             mods = [block.modulation(ck) for block in self.blocks]
         else:
             mods = [tuple(m[:, k:k + 1] for m in layer) for layer in mods]
-        out = run_blocks(self.blocks, self.heads[k], tokens, ck, n, mods, layer_kwargs)
+        head = self.heads[k]
+        h = run_blocks(self.blocks, tokens, n, mods, head.modulation(ck), layer_kwargs)
         if self.history_layers:
             cache.advance(n)
-        return self.unpatchify(out)
+        return self.unpatchify(head.linear(h))
 
     def sample(self, noise, y, cfg_scale: float = 1.0, return_states: bool = False, use_cuda_graphs: bool = False,
                vae=None):

@@ -243,33 +243,35 @@ class DiTBlock(nn.Module):
                                                        inplace=inplace, out_dtype=h_dtype, backend=be)
 
 
-def run_blocks(blocks, head, x, c, block_size, mods, layer_kwargs=None):
-    """The trunk and the head's LayerNorm, each block's last residual fused with the next LayerNorm.
+def run_blocks(blocks, x, block_size, mods, last_norm, layer_kwargs=None):
+    """The trunk, each block's last residual fused with the LayerNorm after it: returns that last LayerNorm.
 
-    ``x_{i+1} = block_i(x_i)``, then ``head.linear(LN(x_depth)·(1 + scale) + shift)``, computed
-    with one fused pass at every block boundary (:func:`ard_kernels.gated_residual_modulated_layer_norm`)
-    instead of a residual pass and a LayerNorm pass.
+    ``x_{i+1} = block_i(x_i)``, then ``h = LN(x_depth)·(1 + scale) + shift`` with ``(shift, scale) =
+    last_norm`` (the head's modulation), computed with one fused pass at every block boundary
+    (:func:`ard_kernels.gated_residual_modulated_layer_norm`) instead of a residual pass and a
+    LayerNorm pass. The caller applies the head's Linear to h.
 
     Args:
-        blocks: the :class:`DiTBlock` s, in order; head: a :class:`FinalLayer`.
-        x: (B, N, C) tokens; c: (B, nb, C) conditioning of the head.
+        blocks: the :class:`DiTBlock` s, in order.
+        x: (B, N, C) tokens.
         mods: each block's six modulation vectors for these tokens (:meth:`DiTBlock.modulation`),
-            computed before the blocks run: the fused boundary needs the next block's. (Not for a
-            student sharded per block by FSDP, whose parameters exist only inside each block's
-            forward: training calls the blocks one by one.)
+            computed before the blocks run: the fused boundary needs the next block's. (Not for
+            blocks sharded one by one by FSDP, whose parameters exist only inside each block's
+            forward: those run block by block.)
+        last_norm: (shift, scale), (B, nb, C) each, of the LayerNorm after the last block.
         layer_kwargs: optional per-block dicts of extra :meth:`DiTBlock.forward` arguments
             (pattern, kv, attn_block_size); default ``pattern="diagonal"``.
 
     Returns:
-        (B, N, p²·C_out), the head's output.
+        h (B, N, C): the head's LayerNorm output (the autocast dtype under autocast, else x's).
     """
     h = None
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
-        next_norm = mods[i + 1][:2] if i < last else head.modulation(c)
+        next_norm = mods[i + 1][:2] if i < last else last_norm
         kwargs = layer_kwargs[i] if layer_kwargs is not None else {"pattern": "diagonal"}
         x, h = block(x, None, block_size, mod=mods[i], h=h, next_norm=next_norm, **kwargs)
-    return head.linear(h)
+    return h
 
 
 class FinalLayer(nn.Module):
@@ -408,7 +410,8 @@ class DiT(nn.Module):
         tokens = self.embed(x)
         c = (self.t_embedder(t) + self.y_embedder(y, self.training))[:, None]  # (B, 1, hidden): one block
         mods = [block.modulation(c) for block in self.blocks]
-        return self.unpatchify(run_blocks(self.blocks, self.final_layer, tokens, c, self.num_tokens, mods))
+        h = run_blocks(self.blocks, tokens, self.num_tokens, mods, self.final_layer.modulation(c))
+        return self.unpatchify(self.final_layer.linear(h))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels: int = 3):
         """Classifier-free guidance on a doubled batch, as the original DiT.
