@@ -61,6 +61,9 @@ def _parse(argv: Sequence[str] | None):
     p.add_argument("--device", default=str(common.default_device()))
     p.add_argument("--out", default=None, help="directory of e2e.json (default $ARD_BENCH_OUT or results/)")
     p.add_argument("--no-json", action="store_true")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=gpu,
+                   help="profile one sample (first batch, N = --history-layers) per student stack: the kernels "
+                        "by time and how busy the device was, to e2e_profile.json (default on CUDA)")
     common.add_budget_arg(p)
     return p.parse_args(argv)
 
@@ -229,6 +232,9 @@ def run(args, on_rows=None) -> list[dict]:
                     row["vs_N0_%"] = 100.0 * (ms / base[(stack, b, 0)] - 1.0)
                 add(row)
         del noise, y
+    if args.profile and batches and args.history_layers in models:
+        _profile(args, models[args.history_layers], batches[0], shape.input_size, device, dtype,
+                 [s for s in stacks if s != "published"])
     del models
     common.free_device_memory(device)
     if args.teacher_steps:
@@ -248,6 +254,29 @@ def run(args, on_rows=None) -> list[dict]:
             except Exception as exc:
                 row["error"] = _error(exc)
             add(row)
+    return rows
+
+
+def _profile(args, models, batch, input_size, device, dtype, stacks) -> list[dict]:
+    """:func:`common.kernel_profile` of one sample per stack: e2e_profile.json and a printed table.
+
+    Where the B1 target is lost shows here: the kernel count per sample, the busy share of the
+    wall time (launch-bound when low) and the kernels that dominate.
+    """
+    rows: list[dict] = []
+    noise, y = _inputs(batch, input_size, device, dtype)
+    variant = f"ARD N={args.history_layers}"
+    for stack in stacks:
+        try:
+            run = _runner(stack, models, noise, y)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic, never a reason to lose the timings
+            rows.append({"stack": stack, "variant": variant, "batch": batch, "error": _error(exc)})
+            continue
+        rows += common.kernel_profile(run, device, stack=stack, variant=variant, batch=batch)
+    print(f"bench_e2e kernel profile ({args.config}, {args.dtype}, one sample of B{batch}):")
+    print(common.markdown_table(rows), flush=True)
+    if not args.no_json:
+        common.write_json("e2e_profile", rows, args.out)
     return rows
 
 

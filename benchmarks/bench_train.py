@@ -59,6 +59,9 @@ def _parse(argv: Sequence[str] | None):
     p.add_argument("--rep-ms", type=float, default=2000.0, help="CUDA: do_bench's timed milliseconds per mode")
     p.add_argument("--out", default=None, help="directory of train.json (default $ARD_BENCH_OUT or results/)")
     p.add_argument("--no-json", action="store_true")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=gpu,
+                   help="profile one fwd_bwd per provider after its timings: the kernels by time, to "
+                        "train_profile.json (default on CUDA)")
     common.add_budget_arg(p)
     return p.parse_args(argv)
 
@@ -93,7 +96,7 @@ def _build(provider: str, args, device):
     return model, fwd
 
 
-def _measure(provider: str, args, device) -> list[dict]:
+def _measure(provider: str, args, device, profile_rows=None) -> list[dict]:
     from ard_kernels.training import ard_loss
 
     model, fwd = _build(provider, args, device)
@@ -140,6 +143,8 @@ def _measure(provider: str, args, device) -> list[dict]:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
         rows.append(row)
         common.emit(row, ("provider", "mode", "ms", "images_per_s", "peak_gib"))
+    if profile_rows is not None:  # where the step's time goes: attention, GEMMs, elementwise passes
+        profile_rows += common.kernel_profile(fwd_bwd_only, device, top=15, provider=provider, mode="fwd_bwd")
     return rows
 
 
@@ -156,6 +161,7 @@ def run(args, on_rows=None) -> list[dict]:
         providers.append("ardit-auto-compile")
     budget = common.Budget(getattr(args, "time_budget_s", 0.0))
     rows: list[dict] = []
+    profile_rows: list[dict] | None = [] if args.profile else None
     for provider in providers:
         if not budget.allows():
             rows.append(common.skipped(op="ard_train_step", provider=provider))
@@ -163,7 +169,7 @@ def run(args, on_rows=None) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            rows += _measure(provider, args, device)
+            rows += _measure(provider, args, device, profile_rows)
         except Exception as e:  # one provider failing (e.g. a backend absent here) must not hide the others
             rows.append({"op": "ard_train_step", "provider": provider, "error": f"{type(e).__name__}: {e}"[:300]})
             common.emit(rows[-1])
@@ -171,6 +177,11 @@ def run(args, on_rows=None) -> list[dict]:
         common.free_device_memory(device)
         if on_rows:
             on_rows(rows)
+        if profile_rows and not args.no_json:
+            common.write_json("train_profile", profile_rows, args.out)
+    if profile_rows:
+        print("bench_train kernel profile (one fwd_bwd per provider):")
+        print(common.markdown_table(profile_rows), flush=True)
     base = {r["mode"]: r["ms"] for r in rows if r.get("provider") == "published" and "ms" in r}
     for r in rows:
         if "ms" in r and r["mode"] in base:

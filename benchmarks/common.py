@@ -13,6 +13,7 @@ these helpers keep timing and reporting uniform across them:
   once its budget is spent and lists the rest as skipped rows (``run_all.py --deadline-s`` passes
   each module its share), so a suite never loses its finished rows to a timeout.
 - :func:`emit` — one row as one flushed line while a benchmark runs (logs of killed runs keep it).
+- :func:`kernel_profile` — the kernels one call runs, by time, and how busy the device was.
 - :func:`raise_recompile_limits`, :func:`free_device_memory` — long GPU suites: many shapes through
   one ``torch.compile``'d function, and no memory carried from one shape to the next.
 """
@@ -72,6 +73,49 @@ def time_ms(fn: Callable[[], object], device=None, warmup: int = 25, rep: int = 
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def kernel_profile(fn: Callable[[], object], device=None, top: int = 12, **fields) -> list[dict]:
+    """Where one call of ``fn`` (after a warm-up call) spends its time, from ``torch.profiler``.
+
+    CUDA: the GPU kernels (and memcpy/memset), CUDA-graph replays included; CPU: the top-level
+    operators. Rows ``{**fields, "kernel", "calls", "ms", "%"}`` for the ``top`` names by total time,
+    then one ``"kernel": "(all)"`` row with the launch count, the busy time, the profiled call's
+    wall time (``wall_ms``) and ``busy_%`` (busy / wall: far below 100 on the GPU means launch- or
+    host-bound). A profiler failure gives one row with ``error`` instead of raising.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device or default_device())
+    cuda = device.type == "cuda"
+    try:
+        fn()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            wall_ms = 1e3 * (time.perf_counter() - t0)
+        per_name: dict[str, list] = {}
+        for e in prof.events():
+            if e.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
+                continue
+            if not cuda and e.cpu_parent is not None:  # CPU: top-level operators only, not their children
+                continue
+            entry = per_name.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us() / 1e3
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the benchmark its rows
+        return [{**fields, "kernel": "(profile failed)", "error": f"{type(exc).__name__}: {str(exc)[:160]}"}]
+    busy = sum(ms for _, ms in per_name.values())
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])
+    rows = [{**fields, "kernel": name[:90], "calls": calls, "ms": ms, "%": 100.0 * ms / busy if busy else None}
+            for name, (calls, ms) in ranked[:top]]
+    rows.append({**fields, "kernel": "(all)", "calls": sum(c for c, _ in per_name.values()), "ms": busy,
+                 "%": 100.0 if busy else None, "wall_ms": wall_ms,
+                 "busy_%": 100.0 * busy / wall_ms if wall_ms else None})
+    return rows
 
 
 def git_commit() -> str:
