@@ -189,3 +189,28 @@ def test_counter_sees_the_fused_gelu_gemm_as_its_addmm():
     x, w, b = torch.randn(6, 8), torch.randn(16, 8), torch.randn(16)
     fused = _count(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
     assert fused == _count(lambda: torch.addmm(b, x, w.t())) == 2 * 6 * 8 * 16
+
+
+def test_kernel_profile_ranks_the_work_and_reports_busy_time():
+    """The GPU check's diagnostic, on the CPU's operators: the dominant op first, an "(all)" row with counts."""
+    from benchmarks.common import kernel_profile
+
+    a, small = torch.randn(384, 384), torch.randn(8)
+    rows = kernel_profile(lambda: (a @ a, small + 1, small * 2), "cpu", top=2, stack="x")
+    assert [r["kernel"] for r in rows[:1]] == ["aten::matmul"] and len(rows) == 3
+    total = rows[-1]
+    assert total["kernel"] == "(all)" and total["calls"] == 3 and total["stack"] == "x"
+    assert 0 < total["ms"] <= total["wall_ms"] and 0 < total["busy_%"] <= 100
+    failed = kernel_profile(lambda: 1 / 0, "cpu")
+    assert failed[0]["kernel"] == "(profile failed)" and "ZeroDivisionError" in failed[0]["error"]
+
+
+def test_render_targets_reads_issue_7_from_the_training_rows():
+    from benchmarks.run_all import render_targets
+
+    rows = [{"provider": "ardit-auto", "mode": "fwd_bwd", "images_per_s": 170.0, "shape": "s"},
+            {"provider": "published", "mode": "fwd_bwd", "images_per_s": 80.6},
+            {"provider": "ardit-auto", "mode": "step", "images_per_s": 120.0, "speedup_vs_published": 0.9}]
+    table = render_targets({"train": rows})
+    assert "| 7 | training fwd_bwd images/s, s | ≥ 160 img/s | 170 | published 80.6 img/s | PASS |" in table
+    assert "| 7 | training step images/s" in table and table.rstrip().endswith("| miss |")
