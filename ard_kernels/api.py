@@ -67,7 +67,8 @@ def block_attention(q, k, v, block_size, pattern="causal", scale=None, return_ls
         backend: "auto" | "reference" | "sdpa" | "flex" | "triton".
 
     Returns:
-        O (B, H, Lq, D) in q's dtype; with ``return_lse`` the tuple (O, lse).
+        O (B, H, Lq, D) in q's dtype (from the Triton backend laid out (B, Lq, H, D) in memory, so
+        ``O.transpose(1, 2).reshape(B, Lq, H·D)`` is a view); with ``return_lse`` the tuple (O, lse).
     """
     check_tensor("q", q, 4)
     check_tensor("k", k, 4)
