@@ -1,4 +1,5 @@
-"""Row tiling shared by the per-(sample, block) row ops: modulated LayerNorm and gated residual.
+"""Row tiling shared by the per-(sample, block) row ops: modulated LayerNorm (alone and fused with
+the gated residual) and gated residual.
 
 Both ops read (B, N, C) token rows grouped in blocks of ``block_size`` tokens, each block with
 one conditioning row per sample (``shift``/``scale``/``gate``: (B, nb, C), nb = ceil(N / block_size)):
@@ -10,6 +11,9 @@ group in the backward), then the block, then the sample, so neighbours in launch
 neighbouring rows. The backward reduces over a block's rows (``dshift = Σ_rows dy``...): each
 program owns a fixed row group and writes its partial sum to its own slot, and the slots are
 summed in a fixed order afterwards, so the gradients are bitwise reproducible (no atomics).
+
+The LayerNorm kernels hold whole rows, as two power-of-two column segments (:func:`row_split`):
+1152 = 1024 + 128 fills every lane, where one power-of-two tile would pad it to 2048.
 """
 
 import functools
@@ -56,30 +60,49 @@ def load_block_row(ptr, b, blk64, stride_b, stride_n, stride_c, cols, col_ok):
 
 
 @triton.jit
-def modulated_norm_tile(x, mask, SHIFT_ptr, SCALE_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
-                        stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok, C, eps):
-    """``LN(x)·(1 + scale) + shift`` of an fp32 tile of whole rows (zero outside ``mask``), with the
-    block's shift/scale rows loaded here: returns (y, per-row mean, per-row rstd)."""
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    shift = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols, col_ok)
-    scale = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
-    return xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :], mean, rstd
+def row_columns(C, C0: tl.constexpr, C1P: tl.constexpr):
+    """A whole row's columns as two power-of-two segments (:func:`row_split`): (cols0, cols1, which
+    of cols1 exist). Segment 0 lies inside the row (C0 <= C); segment 1 holds the rest, masked."""
+    cols0 = tl.arange(0, C0)
+    cols1 = C0 + tl.arange(0, C1P)
+    return cols0, cols1, cols1 < C
 
 
 @triton.jit
-def modulated_norm_backward_tile(x, dy, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask, gain, C):
+def modulated_norm_tile(x0, x1, mask1, SHIFT_ptr, SCALE_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
+                        stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps):
+    """``LN(x)·(1 + scale) + shift`` of an fp32 tile of whole rows given as its two column segments
+    (x0, x1; zero outside the rows, x1 also past C, ``mask1``), with the block's shift/scale rows
+    loaded here: returns (y0, y1, per-row mean, per-row rstd)."""
+    mean = (tl.sum(x0, axis=1) + tl.sum(x1, axis=1)) / C
+    xc0 = x0 - mean[:, None]  # rows outside the block are all zero, so are their mean and xc0
+    xc1 = tl.where(mask1, x1 - mean[:, None], 0.0)
+    rstd = tl.rsqrt((tl.sum(xc0 * xc0, axis=1) + tl.sum(xc1 * xc1, axis=1)) / C + eps)
+    shift0 = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols0, cols0 < C)
+    scale0 = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols0 < C)
+    shift1 = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols1, col_ok1)
+    scale1 = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols1, col_ok1)
+    y0 = xc0 * rstd[:, None] * (1.0 + scale0[None, :]) + shift0[None, :]
+    y1 = xc1 * rstd[:, None] * (1.0 + scale1[None, :]) + shift1[None, :]
+    return y0, y1, mean, rstd
+
+
+@triton.jit
+def modulated_norm_backward_tile(x0, x1, dy0, dy1, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask1, gain0, gain1, C):
     """One tile of the backward of ``y = x̂·gain + shift``, x̂ = LayerNorm(x) from the saved per-row
-    mean and rstd: returns (x̂, zero outside ``mask``, for the dscale sums; dx, LayerNorm's backward
-    through x̂ of the upstream gradient dy·gain)."""
+    mean and rstd, the row in two column segments (dy zero outside the tile): returns (x̂0, x̂1: zero
+    outside the tile, for the dscale sums; dx0, dx1: LayerNorm's backward through x̂ of dy·gain)."""
     mean = tl.load(MEAN_ptr + b * N + n64, mask=row_ok, other=0.0)
     rstd = tl.load(RSTD_ptr + b * N + n64, mask=row_ok, other=0.0)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    g_xhat = dy * gain[None, :]
-    c1 = tl.sum(g_xhat * xhat, axis=1) / C
-    c2 = tl.sum(g_xhat, axis=1) / C
-    return xhat, (g_xhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    xhat0 = (x0 - mean[:, None]) * rstd[:, None]  # zero on rows outside the block: x, mean, rstd all are
+    xhat1 = tl.where(mask1, (x1 - mean[:, None]) * rstd[:, None], 0.0)
+    g0 = dy0 * gain0[None, :]
+    g1 = dy1 * gain1[None, :]
+    c1 = (tl.sum(g0 * xhat0, axis=1) + tl.sum(g1 * xhat1, axis=1)) / C
+    c2 = (tl.sum(g0, axis=1) + tl.sum(g1, axis=1)) / C
+    dx0 = (g0 - xhat0 * c1[:, None] - c2[:, None]) * rstd[:, None]
+    dx1 = (g1 - xhat1 * c1[:, None] - c2[:, None]) * rstd[:, None]
+    return xhat0, xhat1, dx0, dx1
 
 
 @functools.cache
@@ -120,17 +143,34 @@ def row_groups(block_size, block_m, pairs, device):
     return triton.cdiv(block_size, rows_per_group), rows_per_group
 
 
+def row_split(C):
+    """(C0, C1P): a whole row of C columns held as a power-of-two segment of C0 columns, the largest
+    power of two <= C, and the rest, C - C0, in a C1P-wide one (the next power of two, at least 16;
+    all masked when C is a power of two). DiT's widths split exactly (384 = 256 + 128, 768 = 512 +
+    256, 1152 = 1024 + 128), where one power-of-two tile would pad 1152 to 2048: 44% of its lanes
+    and registers idle, fewer rows in flight."""
+    c0 = 1 << (int(C).bit_length() - 1)
+    return c0, max(16, triton.next_power_of_2(C - c0)) if C > c0 else 16
+
+
 def row_tile(C, block_size, device, target_elems):
-    """(BLOCK_M, BLOCK_C, num_warps) for a whole-row tile of width C.
+    """(BLOCK_M, C0, C1P, num_warps) for a whole-row tile of width C in two segments (:func:`row_split`).
 
     GPU: about ``target_elems`` elements per program (several rows for small C, at most 16) so
-    each program has enough bytes in flight, and about 16 elements per thread (warps grow with
-    the tile); a backward keeps more tiles live, so it asks for fewer.
+    each program has enough bytes in flight, and at most about 16 elements per thread (warps grow
+    with the tile); a backward keeps more tiles live, so it asks for fewer. Interpreter: as many
+    rows as :data:`_INTERPRETER_ELEMS` allows (its cost is per program, not per element).
     """
+    c0, c1p = row_split(C)
+    width = c0 + c1p
     if device.type != "cuda":
-        return interpreter_tile(C, block_size)
-    block_c = triton.next_power_of_2(C)
-    block_m = tile_rows(block_size, block_c, target_elems, 16)
-    elems = block_m * block_c
+        target_elems, max_rows = _INTERPRETER_ELEMS, _MAX_ROWS
+    else:
+        max_rows = 16
+    fit = max(1, target_elems // width)
+    block_m = min(triton.next_power_of_2(block_size), 1 << (fit.bit_length() - 1), max_rows)
+    if device.type != "cuda":
+        return block_m, c0, c1p, 4
+    elems = block_m * width
     num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
-    return block_m, block_c, num_warps
+    return block_m, c0, c1p, num_warps

@@ -30,13 +30,14 @@ from ._rows import (
     load_tile,
     modulated_norm_backward_tile,
     modulated_norm_tile,
+    row_columns,
     row_groups,
     row_tile,
 )
 
 # Elements per program: the forward keeps x, y, out and h live, the backward seven tiles.
 _FWD_TILE_ELEMS = 8192
-_BWD_TILE_ELEMS = 2048
+_BWD_TILE_ELEMS = 4096
 
 
 @triton.jit
@@ -50,29 +51,37 @@ def _gated_residual_modulated_layer_norm_fwd_kernel(
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_o_b, stride_o_n, stride_o_c,
     stride_h_b, stride_h_n,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
 ):
-    # One program per (sample, block, row tile), row tiles fastest; whole rows (LayerNorm needs them).
-    # In place, OUT is X: every element is read before the same program overwrites it.
+    # One program per (sample, block, row tile), row tiles fastest; whole rows (LayerNorm needs them),
+    # each in two column segments. In place, OUT is X: every element is read before the same program
+    # overwrites it.
     b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
     n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
+    cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
+    mask0 = row_ok[:, None]
+    mask1 = row_ok[:, None] & col_ok1[None, :]
     blk64 = blk.to(tl.int64)
 
-    gate = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols, col_ok)
-    x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
-    y = load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
-    out = (x + gate[None, :] * y).to(OUT_ptr.dtype.element_ty)
-    tl.store(OUT_ptr + b * stride_o_b + n64[:, None] * stride_o_n + cols[None, :] * stride_o_c, out, mask=mask)
+    gate0 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols0 < C)
+    gate1 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols1, col_ok1)
+    out0 = (load_tile(X_ptr, b, n64, cols0, stride_x_b, stride_x_n, stride_x_c, mask0)
+            + gate0[None, :] * load_tile(Y_ptr, b, n64, cols0, stride_y_b, stride_y_n, stride_y_c, mask0))
+    out1 = (load_tile(X_ptr, b, n64, cols1, stride_x_b, stride_x_n, stride_x_c, mask1)
+            + gate1[None, :] * load_tile(Y_ptr, b, n64, cols1, stride_y_b, stride_y_n, stride_y_c, mask1))
+    out0 = out0.to(OUT_ptr.dtype.element_ty)
+    out1 = out1.to(OUT_ptr.dtype.element_ty)
+    out_rows = OUT_ptr + b * stride_o_b + n64[:, None] * stride_o_n
+    tl.store(out_rows + cols0[None, :] * stride_o_c, out0, mask=mask0)
+    tl.store(out_rows + cols1[None, :] * stride_o_c, out1, mask=mask1)
 
     # Normalise the stored value, as a separate LayerNorm reading `out` back would.
-    h, mean, rstd = modulated_norm_tile(out.to(tl.float32), mask, SHIFT_ptr, SCALE_ptr, b, blk64,
-                                        stride_sh_b, stride_sh_n, stride_sh_c, stride_sc_b, stride_sc_n, stride_sc_c,
-                                        cols, col_ok, C, eps)
-    tl.store(H_ptr + b * stride_h_b + n64[:, None] * stride_h_n + cols[None, :],
-             h.to(H_ptr.dtype.element_ty), mask=mask)
+    h0, h1, mean, rstd = modulated_norm_tile(out0.to(tl.float32), out1.to(tl.float32), mask1, SHIFT_ptr, SCALE_ptr,
+                                             b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
+                                             stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps)
+    h_rows = H_ptr + b * stride_h_b + n64[:, None] * stride_h_n
+    tl.store(h_rows + cols0[None, :], h0.to(H_ptr.dtype.element_ty), mask=mask0)
+    tl.store(h_rows + cols1[None, :], h1.to(H_ptr.dtype.element_ty), mask=mask1)
     tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
     tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
 
@@ -90,50 +99,64 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_dx_b, stride_dx_n,
     stride_dy_b, stride_dy_n,
-    HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
 ):
     # One program per (sample, block, row group): loops over its rows in BLOCK_M tiles, keeping the
-    # three per-block partial sums in registers. rows_per_group is a multiple of BLOCK_M.
+    # three per-block partial sums (per column segment) in registers. rows_per_group is a multiple
+    # of BLOCK_M.
     b, blk, grp = block_program(tl.program_id(0), groups, num_blocks)
     blk64 = blk.to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    gate = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols, col_ok)
-    gain = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
-    acc_dgate = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
+    gate0 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols0 < C)
+    gate1 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols1, col_ok1)
+    gain0 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols0 < C)
+    gain1 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols1, col_ok1)
+    acc_dgate0 = tl.zeros((C0,), dtype=tl.float32)
+    acc_dshift0 = tl.zeros((C0,), dtype=tl.float32)
+    acc_dscale0 = tl.zeros((C0,), dtype=tl.float32)
+    acc_dgate1 = tl.zeros((C1P,), dtype=tl.float32)
+    acc_dshift1 = tl.zeros((C1P,), dtype=tl.float32)
+    acc_dscale1 = tl.zeros((C1P,), dtype=tl.float32)
 
     for r in range(0, rows_per_group, BLOCK_M):
         n64, row_ok = block_rows(blk, grp * rows_per_group + r, block_size, N, BLOCK_M)
-        mask = row_ok[:, None] & col_ok[None, :]
-        o = load_tile(OUT_ptr, b, n64, cols, stride_o_b, stride_o_n, stride_o_c, mask)
-        dh = load_tile(DH_ptr, b, n64, cols, stride_dh_b, stride_dh_n, stride_dh_c, mask)
-        xhat, g = modulated_norm_backward_tile(o, dh, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask, gain, C)
-        acc_dshift += tl.sum(dh, axis=0)
-        acc_dscale += tl.sum(dh * xhat, axis=0)
+        mask0 = row_ok[:, None]
+        mask1 = row_ok[:, None] & col_ok1[None, :]
+        o0 = load_tile(OUT_ptr, b, n64, cols0, stride_o_b, stride_o_n, stride_o_c, mask0)
+        o1 = load_tile(OUT_ptr, b, n64, cols1, stride_o_b, stride_o_n, stride_o_c, mask1)
+        dh0 = load_tile(DH_ptr, b, n64, cols0, stride_dh_b, stride_dh_n, stride_dh_c, mask0)
+        dh1 = load_tile(DH_ptr, b, n64, cols1, stride_dh_b, stride_dh_n, stride_dh_c, mask1)
+        xhat0, xhat1, g0, g1 = modulated_norm_backward_tile(o0, o1, dh0, dh1, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok,
+                                                            mask1, gain0, gain1, C)
+        acc_dshift0 += tl.sum(dh0, axis=0)
+        acc_dshift1 += tl.sum(dh1, axis=0)
+        acc_dscale0 += tl.sum(dh0 * xhat0, axis=0)
+        acc_dscale1 += tl.sum(dh1 * xhat1, axis=0)
         if HAS_DOUT:  # the stream's own gradient: out also feeds the next residual
-            g += load_tile(DOUT_ptr, b, n64, cols, stride_do_b, stride_do_n, stride_do_c, mask)
-        tl.store(DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n + cols[None, :],
-                 g.to(DX_ptr.dtype.element_ty), mask=mask)
-        y = load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
-        acc_dgate += tl.sum(g * y, axis=0)
-        tl.store(DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n + cols[None, :],
-                 (g * gate[None, :]).to(DY_ptr.dtype.element_ty), mask=mask)
+            g0 += load_tile(DOUT_ptr, b, n64, cols0, stride_do_b, stride_do_n, stride_do_c, mask0)
+            g1 += load_tile(DOUT_ptr, b, n64, cols1, stride_do_b, stride_do_n, stride_do_c, mask1)
+        dx_rows = DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n
+        tl.store(dx_rows + cols0[None, :], g0.to(DX_ptr.dtype.element_ty), mask=mask0)
+        tl.store(dx_rows + cols1[None, :], g1.to(DX_ptr.dtype.element_ty), mask=mask1)
+        acc_dgate0 += tl.sum(g0 * load_tile(Y_ptr, b, n64, cols0, stride_y_b, stride_y_n, stride_y_c, mask0), axis=0)
+        acc_dgate1 += tl.sum(g1 * load_tile(Y_ptr, b, n64, cols1, stride_y_b, stride_y_n, stride_y_c, mask1), axis=0)
+        dy_rows = DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n
+        tl.store(dy_rows + cols0[None, :], (g0 * gate0[None, :]).to(DY_ptr.dtype.element_ty), mask=mask0)
+        tl.store(dy_rows + cols1[None, :], (g1 * gate1[None, :]).to(DY_ptr.dtype.element_ty), mask=mask1)
 
-    part = ((b * num_blocks + blk64) * groups + grp) * C + cols
-    tl.store(DGATE_PART_ptr + part, acc_dgate, mask=col_ok)
-    tl.store(DSHIFT_PART_ptr + part, acc_dshift, mask=col_ok)
-    tl.store(DSCALE_PART_ptr + part, acc_dscale, mask=col_ok)
+    part = ((b * num_blocks + blk64) * groups + grp) * C
+    tl.store(DGATE_PART_ptr + part + cols0, acc_dgate0)
+    tl.store(DGATE_PART_ptr + part + cols1, acc_dgate1, mask=col_ok1)
+    tl.store(DSHIFT_PART_ptr + part + cols0, acc_dshift0)
+    tl.store(DSHIFT_PART_ptr + part + cols1, acc_dshift1, mask=col_ok1)
+    tl.store(DSCALE_PART_ptr + part + cols0, acc_dscale0)
+    tl.store(DSCALE_PART_ptr + part + cols1, acc_dscale1, mask=col_ok1)
 
 
 def _bwd_tile(C, block_size, device):
-    """The backward's whole-row tile: twice the warps of :func:`row_tile` (about 8 elements per
-    thread and tile), because it keeps seven tiles live and would spill at 16; and at most 8 warps
-    for C <= 2048 (a 2048-element tile), whose threads may then use up to 255 registers (16 warps
-    cap them at 128: the fp32 tiles spilled there)."""
-    block_m, block_c, num_warps = row_tile(C, block_size, device, _BWD_TILE_ELEMS)
-    return block_m, block_c, (min(16, 2 * num_warps) if device.type == "cuda" else num_warps)
+    """The backward's whole-row tile (BLOCK_M, C0, C1P, num_warps): :func:`row_tile` at
+    :data:`_BWD_TILE_ELEMS`, its seven live tiles kept below the register file's spill point."""
+    return row_tile(C, block_size, device, _BWD_TILE_ELEMS)
 
 
 def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
@@ -145,7 +168,7 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if h.numel() == 0:
         return h, mean, rstd
-    block_m, block_c, num_warps = row_tile(C, block_size, x.device, _FWD_TILE_ELEMS)
+    block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, _FWD_TILE_ELEMS)
     tiles = triton.cdiv(block_size, block_m)
     with launch_device(x):
         _gated_residual_modulated_layer_norm_fwd_kernel[(tiles * nb * B,)](
@@ -158,7 +181,7 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
             scale.stride(0), scale.stride(1), scale.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             h.stride(0), h.stride(1),
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
         )
     return h, mean, rstd
 
@@ -184,7 +207,7 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
     if dx.numel() == 0:
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=out.device)
         return dx, dy, zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype)
-    block_m, block_c, num_warps = _bwd_tile(C, block_size, out.device)
+    block_m, c0, c1p, num_warps = _bwd_tile(C, block_size, out.device)
     groups, rows_per_group = row_groups(block_size, block_m, B * nb, out.device)
     parts = torch.empty((3, B, nb, groups, C), dtype=torch.float32, device=out.device)
     has_dout = dout is not None
@@ -202,7 +225,7 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
             dy.stride(0), dy.stride(1),
-            HAS_DOUT=has_dout, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            HAS_DOUT=has_dout, BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
         )
     # Three separate sums: results that were views of one tensor would alias (custom ops forbid it).
     return (dx, dy, parts[0].sum(dim=2).to(gate.dtype), parts[1].sum(dim=2).to(shift_dtype),
@@ -323,10 +346,10 @@ def aot_specs():
             for kind, kernel in (("fwd", _gated_residual_modulated_layer_norm_fwd_kernel),
                                  ("bwd", _gated_residual_modulated_layer_norm_bwd_kernel)):
                 if kind == "fwd":
-                    block_m, block_c, num_warps = row_tile(C, 256, cuda, _FWD_TILE_ELEMS)
+                    block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, _FWD_TILE_ELEMS)
                 else:
-                    block_m, block_c, num_warps = _bwd_tile(C, 256, cuda)
-                constexprs = {"BLOCK_M": block_m, "BLOCK_C": block_c}
+                    block_m, c0, c1p, num_warps = _bwd_tile(C, 256, cuda)
+                constexprs = {"BLOCK_M": block_m, "C0": c0, "C1P": c1p}
                 if kind == "bwd":
                     constexprs["HAS_DOUT"] = True
                 specs.append({

@@ -24,6 +24,7 @@ from ._rows import (
     load_tile,
     modulated_norm_backward_tile,
     modulated_norm_tile,
+    row_columns,
     row_groups,
     row_tile,
 )
@@ -37,21 +38,23 @@ def _modulated_layer_norm_fwd_kernel(
     stride_sh_b, stride_sh_n, stride_sh_c,
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_y_b, stride_y_n,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
 ):
-    # One program per (sample, block, row tile), row tiles fastest.
+    # One program per (sample, block, row tile), row tiles fastest; each row in two column segments.
     b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
     n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
+    cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
+    mask0 = row_ok[:, None]
+    mask1 = row_ok[:, None] & col_ok1[None, :]
 
-    x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
-    y, mean, rstd = modulated_norm_tile(x, mask, SHIFT_ptr, SCALE_ptr, b, blk.to(tl.int64),
-                                        stride_sh_b, stride_sh_n, stride_sh_c, stride_sc_b, stride_sc_n, stride_sc_c,
-                                        cols, col_ok, C, eps)
-    tl.store(Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n + cols[None, :],
-             y.to(Y_ptr.dtype.element_ty), mask=mask)
+    x0 = load_tile(X_ptr, b, n64, cols0, stride_x_b, stride_x_n, stride_x_c, mask0)
+    x1 = load_tile(X_ptr, b, n64, cols1, stride_x_b, stride_x_n, stride_x_c, mask1)
+    y0, y1, mean, rstd = modulated_norm_tile(x0, x1, mask1, SHIFT_ptr, SCALE_ptr, b, blk.to(tl.int64),
+                                             stride_sh_b, stride_sh_n, stride_sh_c,
+                                             stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps)
+    y_rows = Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n
+    tl.store(y_rows + cols0[None, :], y0.to(Y_ptr.dtype.element_ty), mask=mask0)
+    tl.store(y_rows + cols1[None, :], y1.to(Y_ptr.dtype.element_ty), mask=mask1)
     tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
     tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
 
@@ -64,34 +67,44 @@ def _modulated_layer_norm_bwd_kernel(
     stride_x_b, stride_x_n, stride_x_c,
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_dx_b, stride_dx_n,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
 ):
     # One program per (sample, block, row group); it loops over its rows in BLOCK_M tiles and
     # keeps the dshift/dscale partial sums in registers. rows_per_group is a multiple of BLOCK_M.
     b, blk, g = block_program(tl.program_id(0), groups, num_blocks)
     blk64 = blk.to(tl.int64)
 
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    scale = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
-    gain = 1.0 + scale
-    acc_dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
+    gain0 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols0 < C)
+    gain1 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols1, col_ok1)
+    acc_dshift0 = tl.zeros((C0,), dtype=tl.float32)
+    acc_dscale0 = tl.zeros((C0,), dtype=tl.float32)
+    acc_dshift1 = tl.zeros((C1P,), dtype=tl.float32)
+    acc_dscale1 = tl.zeros((C1P,), dtype=tl.float32)
 
     for r in range(0, rows_per_group, BLOCK_M):
         n64, row_ok = block_rows(blk, g * rows_per_group + r, block_size, N, BLOCK_M)
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
-        dy = load_tile(DY_ptr, b, n64, cols, stride_dy_b, stride_dy_n, stride_dy_c, mask)
-        xhat, dx = modulated_norm_backward_tile(x, dy, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask, gain, C)
-        acc_dshift += tl.sum(dy, axis=0)
-        acc_dscale += tl.sum(dy * xhat, axis=0)
-        tl.store(DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n + cols[None, :],
-                 dx.to(DX_ptr.dtype.element_ty), mask=mask)
+        mask0 = row_ok[:, None]
+        mask1 = row_ok[:, None] & col_ok1[None, :]
+        x0 = load_tile(X_ptr, b, n64, cols0, stride_x_b, stride_x_n, stride_x_c, mask0)
+        x1 = load_tile(X_ptr, b, n64, cols1, stride_x_b, stride_x_n, stride_x_c, mask1)
+        dy0 = load_tile(DY_ptr, b, n64, cols0, stride_dy_b, stride_dy_n, stride_dy_c, mask0)
+        dy1 = load_tile(DY_ptr, b, n64, cols1, stride_dy_b, stride_dy_n, stride_dy_c, mask1)
+        xhat0, xhat1, dx0, dx1 = modulated_norm_backward_tile(x0, x1, dy0, dy1, MEAN_ptr, RSTD_ptr, b, N, n64,
+                                                              row_ok, mask1, gain0, gain1, C)
+        acc_dshift0 += tl.sum(dy0, axis=0)
+        acc_dshift1 += tl.sum(dy1, axis=0)
+        acc_dscale0 += tl.sum(dy0 * xhat0, axis=0)
+        acc_dscale1 += tl.sum(dy1 * xhat1, axis=0)
+        dx_rows = DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n
+        tl.store(dx_rows + cols0[None, :], dx0.to(DX_ptr.dtype.element_ty), mask=mask0)
+        tl.store(dx_rows + cols1[None, :], dx1.to(DX_ptr.dtype.element_ty), mask=mask1)
 
-    part = ((b * num_blocks + blk64) * groups + g) * C + cols
-    tl.store(DSHIFT_PART_ptr + part, acc_dshift, mask=col_ok)
-    tl.store(DSCALE_PART_ptr + part, acc_dscale, mask=col_ok)
+    part = ((b * num_blocks + blk64) * groups + g) * C
+    tl.store(DSHIFT_PART_ptr + part + cols0, acc_dshift0)
+    tl.store(DSHIFT_PART_ptr + part + cols1, acc_dshift1, mask=col_ok1)
+    tl.store(DSCALE_PART_ptr + part + cols0, acc_dscale0)
+    tl.store(DSCALE_PART_ptr + part + cols1, acc_dscale1, mask=col_ok1)
 
 
 def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
@@ -106,7 +119,7 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if y.numel() == 0:
         return y, mean, rstd
-    block_m, block_c, num_warps = row_tile(C, block_size, x.device, 8192)
+    block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 8192)
     tiles = triton.cdiv(block_size, block_m)
     grid = (tiles * nb * B,)
     with launch_device(x):
@@ -117,7 +130,7 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
             shift.stride(0), shift.stride(1), shift.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
             y.stride(0), y.stride(1),
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
         )
     return y, mean, rstd
 
@@ -134,7 +147,7 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
     if dx.numel() == 0:
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=x.device)
         return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
-    block_m, block_c, num_warps = row_tile(C, block_size, x.device, 4096)
+    block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 4096)
     groups, rows_per_group = row_groups(block_size, block_m, B * nb, x.device)
     dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
@@ -147,7 +160,7 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
             x.stride(0), x.stride(1), x.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
         )
     return dx, dshift_part.sum(dim=2).to(shift_dtype), dscale_part.sum(dim=2).to(scale.dtype)
 
@@ -231,14 +244,14 @@ def aot_specs():
         for C in (1152, 2048, 8192):
             for kind, kernel, target in (("fwd", _modulated_layer_norm_fwd_kernel, 8192),
                                          ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
-                block_m, block_c, num_warps = row_tile(C, 256, cuda, target)
+                block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, target)
                 stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
                          "DSCALE_PART_ptr": "*fp32"}
                 specs.append({
                     "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}",
                     "kernel": kernel,
                     "signature": make_signature(kernel, dtype, stats, floats=("eps",)),
-                    "constexprs": {"BLOCK_M": block_m, "BLOCK_C": block_c},
+                    "constexprs": {"BLOCK_M": block_m, "C0": c0, "C1P": c1p},
                     "num_warps": num_warps,
                 })
     return specs
