@@ -128,3 +128,35 @@ def test_cuda_tests_collect_under_the_gpu_stack():
     report = "\n".join(line for line in lines if line not in collected)  # the errors, not the test ids
     assert proc.returncode == 0, f"`pytest -m cuda` fails to collect there:\n{report[-8000:]}\n{proc.stderr[-2000:]}"
     assert len(collected) > 100, f"only {len(collected)} cuda tests collected:\n{report[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", ["this venv (CPU torch)", "GPU stack (CUDA torch 2.11)"])
+def test_cmake_builds_the_extension(stack, tmp_path):
+    """CMakeLists.txt builds ard_kernels._C against a CPU torch and against a CUDA torch, and the module loads."""
+    import sys
+
+    python = sys.executable if stack.startswith("this") else gpu_stack_python()
+    cmake, ninja = shutil.which("cmake"), os.path.join(os.path.dirname(python), "ninja")
+    if cmake is None or _cuda_home() is None:
+        _skip_or_fail("cmake and nvcc are needed to build the extension with CMake")
+    if not os.path.exists(ninja):
+        ninja = shutil.which("ninja") or ninja
+    build = tmp_path / "build"
+    env = gpu_stack_env()
+    configure = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), "-G", "Ninja",
+                                f"-DPython_EXECUTABLE={python}", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+                                "-DCMAKE_CUDA_ARCHITECTURES=90"], capture_output=True, text=True, env=env, timeout=300)
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    compiled = subprocess.run([cmake, "--build", str(build)], capture_output=True, text=True, env=env, timeout=600)
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    (module,) = build.glob("_C*.so")
+    pkg = tmp_path / "src" / "ard_kernels"
+    shutil.copytree(ROOT / "ard_kernels", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copy2(module, pkg / module.name)
+    code = ("import torch, ard_kernels._C as m; from ard_kernels import _ext\n"
+            "assert _ext.extension_available(), _ext.extension_error()\n"
+            "print(m.__file__, torch.ops.ard_kernels.qkv_split_append, torch.ops.ard_kernels.kv_append)\n")
+    proc = subprocess.run([python, "-c", code], cwd=tmp_path, env=gpu_stack_env(PYTHONPATH=str(tmp_path / "src")),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and str(pkg) in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
