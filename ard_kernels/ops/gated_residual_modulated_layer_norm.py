@@ -342,7 +342,7 @@ def aot_specs():
                                        "DSCALE_PART_ptr")}
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
-        for C in (1152, 2048, 8192):
+        for C in (768, 1152, 2048, 8192):
             for kind, kernel in (("fwd", _gated_residual_modulated_layer_norm_fwd_kernel),
                                  ("bwd", _gated_residual_modulated_layer_norm_bwd_kernel)):
                 if kind == "fwd":

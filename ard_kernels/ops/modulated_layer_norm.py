@@ -241,7 +241,7 @@ def aot_specs():
     cuda = torch.device("cuda")
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
-        for C in (1152, 2048, 8192):
+        for C in (768, 1152, 2048, 8192):
             for kind, kernel, target in (("fwd", _modulated_layer_norm_fwd_kernel, 8192),
                                          ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
                 block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, target)
