@@ -304,3 +304,16 @@ def test_cuda_compile_fullgraph_and_inplace():
     want_out, want_h = fused(256)(x, *rest)
     torch.testing.assert_close(xs, want_out, atol=0, rtol=0)
     torch.testing.assert_close(h, want_h, atol=0, rtol=0)
+
+
+def test_wide_rows_take_the_separate_backwards(monkeypatch, triton_device):
+    """Above _FUSED_BWD_MAX_C (8192-wide rows on the GPU) the backward is the two ops' own: same gradients."""
+    from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
+
+    monkeypatch.setattr(fused_module, "_FUSED_BWD_MAX_C", 32)
+    inputs = make_inputs(2, 7, 72, 3, device=triton_device)
+    for used in ("both", "h only"):
+        dout = None if used == "h only" else torch.randn(2, 7, 72, device=triton_device)
+        dh = torch.randn(2, 7, 72, device=triton_device)
+        assert_all_close(grads2(fused(3), inputs, dout, dh), grads2(reference(3), inputs, dout, dh), 2e-5,
+                         f"reference ({used})")

@@ -38,6 +38,9 @@ from ._rows import (
 # Elements per program: the forward keeps x, y, out and h live, the backward seven tiles.
 _FWD_TILE_ELEMS = 8192
 _BWD_TILE_ELEMS = 4096
+# Wider rows hold too much for the one-pass backward (seven row tiles and six per-column sums: it
+# spills from C = 4096 on, kilobytes per thread at 8192): above this the two separate backwards run.
+_FUSED_BWD_MAX_C = 3072
 
 
 @triton.jit
@@ -199,9 +202,20 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
 
     ``dout`` may be None (out itself unused downstream). The per-block sums are accumulated in fp32
     per (sample, block, row group) and summed over the groups in a fixed order (deterministic).
+    Rows wider than :data:`_FUSED_BWD_MAX_C` take the modulated LayerNorm's and the gated
+    residual's own backwards, one after the other.
     """
     B, N, C = out.shape
     nb = gate.shape[1]
+    if C > _FUSED_BWD_MAX_C and out.numel():
+        from .gated_residual import gated_residual_bwd
+        from .modulated_layer_norm import modulated_layer_norm_bwd
+
+        g, dshift, dscale = modulated_layer_norm_bwd(dh, out, scale, mean, rstd, block_size, shift_dtype)
+        if dout is not None:
+            g = g + dout
+        dy, dgate = gated_residual_bwd(g, y, gate, block_size)
+        return g, dy, dgate, dshift, dscale
     dx = torch.empty((B, N, C), dtype=out.dtype, device=out.device)
     dy = torch.empty((B, N, C), dtype=y.dtype, device=out.device)
     if dx.numel() == 0:
@@ -342,9 +356,11 @@ def aot_specs():
                                        "DSCALE_PART_ptr")}
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
-        for C in (768, 1152, 2048, 8192):
+        for C in (768, 1152, 2048, 3072, 8192):
             for kind, kernel in (("fwd", _gated_residual_modulated_layer_norm_fwd_kernel),
                                  ("bwd", _gated_residual_modulated_layer_norm_bwd_kernel)):
+                if kind == "bwd" and C > _FUSED_BWD_MAX_C:
+                    continue  # never launched: wider rows take the two separate backwards
                 if kind == "fwd":
                     block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, _FWD_TILE_ELEMS)
                 else:
