@@ -69,6 +69,35 @@ def row_columns(C, C0: tl.constexpr, C1P: tl.constexpr):
 
 
 @triton.jit
+def load_row_tile(ptr, b, n64, cols0, cols1, stride_b, stride_n, stride_c, mask0, mask1):
+    """A tile of whole rows of a strided (B, N, C) tensor as its two column segments (fp32)."""
+    return (load_tile(ptr, b, n64, cols0, stride_b, stride_n, stride_c, mask0),
+            load_tile(ptr, b, n64, cols1, stride_b, stride_n, stride_c, mask1))
+
+
+@triton.jit
+def store_row_tile(ptr, b, n64, cols0, cols1, stride_b, stride_n, stride_c, v0, v1, mask0, mask1):
+    """Store the two column segments of a tile of whole rows, cast to ``ptr``'s dtype."""
+    rows = ptr + b * stride_b + n64[:, None] * stride_n
+    tl.store(rows + cols0[None, :] * stride_c, v0.to(ptr.dtype.element_ty), mask=mask0)
+    tl.store(rows + cols1[None, :] * stride_c, v1.to(ptr.dtype.element_ty), mask=mask1)
+
+
+@triton.jit
+def load_block_row_pair(ptr, b, blk64, stride_b, stride_n, stride_c, cols0, cols1, col_ok1, C):
+    """Conditioning row ``cond[b, blk]`` of a strided (B, nb, C) tensor as its two column segments (fp32)."""
+    return (load_block_row(ptr, b, blk64, stride_b, stride_n, stride_c, cols0, cols0 < C),
+            load_block_row(ptr, b, blk64, stride_b, stride_n, stride_c, cols1, col_ok1))
+
+
+@triton.jit
+def store_row_sums(ptr, part, cols0, cols1, col_ok1, acc0, acc1):
+    """Store a program's per-column partial sums (two segments) at ``ptr + part``."""
+    tl.store(ptr + part + cols0, acc0)
+    tl.store(ptr + part + cols1, acc1, mask=col_ok1)
+
+
+@triton.jit
 def modulated_norm_tile(x0, x1, mask1, SHIFT_ptr, SCALE_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
                         stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps):
     """``LN(x)·(1 + scale) + shift`` of an fp32 tile of whole rows given as its two column segments
@@ -78,10 +107,10 @@ def modulated_norm_tile(x0, x1, mask1, SHIFT_ptr, SCALE_ptr, b, blk64, stride_sh
     xc0 = x0 - mean[:, None]  # rows outside the block are all zero, so are their mean and xc0
     xc1 = tl.where(mask1, x1 - mean[:, None], 0.0)
     rstd = tl.rsqrt((tl.sum(xc0 * xc0, axis=1) + tl.sum(xc1 * xc1, axis=1)) / C + eps)
-    shift0 = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols0, cols0 < C)
-    scale0 = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols0 < C)
-    shift1 = load_block_row(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols1, col_ok1)
-    scale1 = load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols1, col_ok1)
+    shift0, shift1 = load_block_row_pair(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols0, cols1,
+                                         col_ok1, C)
+    scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
+                                         col_ok1, C)
     y0 = xc0 * rstd[:, None] * (1.0 + scale0[None, :]) + shift0[None, :]
     y1 = xc1 * rstd[:, None] * (1.0 + scale1[None, :]) + shift1[None, :]
     return y0, y1, mean, rstd

@@ -26,13 +26,15 @@ from . import launch_device
 from ._rows import (
     block_program,
     block_rows,
-    load_block_row,
-    load_tile,
+    load_block_row_pair,
+    load_row_tile,
     modulated_norm_backward_tile,
     modulated_norm_tile,
     row_columns,
     row_groups,
     row_tile,
+    store_row_sums,
+    store_row_tile,
 )
 
 # Elements per program: the forward keeps x, y, out and h live, the backward seven tiles.
@@ -66,25 +68,19 @@ def _gated_residual_modulated_layer_norm_fwd_kernel(
     mask1 = row_ok[:, None] & col_ok1[None, :]
     blk64 = blk.to(tl.int64)
 
-    gate0 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols0 < C)
-    gate1 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols1, col_ok1)
-    out0 = (load_tile(X_ptr, b, n64, cols0, stride_x_b, stride_x_n, stride_x_c, mask0)
-            + gate0[None, :] * load_tile(Y_ptr, b, n64, cols0, stride_y_b, stride_y_n, stride_y_c, mask0))
-    out1 = (load_tile(X_ptr, b, n64, cols1, stride_x_b, stride_x_n, stride_x_c, mask1)
-            + gate1[None, :] * load_tile(Y_ptr, b, n64, cols1, stride_y_b, stride_y_n, stride_y_c, mask1))
-    out0 = out0.to(OUT_ptr.dtype.element_ty)
-    out1 = out1.to(OUT_ptr.dtype.element_ty)
-    out_rows = OUT_ptr + b * stride_o_b + n64[:, None] * stride_o_n
-    tl.store(out_rows + cols0[None, :] * stride_o_c, out0, mask=mask0)
-    tl.store(out_rows + cols1[None, :] * stride_o_c, out1, mask=mask1)
+    gate0, gate1 = load_block_row_pair(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols1,
+                                       col_ok1, C)
+    x0, x1 = load_row_tile(X_ptr, b, n64, cols0, cols1, stride_x_b, stride_x_n, stride_x_c, mask0, mask1)
+    y0, y1 = load_row_tile(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, stride_y_c, mask0, mask1)
+    out0 = (x0 + gate0[None, :] * y0).to(OUT_ptr.dtype.element_ty)
+    out1 = (x1 + gate1[None, :] * y1).to(OUT_ptr.dtype.element_ty)
+    store_row_tile(OUT_ptr, b, n64, cols0, cols1, stride_o_b, stride_o_n, stride_o_c, out0, out1, mask0, mask1)
 
     # Normalise the stored value, as a separate LayerNorm reading `out` back would.
     h0, h1, mean, rstd = modulated_norm_tile(out0.to(tl.float32), out1.to(tl.float32), mask1, SHIFT_ptr, SCALE_ptr,
                                              b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
                                              stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps)
-    h_rows = H_ptr + b * stride_h_b + n64[:, None] * stride_h_n
-    tl.store(h_rows + cols0[None, :], h0.to(H_ptr.dtype.element_ty), mask=mask0)
-    tl.store(h_rows + cols1[None, :], h1.to(H_ptr.dtype.element_ty), mask=mask1)
+    store_row_tile(H_ptr, b, n64, cols0, cols1, stride_h_b, stride_h_n, 1, h0, h1, mask0, mask1)
     tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
     tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
 
@@ -110,10 +106,11 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
     b, blk, grp = block_program(tl.program_id(0), groups, num_blocks)
     blk64 = blk.to(tl.int64)
     cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
-    gate0 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols0 < C)
-    gate1 = load_block_row(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols1, col_ok1)
-    gain0 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols0 < C)
-    gain1 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols1, col_ok1)
+    gate0, gate1 = load_block_row_pair(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols1,
+                                       col_ok1, C)
+    scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
+                                         col_ok1, C)
+    gain0, gain1 = 1.0 + scale0, 1.0 + scale1
     acc_dgate0 = tl.zeros((C0,), dtype=tl.float32)
     acc_dshift0 = tl.zeros((C0,), dtype=tl.float32)
     acc_dscale0 = tl.zeros((C0,), dtype=tl.float32)
@@ -125,10 +122,8 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
         n64, row_ok = block_rows(blk, grp * rows_per_group + r, block_size, N, BLOCK_M)
         mask0 = row_ok[:, None]
         mask1 = row_ok[:, None] & col_ok1[None, :]
-        o0 = load_tile(OUT_ptr, b, n64, cols0, stride_o_b, stride_o_n, stride_o_c, mask0)
-        o1 = load_tile(OUT_ptr, b, n64, cols1, stride_o_b, stride_o_n, stride_o_c, mask1)
-        dh0 = load_tile(DH_ptr, b, n64, cols0, stride_dh_b, stride_dh_n, stride_dh_c, mask0)
-        dh1 = load_tile(DH_ptr, b, n64, cols1, stride_dh_b, stride_dh_n, stride_dh_c, mask1)
+        o0, o1 = load_row_tile(OUT_ptr, b, n64, cols0, cols1, stride_o_b, stride_o_n, stride_o_c, mask0, mask1)
+        dh0, dh1 = load_row_tile(DH_ptr, b, n64, cols0, cols1, stride_dh_b, stride_dh_n, stride_dh_c, mask0, mask1)
         xhat0, xhat1, g0, g1 = modulated_norm_backward_tile(o0, o1, dh0, dh1, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok,
                                                             mask1, gain0, gain1, C)
         acc_dshift0 += tl.sum(dh0, axis=0)
@@ -136,24 +131,21 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
         acc_dscale0 += tl.sum(dh0 * xhat0, axis=0)
         acc_dscale1 += tl.sum(dh1 * xhat1, axis=0)
         if HAS_DOUT:  # the stream's own gradient: out also feeds the next residual
-            g0 += load_tile(DOUT_ptr, b, n64, cols0, stride_do_b, stride_do_n, stride_do_c, mask0)
-            g1 += load_tile(DOUT_ptr, b, n64, cols1, stride_do_b, stride_do_n, stride_do_c, mask1)
-        dx_rows = DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n
-        tl.store(dx_rows + cols0[None, :], g0.to(DX_ptr.dtype.element_ty), mask=mask0)
-        tl.store(dx_rows + cols1[None, :], g1.to(DX_ptr.dtype.element_ty), mask=mask1)
-        acc_dgate0 += tl.sum(g0 * load_tile(Y_ptr, b, n64, cols0, stride_y_b, stride_y_n, stride_y_c, mask0), axis=0)
-        acc_dgate1 += tl.sum(g1 * load_tile(Y_ptr, b, n64, cols1, stride_y_b, stride_y_n, stride_y_c, mask1), axis=0)
-        dy_rows = DY_ptr + b * stride_dy_b + n64[:, None] * stride_dy_n
-        tl.store(dy_rows + cols0[None, :], (g0 * gate0[None, :]).to(DY_ptr.dtype.element_ty), mask=mask0)
-        tl.store(dy_rows + cols1[None, :], (g1 * gate1[None, :]).to(DY_ptr.dtype.element_ty), mask=mask1)
+            dout0, dout1 = load_row_tile(DOUT_ptr, b, n64, cols0, cols1, stride_do_b, stride_do_n, stride_do_c,
+                                         mask0, mask1)
+            g0 += dout0
+            g1 += dout1
+        store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, g0, g1, mask0, mask1)
+        y0, y1 = load_row_tile(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, stride_y_c, mask0, mask1)
+        acc_dgate0 += tl.sum(g0 * y0, axis=0)
+        acc_dgate1 += tl.sum(g1 * y1, axis=0)
+        store_row_tile(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, 1, g0 * gate0[None, :],
+                       g1 * gate1[None, :], mask0, mask1)
 
     part = ((b * num_blocks + blk64) * groups + grp) * C
-    tl.store(DGATE_PART_ptr + part + cols0, acc_dgate0)
-    tl.store(DGATE_PART_ptr + part + cols1, acc_dgate1, mask=col_ok1)
-    tl.store(DSHIFT_PART_ptr + part + cols0, acc_dshift0)
-    tl.store(DSHIFT_PART_ptr + part + cols1, acc_dshift1, mask=col_ok1)
-    tl.store(DSCALE_PART_ptr + part + cols0, acc_dscale0)
-    tl.store(DSCALE_PART_ptr + part + cols1, acc_dscale1, mask=col_ok1)
+    store_row_sums(DGATE_PART_ptr, part, cols0, cols1, col_ok1, acc_dgate0, acc_dgate1)
+    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, acc_dshift0, acc_dshift1)
+    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, acc_dscale0, acc_dscale1)
 
 
 def _bwd_tile(C, block_size, device):

@@ -20,13 +20,15 @@ from . import launch_device
 from ._rows import (
     block_program,
     block_rows,
-    load_block_row,
-    load_tile,
+    load_block_row_pair,
+    load_row_tile,
     modulated_norm_backward_tile,
     modulated_norm_tile,
     row_columns,
     row_groups,
     row_tile,
+    store_row_sums,
+    store_row_tile,
 )
 
 
@@ -47,14 +49,11 @@ def _modulated_layer_norm_fwd_kernel(
     mask0 = row_ok[:, None]
     mask1 = row_ok[:, None] & col_ok1[None, :]
 
-    x0 = load_tile(X_ptr, b, n64, cols0, stride_x_b, stride_x_n, stride_x_c, mask0)
-    x1 = load_tile(X_ptr, b, n64, cols1, stride_x_b, stride_x_n, stride_x_c, mask1)
+    x0, x1 = load_row_tile(X_ptr, b, n64, cols0, cols1, stride_x_b, stride_x_n, stride_x_c, mask0, mask1)
     y0, y1, mean, rstd = modulated_norm_tile(x0, x1, mask1, SHIFT_ptr, SCALE_ptr, b, blk.to(tl.int64),
                                              stride_sh_b, stride_sh_n, stride_sh_c,
                                              stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps)
-    y_rows = Y_ptr + b * stride_y_b + n64[:, None] * stride_y_n
-    tl.store(y_rows + cols0[None, :], y0.to(Y_ptr.dtype.element_ty), mask=mask0)
-    tl.store(y_rows + cols1[None, :], y1.to(Y_ptr.dtype.element_ty), mask=mask1)
+    store_row_tile(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, 1, y0, y1, mask0, mask1)
     tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
     tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
 
@@ -75,8 +74,9 @@ def _modulated_layer_norm_bwd_kernel(
     blk64 = blk.to(tl.int64)
 
     cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
-    gain0 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols0 < C)
-    gain1 = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols1, col_ok1)
+    scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
+                                         col_ok1, C)
+    gain0, gain1 = 1.0 + scale0, 1.0 + scale1
     acc_dshift0 = tl.zeros((C0,), dtype=tl.float32)
     acc_dscale0 = tl.zeros((C0,), dtype=tl.float32)
     acc_dshift1 = tl.zeros((C1P,), dtype=tl.float32)
@@ -86,25 +86,19 @@ def _modulated_layer_norm_bwd_kernel(
         n64, row_ok = block_rows(blk, g * rows_per_group + r, block_size, N, BLOCK_M)
         mask0 = row_ok[:, None]
         mask1 = row_ok[:, None] & col_ok1[None, :]
-        x0 = load_tile(X_ptr, b, n64, cols0, stride_x_b, stride_x_n, stride_x_c, mask0)
-        x1 = load_tile(X_ptr, b, n64, cols1, stride_x_b, stride_x_n, stride_x_c, mask1)
-        dy0 = load_tile(DY_ptr, b, n64, cols0, stride_dy_b, stride_dy_n, stride_dy_c, mask0)
-        dy1 = load_tile(DY_ptr, b, n64, cols1, stride_dy_b, stride_dy_n, stride_dy_c, mask1)
+        x0, x1 = load_row_tile(X_ptr, b, n64, cols0, cols1, stride_x_b, stride_x_n, stride_x_c, mask0, mask1)
+        dy0, dy1 = load_row_tile(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, stride_dy_c, mask0, mask1)
         xhat0, xhat1, dx0, dx1 = modulated_norm_backward_tile(x0, x1, dy0, dy1, MEAN_ptr, RSTD_ptr, b, N, n64,
                                                               row_ok, mask1, gain0, gain1, C)
         acc_dshift0 += tl.sum(dy0, axis=0)
         acc_dshift1 += tl.sum(dy1, axis=0)
         acc_dscale0 += tl.sum(dy0 * xhat0, axis=0)
         acc_dscale1 += tl.sum(dy1 * xhat1, axis=0)
-        dx_rows = DX_ptr + b * stride_dx_b + n64[:, None] * stride_dx_n
-        tl.store(dx_rows + cols0[None, :], dx0.to(DX_ptr.dtype.element_ty), mask=mask0)
-        tl.store(dx_rows + cols1[None, :], dx1.to(DX_ptr.dtype.element_ty), mask=mask1)
+        store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, dx0, dx1, mask0, mask1)
 
     part = ((b * num_blocks + blk64) * groups + g) * C
-    tl.store(DSHIFT_PART_ptr + part + cols0, acc_dshift0)
-    tl.store(DSHIFT_PART_ptr + part + cols1, acc_dshift1, mask=col_ok1)
-    tl.store(DSCALE_PART_ptr + part + cols0, acc_dscale0)
-    tl.store(DSCALE_PART_ptr + part + cols1, acc_dscale1, mask=col_ok1)
+    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, acc_dshift0, acc_dshift1)
+    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, acc_dscale0, acc_dscale1)
 
 
 def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
