@@ -142,8 +142,7 @@ def block_attention_qkv(qkv, num_heads, block_size, pattern="causal", scale=None
 
         return block_attention_qkv_triton(qkv, num_heads, block_size, pattern, scale)
     # Every other case (and its checks, fallbacks and logs) is block_attention's on the three views.
-    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-    out = block_attention(q, k, v, block_size, pattern, scale, backend=backend)
+    out = block_attention(*reference.split_qkv(qkv, num_heads), block_size, pattern, scale, backend=backend)
     return out.transpose(1, 2).reshape(b, n, num_heads * d)
 
 

@@ -48,7 +48,7 @@ import logging
 
 import torch
 
-from . import _ext
+from . import _ext, reference
 from ._backends import log_once
 
 BACKENDS = ("auto", "cuda", "torch")
@@ -200,7 +200,7 @@ class HistoryKVCache:
             q = torch.ops.ard_kernels.qkv_split_append(qkv.contiguous(), kc, vc, *pos, self.status, h,
                                                        _ext.current_stream(self.device))
         else:
-            q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = reference.split_qkv(qkv, h)
             q = q.contiguous()
             self._write_torch(kc, vc, k, v, pos, n)
         return (q, *self.views(layer, n))

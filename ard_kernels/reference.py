@@ -150,14 +150,22 @@ def kv_append_ref(k_cache, v_cache, k, v, offset):
     return offset + n
 
 
+def split_qkv(qkv, num_heads):
+    """(q, k, v), each (B, H, n, D), as views of a QKV projection qkv (B, n, 3·H·D).
+
+    The last axis holds [q | k | v], each (H, D) head-major, as DiT's ``qkv`` Linear lays it out
+    (``reshape(B, n, 3, H, D)``). Views, not copies: their strides are qkv's.
+    """
+    b, n, width = qkv.shape
+    return qkv.reshape(b, n, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def qkv_split_append_ref(qkv, k_cache, v_cache, offset, num_heads):
     """Split a QKV projection and append its k, v to the caches: returns q (B, H, n, D).
 
     ``qkv`` (B, n, 3·H·D) holds [q | k | v] along the last axis, each (H, D) head-major, as
     DiT's ``qkv`` Linear lays it out (``reshape(B, n, 3, H, D)``).
     """
-    b, n, three_hd = qkv.shape
-    d = three_hd // (3 * num_heads)
-    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = split_qkv(qkv, num_heads)
     kv_append_ref(k_cache, v_cache, k, v, offset)
     return q.contiguous()

@@ -147,9 +147,10 @@ def programs_target(device):
 
 
 def tile_rows(block_size, block_c, target_elems, max_rows=None):
-    """BLOCK_M for BLOCK_C-wide tiles: about ``target_elems`` elements, at most ``max_rows`` rows,
+    """BLOCK_M for tiles BLOCK_C columns wide (any width): about ``target_elems`` elements, at most ``max_rows`` rows,
     and no more than a block's rows rounded up to a power of two (a tile never straddles two blocks)."""
-    rows = min(triton.next_power_of_2(block_size), max(1, target_elems // block_c))
+    fit = max(1, target_elems // block_c)
+    rows = min(triton.next_power_of_2(block_size), 1 << (fit.bit_length() - 1))  # a power of two
     return rows if max_rows is None else min(rows, max_rows)
 
 
@@ -196,8 +197,7 @@ def row_tile(C, block_size, device, target_elems):
         target_elems, max_rows = _INTERPRETER_ELEMS, _MAX_ROWS
     else:
         max_rows = 16
-    fit = max(1, target_elems // width)
-    block_m = min(triton.next_power_of_2(block_size), 1 << (fit.bit_length() - 1), max_rows)
+    block_m = tile_rows(block_size, width, target_elems, max_rows)
     if device.type != "cuda":
         return block_m, c0, c1p, 4
     elems = block_m * width

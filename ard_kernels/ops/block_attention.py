@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 import triton
 
+from ..reference import split_qkv
 from . import block_schedule, launch_device
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
@@ -388,16 +389,10 @@ _block_attention_fwd_op.register_autograd(_backward, setup_context=_setup_contex
 # are strided views of qkv, O is written token-major and the backward writes dq, dk, dv into one
 # (B, N, 3·H·D) gradient: nothing is copied on either side (the unpacked op's caller would permute O
 # into the projection's input, and autograd would stack dq, dk, dv and permute them back into dqkv).
-def _qkv_views(qkv, num_heads: int):
-    """(q, k, v), each (B, H, N, D), as views of qkv (B, N, 3·H·D) laid out [q | k | v] × (H, D)."""
-    b, n, width = qkv.shape
-    return qkv.reshape(b, n, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 @torch.library.custom_op("ard_kernels::block_attention_qkv_fwd", mutates_args=())
 def _block_attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, nb: int, rows: list[int], block_size: int,
                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = _qkv_views(qkv, num_heads)
+    q, k, v = split_qkv(qkv, num_heads)
     b, h, n, d = q.shape
     out = qkv.new_empty((b, n, h * d))
     _, lse = block_attention_fwd(q, k, v, nb, rows, block_size, scale, out=out.view(b, n, h, d).transpose(1, 2))
@@ -414,12 +409,12 @@ def _(qkv, num_heads, nb, rows, block_size, scale):
 def _block_attention_qkv_bwd_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                 num_heads: int, nb: int, rows: list[int], block_size: int,
                                 scale: float) -> torch.Tensor:
-    q, k, v = _qkv_views(qkv, num_heads)
+    q, k, v = split_qkv(qkv, num_heads)
     b, h, n, d = q.shape
     dqkv = torch.empty((b, n, 3 * h * d), dtype=qkv.dtype, device=qkv.device)
     with launch_device(q):
         _block_attention_bwd(do.reshape(b, n, h, d).transpose(1, 2), q, k, v, out.view(b, n, h, d).transpose(1, 2),
-                             lse, None, nb, rows, block_size, scale, grads=_qkv_views(dqkv, num_heads))
+                             lse, None, nb, rows, block_size, scale, grads=split_qkv(dqkv, num_heads))
     return dqkv
 
 
