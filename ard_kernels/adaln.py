@@ -27,7 +27,7 @@ from . import api
 NORM_EPS = 1e-6
 
 
-def adaln_modulation(c_blocks, linear, chunks=6):
+def adaln_modulation(c_blocks, linear, chunks=6, activated=False):
     """``Linear(SiLU(c))`` on the (B·nb, C) block rows, split into ``chunks`` tensors (B, nb, C').
 
     Args:
@@ -35,6 +35,8 @@ def adaln_modulation(c_blocks, linear, chunks=6):
         linear: the modulation Linear (C → chunks·C'), e.g. DiT's ``adaLN_modulation[1]``;
             any callable on (…, C) works.
         chunks: how many vectors it produces (6 for a DiT block, 2 for the final layer).
+        activated: c_blocks is SiLU(c) already (every layer reads the same c: the model takes
+            one SiLU for all of their Linears instead of one per layer).
 
     Returns:
         tuple of ``chunks`` tensors (B, nb, C'), views into the one Linear output (last axis
@@ -43,7 +45,8 @@ def adaln_modulation(c_blocks, linear, chunks=6):
     if c_blocks.dim() != 3:
         raise ValueError(f"c_blocks: expected (B, nb, C), got shape {tuple(c_blocks.shape)}")
     b, nb, c = c_blocks.shape
-    out = linear(F.silu(c_blocks.reshape(b * nb, c)))
+    rows = c_blocks.reshape(b * nb, c)
+    out = linear(rows if activated else F.silu(rows))
     if out.shape[-1] % chunks:
         raise ValueError(f"linear: output width {out.shape[-1]} is not a multiple of chunks={chunks}")
     return out.reshape(b, nb, out.shape[-1]).chunk(chunks, dim=-1)

@@ -36,3 +36,12 @@ def seed():
 def triton_device():
     """The device the Triton kernels run on here: CUDA, or the CPU through the interpreter."""
     return torch.device("cuda" if HAS_CUDA and not INTERPRETED else "cpu")
+
+
+@pytest.fixture(scope="session")
+def cuda_torch_tree(tmp_path_factory):
+    """A copy of the package whose CUDA extension is built against the GPU machines' CUDA torch 2.11
+    (``.venv-gpu-stack``; built once per session, ~20 s): run it with that venv's python."""
+    from _gpu_stack import build_extension_tree
+
+    return build_extension_tree(tmp_path_factory.mktemp("cuda-torch-tree"))

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from test_gpu_stack import gpu_stack_env, gpu_stack_python
+from _gpu_stack import gpu_stack_env, gpu_stack_python
 
 from ard_kernels import aot_check
 

@@ -8,8 +8,6 @@ the CUDA torch and loads it; collects the `-m cuda` tests, what the GPU machines
 compiled by triton 3.6 for sm_90: tests/test_aot_compile.py, with :func:`gpu_stack_python`.
 """
 
-import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -17,77 +15,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-LOCAL_VENV_PYTHON = ROOT / ".venv-gpu-stack" / "bin" / "python"
-TORCH, CUDA, TRITON = "2.11.", "13.", "3.6."
-
-
-def _skip_or_fail(reason):
-    """Skip, except under `make test` (ARD_KERNELS_REQUIRE_TEST_DEPS=1), which provides what is missing."""
-    if os.environ.get("ARD_KERNELS_REQUIRE_TEST_DEPS") == "1":
-        pytest.fail(f"{reason} (ARD_KERNELS_REQUIRE_TEST_DEPS=1: required under make test)")
-    pytest.skip(reason)
-
-
-@functools.cache
-def _versions(python):
-    code = "import json, torch, triton; print(json.dumps([torch.__version__, torch.version.cuda, triton.__version__]))"
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=gpu_stack_env(), timeout=300)
-    assert proc.returncode == 0, f"{python} cannot import torch and triton: {proc.stderr[-3000:]}"
-    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-def gpu_stack_python():
-    """The GPU-stack venv's python (ARD_KERNELS_GPU_STACK_PYTHON, else .venv-gpu-stack), versions checked."""
-    python = os.environ.get("ARD_KERNELS_GPU_STACK_PYTHON")
-    if not python and LOCAL_VENV_PYTHON.exists():
-        python = str(LOCAL_VENV_PYTHON)  # `make test` built it here
-    if not python:
-        _skip_or_fail("no GPU-stack venv: `make test` builds .venv-gpu-stack (or set ARD_KERNELS_GPU_STACK_PYTHON)")
-    assert os.path.exists(python), f"ARD_KERNELS_GPU_STACK_PYTHON={python} does not exist"
-    torch_version, cuda, triton_version = _versions(python)
-    assert torch_version.startswith(TORCH) and (cuda or "").startswith(CUDA) and triton_version.startswith(TRITON), (
-        f"{python} has torch {torch_version} (CUDA {cuda}) and triton {triton_version}; the GPU machines run "
-        f"torch {TORCH}x+cu130 and triton {TRITON}x"
-    )
-    return python
-
-
-def gpu_stack_env(**extra):
-    """This process's environment less what only this venv's tests set (the Triton interpreter, the
-    test-dependency requirement, its PYTHONPATH), plus ``extra``."""
-    drop = ("TRITON_INTERPRET", "ARD_KERNELS_REQUIRE_TEST_DEPS", "PYTHONPATH")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(extra)
-    return env
-
-
-def _cuda_home():
-    spec = importlib.util.spec_from_file_location("ard_kernels_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # guarded by `if __name__ == "__main__"`: defines only
-    return module.find_cuda_home()
+from _gpu_stack import ROOT, cuda_home, gpu_stack_env, gpu_stack_python, skip_or_fail
 
 
 @pytest.mark.slow
-def test_extension_builds_against_cuda_torch_and_loads(tmp_path):
-    """ard_kernels._C builds against the CUDA torch 2.11 and loads in it; built in a copy of the sources,
-    so the in-place ard_kernels/_C*.so of this venv's torch stays."""
-    python = gpu_stack_python()
-    if _cuda_home() is None:
-        _skip_or_fail("no nvcc (CUDA toolkit) to build the extension with")
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "ard_kernels", src / "ard_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    shutil.copytree(ROOT / "csrc", src / "csrc")
-    for name in ("setup.py", "pyproject.toml"):
-        shutil.copy2(ROOT / name, src / name)
-    # ninja from the venv, where the machine has none on PATH (torch's build looks it up there).
-    path = os.pathsep.join([os.path.dirname(python), os.environ.get("PATH", "")])
-    env = gpu_stack_env(ARD_KERNELS_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS="2", PATH=path)
-    build = subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, (build.stdout[-2000:], build.stderr[-4000:])
+def test_extension_builds_against_cuda_torch_and_loads(cuda_torch_tree):
+    """ard_kernels._C builds against the CUDA torch 2.11 and loads in it; built in a copy of the sources
+    (the ``cuda_torch_tree`` fixture), so the in-place ard_kernels/_C*.so of this venv's torch stays."""
+    python, src = gpu_stack_python(), cuda_torch_tree
     code = (
         "import json, torch\n"
         "import ard_kernels, ard_kernels._C\n"
@@ -138,8 +73,8 @@ def test_cmake_builds_the_extension(stack, tmp_path):
 
     python = sys.executable if stack.startswith("this") else gpu_stack_python()
     cmake, ninja = shutil.which("cmake"), os.path.join(os.path.dirname(python), "ninja")
-    if cmake is None or _cuda_home() is None:
-        _skip_or_fail("cmake and nvcc are needed to build the extension with CMake")
+    if cmake is None or cuda_home() is None:
+        skip_or_fail("cmake and nvcc are needed to build the extension with CMake")
     if not os.path.exists(ninja):
         ninja = shutil.which("ninja") or ninja
     build = tmp_path / "build"

@@ -157,9 +157,9 @@ class ARDiT(DiT):
                     for k, head in enumerate(self.heads)]
             return torch.stack(outs, dim=1)
         # Block boundaries fused (run_blocks); head k's LayerNorm modulation applies to block k.
-        mods = [block.modulation(c) for block in self.blocks]
+        mods, silu_c = self.trunk_modulations(c)
         head_norm = [torch.cat(parts, dim=1) for parts in
-                     zip(*(head.modulation(c[:, k:k + 1]) for k, head in enumerate(self.heads)))]
+                     zip(*(head.modulation(silu_c[:, k:k + 1], activated=True) for k, head in enumerate(self.heads)))]
         h = run_blocks(self.blocks, tokens, n, mods, head_norm,
                        [{"pattern": self.layer_pattern(i)} for i in range(len(self.blocks))])
         outs = [self.unpatchify(head.linear(h[:, k * n:(k + 1) * n])) for k, head in enumerate(self.heads)]
@@ -204,13 +204,14 @@ class ARDiT(DiT):
         return 0, (k + 1) * n, n, self.pattern_table[: k + 1, : k + 1].clone()
 
     def step_modulations(self, c):
-        """Every trunk layer's six modulation vectors for all K blocks: list of 6-tuples (B, K, C).
+        """Every trunk layer's six modulation vectors for all K blocks, and SiLU(c): ``(mods, silu_c)``
+        as :meth:`trunk_modulations` (mods a list of 6-tuples (B, K, C)).
 
         The conditioning of every step is known before the first one (it depends on t_k and y
         only), so the sampler runs each adaLN Linear once on K rows instead of K times on one
         row: the adaLN weights (a third of DiT-XL/2's) are read once per sample, not K times.
         """
-        return [block.modulation(c) for block in self.blocks]
+        return self.trunk_modulations(c)
 
     def forward_step(self, x, k: int, c, cache=None, mods=None):
         """Step k on block k alone: ``head_k(trunk(x))`` with history from ``cache``.
@@ -221,7 +222,8 @@ class ARDiT(DiT):
             c: (B, K, hidden) conditioning from :meth:`condition`.
             cache: a HistoryKVCache holding blocks 0..k−1 of the lower layers (None when
                 ``history_layers == 0``); block k is appended and the cache advanced.
-            mods: optional :meth:`step_modulations` of c (else computed here for block k).
+            mods: optional :meth:`step_modulations` of c (else computed here for block k); its
+                SiLU(c) also feeds head k's modulation.
 
         Returns:
             (B, C_out, H, W).
@@ -236,11 +238,12 @@ class ARDiT(DiT):
             for i in range(len(self.blocks))
         ]
         if mods is None:
-            mods = [block.modulation(ck) for block in self.blocks]
+            mods, silu_ck = self.trunk_modulations(ck)
         else:
-            mods = [tuple(m[:, k:k + 1] for m in layer) for layer in mods]
+            layers, silu_c = mods
+            mods, silu_ck = [tuple(m[:, k:k + 1] for m in layer) for layer in layers], silu_c[:, k:k + 1]
         head = self.heads[k]
-        h = run_blocks(self.blocks, tokens, n, mods, head.modulation(ck), layer_kwargs)
+        h = run_blocks(self.blocks, tokens, n, mods, head.modulation(silu_ck, activated=True), layer_kwargs)
         if self.history_layers:
             cache.advance(n)
         return self.unpatchify(head.linear(h))

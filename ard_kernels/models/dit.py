@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import api
 from ..adaln import NORM_EPS, adaln_modulation
@@ -207,9 +208,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.backend = "auto"
 
-    def modulation(self, c):
-        """``Linear(SiLU(c))`` split into the six (B, nb, C) modulation vectors of conditioning c (B, nb, C)."""
-        return adaln_modulation(c, self.adaLN_modulation[1], 6)
+    def modulation(self, c, activated: bool = False):
+        """``Linear(SiLU(c))`` split into the six (B, nb, C) modulation vectors of conditioning c (B, nb, C)
+        (``activated``: c is SiLU(c) already)."""
+        return adaln_modulation(c, self.adaLN_modulation[1], 6, activated)
 
     def forward(self, x, c, block_size, pattern, kv=None, attn_block_size: int | None = None, mod=None, h=None,
                 next_norm=None):
@@ -283,9 +285,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
         self.backend = "auto"
 
-    def modulation(self, c):
-        """``(shift, scale) = Linear(SiLU(c))`` of conditioning c (B, nb, C), each (B, nb, C)."""
-        return adaln_modulation(c, self.adaLN_modulation[1], 2)
+    def modulation(self, c, activated: bool = False):
+        """``(shift, scale) = Linear(SiLU(c))`` of conditioning c (B, nb, C), each (B, nb, C)
+        (``activated``: c is SiLU(c) already)."""
+        return adaln_modulation(c, self.adaLN_modulation[1], 2, activated)
 
     def forward(self, x, c, block_size):
         """x (B, N, C), c (B, nb, C) with nb = ceil(N / block_size) → (B, N, p²·C_out)."""
@@ -396,6 +399,15 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
+    def trunk_modulations(self, c):
+        """Every block's six modulation vectors of conditioning c (B, nb, C), and SiLU(c).
+
+        Returns ``(mods, silu_c)``: mods[i] is ``blocks[i].modulation(c)``; one SiLU(c) feeds every
+        block's Linear (and the caller's heads), instead of one SiLU kernel per layer.
+        """
+        silu_c = F.silu(c)
+        return [block.modulation(silu_c, activated=True) for block in self.blocks], silu_c
+
     def forward(self, x, t, y):
         """``ε̂, Σ̂ = DiT(x_t, t, y)``.
 
@@ -409,8 +421,8 @@ class DiT(nn.Module):
         """
         tokens = self.embed(x)
         c = (self.t_embedder(t) + self.y_embedder(y, self.training))[:, None]  # (B, 1, hidden): one block
-        mods = [block.modulation(c) for block in self.blocks]
-        h = run_blocks(self.blocks, tokens, self.num_tokens, mods, self.final_layer.modulation(c))
+        mods, silu_c = self.trunk_modulations(c)
+        h = run_blocks(self.blocks, tokens, self.num_tokens, mods, self.final_layer.modulation(silu_c, activated=True))
         return self.unpatchify(self.final_layer.linear(h))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels: int = 3):

@@ -1,0 +1,225 @@
+"""What a model sends to the GPU, counted without one: ``python -m ard_kernels.op_census``.
+
+``launches(step k) = Σ_op [op is not a view] · count(op)``: the ARD sampler (or the training forward)
+runs on fake CUDA tensors (torch's ``FakeTensorMode``: shapes, dtypes and devices, no memory and no
+kernels), and a dispatch mode records every op that reaches the dispatcher, tagged with the sampling
+step it belongs to. On a GPU every op that is not a view or an allocation is one kernel launch, give
+or take (a cuBLAS GEMM, a Triton op, an extension op, an elementwise op): the counts are the launch
+plan of a step, what a CUDA graph replays, what ``bench_e2e --profile`` counts on a GPU. They show,
+on a machine without a GPU, that:
+
+* each cached step costs one history-cache launch per history layer (``qkv_split_append``: q out,
+  k and v into the cache) and copies nothing else;
+* ARD's history (N layers) adds exactly N launches per step over step distillation (N = 0);
+* every attention and LayerNorm of the trunk is one fused ard_kernels op.
+
+Needs a CUDA build of torch (the CPU build cannot make fake CUDA convolutions); no GPU, no driver.
+With ``device="cpu"`` it counts the CPU path instead (any torch). The model is built on the meta
+device, so even DiT-XL/2 takes seconds and no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections import Counter
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that allocate or describe but launch nothing (views are recognised by their schema).
+_NO_LAUNCH = {
+    "prim.device.default", "aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+    "aten.new_empty.default", "aten.new_empty_strided.default", "aten.detach.default", "aten._unsafe_view.default",
+    "aten.lift_fresh.default", "aten._local_scalar_dense.default", "aten.sym_size.int", "aten.sym_stride.int",
+    "aten.sym_numel.default", "aten.is_same_size.default",
+}
+# The kind of each launching op, by name prefix; the first match wins, anything else is "other".
+_KINDS = (
+    ("gemm", ("aten.addmm.", "aten.mm.", "aten.bmm.", "aten._addmm_activation.", "aten.baddbmm.",
+              "aten.convolution.", "aten.linear.")),
+    ("attention", ("ard_kernels.block_attention", "aten._scaled_dot_product", "aten._flash_attention",
+                   "aten._efficient_attention", "higher_order.flex_attention")),
+    ("norm", ("ard_kernels.modulated_layer_norm", "ard_kernels.gated_residual", "aten.native_layer_norm.")),
+    ("kv_cache", ("ard_kernels.kv_append", "ard_kernels.qkv_split_append")),
+    ("copy", ("aten.clone.", "aten.copy_.", "aten.cat.", "aten.stack.", "aten._to_copy.", "aten.index_put_.",
+              "aten.slice_scatter.")),
+)
+
+
+def launches_op(func) -> bool:
+    """Whether op overload ``func`` launches a kernel on a GPU (not a view, not an allocation)."""
+    return not getattr(func, "is_view", False) and str(func) not in _NO_LAUNCH
+
+
+def kind_of(name: str) -> str:
+    """The kind of launching op ``name`` ("aten.addmm.default" → "gemm"): gemm, attention, norm,
+    kv_cache, copy or other."""
+    for kind, prefixes in _KINDS:
+        if name.startswith(prefixes):
+            return kind
+    return "other"
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts the launching ops dispatched while active, per phase (:meth:`phase` switches it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = "prelude"
+        self.phases: dict[str, Counter] = {"prelude": Counter()}
+
+    def phase(self, name: str) -> None:
+        self.current = name
+        self.phases.setdefault(name, Counter())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if launches_op(func):
+            self.phases[self.current][str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def summarize(ops: Counter) -> dict:
+    """``{"launches": n, "by_kind": {kind: n}, "ops": {op: n}}`` of one phase's op counts."""
+    by_kind = Counter()
+    for name, n in ops.items():
+        by_kind[kind_of(name)] += n
+    return {"launches": sum(ops.values()), "by_kind": dict(sorted(by_kind.items())),
+            "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+@contextlib.contextmanager
+def _fake_device(device: torch.device):
+    """Fake tensors on ``device``; on CUDA the KV cache's stream lookup (a driver call) answers -1,
+    the ops' "torch's current stream" sentinel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from . import _ext
+
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(mock.patch.object(_ext, "current_stream", lambda device: -1))
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        yield
+
+
+def _meta_model(cls, dtype, **kwargs):
+    """The model on the meta device (built outside the fake mode: its constructor reads its own tables)."""
+    with torch.device("meta"):
+        return cls(**kwargs).to(dtype).eval()
+
+
+def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, batch: int = 1,
+                   cfg_scale: float = 1.0, device="cuda", dtype=torch.bfloat16, input_size: int = 32,
+                   cache_backend: str | None = None) -> dict:
+    """The ops of one ``ARDiT.sample`` call, eager: per phase ("prelude": conditioning, every layer's
+    modulations, the cache; "step k": :meth:`ARDiT.forward_step` k and its guidance), summarized.
+
+    Args:
+        config, history_layers, steps, input_size: the student (random weights never exist: meta).
+        batch, cfg_scale: the call (guidance doubles the batch).
+        device, dtype: where and in what the model "runs"; ``cache_backend``: the KV cache's
+            backend (None: the model's default, the extension when it loads).
+
+    Returns:
+        ``{"config": {...}, "cache_backend": str, "phases": {phase: summarize(...)},
+        "per_step_launches": [n_0, …]}``.
+    """
+    from .models import ARDiT
+
+    device = torch.device(device)
+    model = _meta_model(ARDiT, dtype, config=config, history_layers=history_layers, steps=steps,
+                        input_size=input_size)
+    with _fake_device(device):
+        model = model.to_empty(device=device)
+        if cache_backend is not None:
+            model.set_backends(cache=cache_backend)
+        noise = torch.zeros(batch, model.in_channels, input_size, input_size, device=device, dtype=dtype)
+        y = torch.zeros(batch, device=device, dtype=torch.long)
+        recorder = OpRecorder()
+        step_fn = model.forward_step
+        used = {}
+
+        def forward_step(x, k, *args, **kwargs):
+            recorder.phase(f"step {k}")
+            if args and args[1] is not None:  # the cache this step appends to
+                used["cache"] = args[1].backend
+            return step_fn(x, k, *args, **kwargs)
+
+        model.forward_step = forward_step
+        with recorder:
+            model.sample(noise, y, cfg_scale=cfg_scale)
+    phases = {name: summarize(ops) for name, ops in recorder.phases.items()}
+    return {
+        "config": {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
+                   "cfg_scale": cfg_scale, "device": str(device), "dtype": str(dtype).replace("torch.", "")},
+        "cache_backend": used.get("cache"),
+        "phases": phases,
+        "per_step_launches": [phases[f"step {k}"]["launches"] for k in range(steps)],
+    }
+
+
+def train_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, batch: int = 2,
+                 device="cuda", dtype=torch.bfloat16, input_size: int = 32) -> dict:
+    """The ops of one ``ARDiT.forward_train`` with autograd recording, as in a training step (its backward
+    does not run on fake CUDA tensors: the autograd engine asks the driver for a device context), summarized.
+    Label dropout is off (eval mode): it draws random numbers, which fake CUDA tensors cannot."""
+    from .models import ARDiT
+
+    device = torch.device(device)
+    model = _meta_model(ARDiT, dtype, config=config, history_layers=history_layers, steps=steps,
+                        input_size=input_size)
+    with _fake_device(device):
+        model = model.to_empty(device=device)
+        states = torch.zeros(batch, steps, model.in_channels, input_size, input_size, device=device, dtype=dtype)
+        y = torch.zeros(batch, device=device, dtype=torch.long)
+        recorder = OpRecorder()
+        recorder.phase("forward_train")
+        model.requires_grad_(True)
+        with recorder:
+            model.forward_train(states, y)
+    return {"config": {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
+                       "device": str(device), "dtype": str(dtype).replace("torch.", "")},
+            "phases": {"forward_train": summarize(recorder.phases["forward_train"])}}
+
+
+def _table(result: dict) -> str:
+    kinds = sorted({k for p in result["phases"].values() for k in p["by_kind"]})
+    lines = ["| phase | launches | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
+    for name, p in result["phases"].items():
+        lines.append(f"| {name} | {p['launches']} | " + " | ".join(str(p["by_kind"].get(k, 0)) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="DiT-XL/2")
+    parser.add_argument("--history-layers", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda", help="cuda (needs a CUDA build of torch, not a GPU) or cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--cache-backend", default=None, help="the KV cache's backend (default: the model's)")
+    parser.add_argument("--train", action="store_true", help="count ARDiT.forward_train instead of sampling")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and torch.version.cuda is None:
+        parser.error("--device cuda: this torch is a CPU build (fake CUDA tensors need a CUDA build); "
+                     "use --device cpu")
+    common = dict(config=args.model, history_layers=args.history_layers, steps=args.steps, batch=args.batch,
+                  device=args.device, dtype=getattr(torch, args.dtype), input_size=args.input_size)
+    if args.train:
+        result = train_census(**common)
+    else:
+        result = sampler_census(cfg_scale=args.cfg_scale, cache_backend=args.cache_backend, **common)
+    print(json.dumps(result, indent=1) if args.json else _table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
