@@ -404,3 +404,43 @@ def test_forward_train_fused_boundaries_equal_the_block_by_block_path(backend, m
     monkeypatch.setattr(ARDiT, "_blocks_sharded", lambda self: True)
     for a, b in zip(fused, run()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+def test_forward_train_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the whole training forward and its backward with the Triton
+    ops (custom ops with fake implementations): the same predictions and gradients as eager."""
+    student = tiny_ardit(attn_backend="triton", mod_backend="triton")
+    states, y = torch.randn(2, 4, 4, 8, 8), torch.tensor([1, 7])
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def run(fn):
+        out = fn(states, y)
+        return [out, *torch.autograd.grad(out.square().mean(), params)]
+
+    eager = run(student.forward_train)
+    compiled = run(torch.compile(student.forward_train, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cached_step_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces a KV-cached sampling step (cache appends, cached attention,
+    fused in-place LayerNorms): step by step the same outputs as eager."""
+    from ard_kernels.sampling import make_cache
+
+    student = tiny_ardit(attn_backend="triton", mod_backend="triton")
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 7])
+    step = torch.compile(student.forward_step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        c = student.condition(y)
+        mods = student.step_modulations(c)
+        caches = [make_cache(student, 2, torch.float32, noise.device) for _ in range(2)]
+        x_eager = x_compiled = noise
+        for k in range(student.steps):
+            want = student.forward_step(x_eager, k, c, caches[0], mods=mods)
+            got = step(x_compiled, k, c, caches[1], mods=mods)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            x_eager, x_compiled = want[:, :4], got[:, :4]
