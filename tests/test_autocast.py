@@ -94,18 +94,20 @@ def test_training_cli_with_bf16_autocast(tmp_path):
 
 
 def _linear_input_dtypes(model, fn):
-    """The dtypes of what each LayerNorm-fed Linear (qkv, fc1, the heads' linear) receives while ``fn()`` runs."""
+    """The dtypes of what each LayerNorm-fed Linear (qkv, fc1, the heads' linears, which the training forward
+    runs as one batched GEMM) receives while ``model.forward_train`` runs in ``fn()``."""
     seen = []
-    linears = [m for name, m in model.named_modules()
-               if name.endswith(("attn.qkv", "mlp.fc1"))
-               or (name.startswith("final_layer") and name.endswith(".linear"))]
+    linears = [m for name, m in model.named_modules() if name.endswith(("attn.qkv", "mlp.fc1"))]
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype)) for m in linears]
+    heads = model._heads_on_blocks
+    model._heads_on_blocks = lambda h: (seen.append(h.dtype), heads(h))[1]
     try:
         fn()
     finally:
+        del model._heads_on_blocks
         for h in hooks:
             h.remove()
-    assert len(seen) == 2 * len(model.blocks) + len(model.heads)
+    assert len(seen) == 2 * len(model.blocks) + 1
     return set(seen)
 
 

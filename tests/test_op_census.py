@@ -175,10 +175,11 @@ def test_guidance_changes_only_the_guidance(xl_cuda):
 def test_training_forward_launch_plan(xl_cuda):
     """ARDiT.forward_train (autograd on): every attention one packed Triton op over all K blocks (no copies
     of q, k, v or O), every LayerNorm one fused op, the adaLN Linears once each on the B·K block rows from
-    one SiLU."""
+    one SiLU, the K heads' Linears one batched GEMM (no copies of h's slices)."""
     ops = xl_cuda["train"]["phases"]["forward_train"]["ops"]
     assert ops["ard_kernels.block_attention_qkv_fwd.default"] == DEPTH, ops
     assert ops["ard_kernels.gated_residual_modulated_layer_norm_fwd.default"] == 2 * DEPTH
     assert ops["ard_kernels.modulated_layer_norm_fwd.default"] == 1
     assert ops["aten.silu.default"] == 2
+    assert ops["aten.baddbmm.default"] == 1 and "aten.mm.default" not in ops  # the K heads: one batched GEMM
     assert not any(name.startswith("ard_kernels.") and "inplace" in name for name in ops)  # autograd needs out-of-place

@@ -162,8 +162,21 @@ class ARDiT(DiT):
                      zip(*(head.modulation(silu_c[:, k:k + 1], activated=True) for k, head in enumerate(self.heads)))]
         h = run_blocks(self.blocks, tokens, n, mods, head_norm,
                        [{"pattern": self.layer_pattern(i)} for i in range(len(self.blocks))])
-        outs = [self.unpatchify(head.linear(h[:, k * n:(k + 1) * n])) for k, head in enumerate(self.heads)]
-        return torch.stack(outs, dim=1)
+        return self.unpatchify(self._heads_on_blocks(h)).unflatten(0, (b, self.steps))
+
+    def _heads_on_blocks(self, h):
+        """``head_k.linear(h[:, block k])`` for every k as one batched GEMM: h (B, K·T, C) → (B·K, T, p²·C_out).
+
+        One baddbmm over the B·K blocks (each head's weight repeated over the batch: a few MB) instead of K
+        Linears on strided slices of h, each of which would copy its slice and, in the backward, write a
+        zero-filled gradient of h's full size.
+        """
+        b, n = h.shape[0], self.num_tokens
+        weight = torch.stack([head.linear.weight for head in self.heads]).transpose(1, 2)  # (K, C, out)
+        bias = torch.stack([head.linear.bias for head in self.heads])[:, None]  # (K, 1, out)
+        k, c, width = weight.shape
+        return torch.baddbmm(bias.expand(b, k, 1, width).reshape(b * k, 1, width), h.reshape(b * k, n, c),
+                             weight.expand(b, k, c, width).reshape(b * k, c, width))
 
     def _blocks_sharded(self) -> bool:
         """Whether FSDP shards the blocks one by one (their parameters exist only inside their forward)."""
