@@ -83,6 +83,14 @@ def test_cmake_builds_the_extension(stack, tmp_path):
                                 f"-DPython_EXECUTABLE={python}", f"-DCMAKE_MAKE_PROGRAM={ninja}",
                                 "-DCMAKE_CUDA_ARCHITECTURES=90"], capture_output=True, text=True, env=env, timeout=300)
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    # find_package(Torch) where it configures: always for a CPU torch; for a CUDA torch only with the CUDA
+    # libraries it was built with in the toolkit, else (a minimal toolkit) torch's paths, saying why.
+    found = "ard_kernels: torch from find_package(Torch)" in configure.stdout
+    if stack.startswith("this"):
+        assert found, configure.stdout[-3000:]
+    else:
+        assert found or ("find_package(Torch) fails here (CMake Error" in configure.stdout
+                         and "torch from its reported paths" in configure.stdout), configure.stdout[-3000:]
     compiled = subprocess.run([cmake, "--build", str(build)], capture_output=True, text=True, env=env, timeout=600)
     assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
     (module,) = build.glob("_C*.so")
