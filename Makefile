@@ -12,6 +12,8 @@ STAMP := $(VENV)/.ard_kernels-installed
 # every kernel compiled by triton 3.6 for sm_90 (tests/test_aot_compile.py), the CUDA extension built
 # against the CUDA torch, and the `-m cuda` tests collected (tests/test_gpu_stack.py). It gets only
 # packages the GPU machines' image has too (no diffusers), so a test module that needs more fails here.
+# setuptools as torch 2.11 pins it (<82; a Python 3.12 environment, the GPU machines', has no older
+# one bundled): recent enough to build wheels without the `wheel` package.
 TORCH_GPU := torch==2.11.0
 TRITON_GPU := triton==3.6.0
 GPU_STACK_VENV ?= .venv-gpu-stack
@@ -36,6 +38,7 @@ $(GPU_STACK_STAMP): Makefile
 	$(PYTHON) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pip install -q $(TORCH_GPU) $(TRITON_GPU) numpy ninja pybind11 \
 		pytest pytest-benchmark hypothesis safetensors tqdm
+	$(GPU_STACK_VENV)/bin/python -m pip install -q --upgrade "setuptools<82"
 	@touch $@
 
 gpu-stack: $(GPU_STACK_STAMP)
@@ -50,8 +53,12 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check ard_kernels tests benchmarks setup.py
 
+# A wheel for the torch of WHEEL_PYTHON (default this venv's), the extension compiled in where nvcc
+# exists: its version's local tag names that torch (+pt213cpu here; WHEEL_PYTHON=.venv-gpu-stack/bin/python
+# gives +pt211cu130, the GPU machines' torch) and it requires that torch minor.
+WHEEL_PYTHON ?= $(PY)
 wheel: $(STAMP)
-	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	PATH=$(abspath $(dir $(WHEEL_PYTHON))):$$PATH $(WHEEL_PYTHON) -m pip wheel -q --no-build-isolation --no-deps -w dist .
 	@ls -l dist/*.whl
 
 clean:

@@ -11,10 +11,17 @@ its ops refuse CPU tensors) and a CUDA torch alike, because torch's CUDAExtensio
 
 Development install: ``pip install --no-build-isolation -e .`` (the .so lands in ard_kernels/);
 wheel: ``pip wheel --no-build-isolation --no-deps -w dist .``.
+
+A compiled extension is bound to the torch it was built against (its C++ ABI changes between
+minor versions), so a build with it carries that torch in its version's local tag (``0.1.0+pt211cu130``:
+torch 2.11, CUDA 13.0; ``+pt213cpu`` for a CPU torch), requires that torch minor, and writes
+``ard_kernels/_C.build.json`` beside the module (torch, CUDA, archs), from which
+:mod:`ard_kernels._ext` explains a mismatch instead of an opaque undefined symbol.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,6 +63,23 @@ def find_cuda_home():
         if (candidate / "bin" / "nvcc").exists():
             return candidate
     return None
+
+
+def torch_build_tag():
+    """``("pt211cu130", "torch==2.11.*")``: the local version tag and requirement of a build against this torch."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    cuda = torch.version.cuda
+    return f"pt{major}{minor}" + (f"cu{cuda.replace('.', '')}" if cuda else "cpu"), f"torch=={major}.{minor}.*"
+
+
+def build_info(archs: str) -> dict:
+    """What the extension is bound to, written beside it as ``_C.build.json``."""
+    import torch
+
+    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "archs": archs,
+            "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI), "python": ".".join(map(str, sys.version_info[:2]))}
 
 
 def gencode_flags(arch_list):
@@ -115,6 +139,13 @@ def cuda_extensions():
                     self._nvcc(Path(src)) for src in getattr(ext, "cuda_sources", [])
                 ]
             super().build_extensions()
+            text = json.dumps(build_info(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS), indent=1) + "\n"
+            for ext in self.extensions:
+                targets = {Path(self.get_ext_fullpath(ext.name)).with_name("_C.build.json")}
+                if getattr(self, "editable_mode", False):  # pip install -e: setuptools copies only the module over
+                    targets.add(ROOT.joinpath(*ext.name.split(".")[:-1], "_C.build.json"))
+                for target in targets:
+                    target.write_text(text)
 
         def _nvcc(self, src):
             obj = Path(self.build_temp).resolve() / "cuda" / (src.stem + ".cu.o")
@@ -148,13 +179,17 @@ def cuda_extensions():
 
 def main():
     ext_modules, cmdclass = ([], {}) if sys.platform in ("darwin", "win32") else cuda_extensions()
+    version, torch_requirement = read_version(), "torch>=2.11"
+    if ext_modules:  # bound to this torch: say which in the version, require it
+        tag, torch_requirement = torch_build_tag()
+        version = f"{version}+{tag}"
     setup(
         name="ard_kernels",
-        version=read_version(),
+        version=version,
         description="Triton/CUDA kernels and a thin PyTorch model for AutoRegressive Distillation of DiTs",
         packages=find_packages(include=["ard_kernels*"]),
         python_requires=">=3.10",
-        install_requires=["torch>=2.11", "triton>=3.6; sys_platform == 'linux'", "numpy"],
+        install_requires=[torch_requirement, "triton>=3.6; sys_platform == 'linux'", "numpy"],
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         zip_safe=False,

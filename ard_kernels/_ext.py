@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -49,15 +51,35 @@ def load():
         _error = exc
         if os.environ.get("ARD_KERNELS_BUILD_CUDA", "").strip() != "0":
             warnings.warn(
-                f"ard_kernels: CUDA extension not available ({exc}); the KV cache uses the PyTorch path. "
-                "Build it with `pip install --no-build-isolation -e .` where nvcc is installed.",
+                f"ard_kernels: CUDA extension not available ({exc}){torch_mismatch(build_info())}; the KV cache "
+                "uses the PyTorch path. Build it with `pip install --no-build-isolation -e .` where nvcc is "
+                "installed.",
                 RuntimeWarning,
                 stacklevel=2,
             )
         return None
     _register_fakes()
-    logger.debug("ard_kernels: loaded CUDA extension from %s", getattr(module, "__file__", "?"))
+    logger.debug("ard_kernels: loaded CUDA extension from %s (built with %s)", getattr(module, "__file__", "?"),
+                 build_info())
     return module
+
+
+def build_info():
+    """What the compiled extension was built against: ``_C.build.json`` beside it (torch, torch_cuda, archs,
+    cxx11_abi, python; written by setup.py), or None where there is none."""
+    try:
+        return json.loads(Path(__file__).with_name("_C.build.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def torch_mismatch(info, version: str = torch.__version__) -> str:
+    """``"; it was built against torch X, this is torch Y"`` when ``info`` names another torch than ``version``
+    (the extension's C++ ABI is that torch's), else ``""``."""
+    built = (info or {}).get("torch")
+    if not built or built == version:
+        return ""
+    return f"; it was built against torch {built}, this is torch {version}: rebuild it against this one"
 
 
 def extension_available() -> bool:

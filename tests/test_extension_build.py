@@ -3,9 +3,11 @@ refuse CPU tensors clearly. Runs on CPU-only machines (CI compiles it against th
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,44 @@ def test_extension_is_built_where_nvcc_exists():
         f"nvcc is installed but ard_kernels._C does not import ({_ext.extension_error()}); "
         "build it with `pip install --no-build-isolation -e .` (make install)"
     )
+    assert (_ext.build_info() or {}).get("torch") == torch.__version__, _ext.build_info()
+
+
+def test_a_torch_mismatch_is_explained():
+    """An extension built against another torch fails to import with an undefined symbol: the warning
+    says which torch it was built against, from the build record beside it."""
+    said = _ext.torch_mismatch({"torch": "2.13.0+cpu"}, "2.11.0+cu130")
+    assert "built against torch 2.13.0+cpu" in said and "this is torch 2.11.0+cu130" in said
+    assert _ext.torch_mismatch({"torch": "2.11.0+cu130"}, "2.11.0+cu130") == ""
+    assert _ext.torch_mismatch(None) == "" and _ext.torch_mismatch({}) == ""
+
+
+def test_build_tag_names_the_torch_the_extension_binds():
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    device = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    assert SETUP.torch_build_tag() == (f"pt{major}{minor}{device}", f"torch=={major}.{minor}.*")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUILD_EXPECTED, reason="no nvcc here, or ARD_KERNELS_BUILD_CUDA=0")
+def test_wheel_carries_the_extension_and_the_torch_it_binds(tmp_path):
+    """`make wheel`'s command: a wheel with the compiled module and its build record, versioned
+    ``<version>+pt<torch minor><cuda|cpu>`` and requiring that torch minor."""
+    env = dict(os.environ, MAX_JOBS="2", TORCH_CUDA_ARCH_LIST="9.0")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
+                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=900, env=env)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    tag, requirement = SETUP.torch_build_tag()
+    assert wheel.name.startswith(f"ard_kernels-{SETUP.read_version()}+{tag}-"), wheel.name
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert any(n.startswith("ard_kernels/_C") and n.endswith(".so") for n in names), names
+        info = json.loads(zf.read("ard_kernels/_C.build.json"))
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [line for line in zf.read(metadata).decode().splitlines() if line.startswith("Requires-Dist: torch")]
+    assert info["torch"] == torch.__version__
+    assert requires == [f"Requires-Dist: {requirement}"], requires
 
 
 @needs_ext
@@ -134,6 +174,8 @@ def test_fresh_build_imports(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (so,) = (tmp_path / "lib" / "ard_kernels").glob("_C*.so")
+    info = json.loads((so.parent / "_C.build.json").read_text())  # what the module is bound to, beside it
+    assert info["torch"] == torch.__version__ and info["archs"] == "9.0" and info["torch_cuda"] == torch.version.cuda
     code = (
         "import torch\n"
         f"torch.ops.load_library({str(so)!r})\n"

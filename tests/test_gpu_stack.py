@@ -103,3 +103,32 @@ def test_cmake_builds_the_extension(stack, tmp_path):
     proc = subprocess.run([python, "-c", code], cwd=tmp_path, env=gpu_stack_env(PYTHONPATH=str(tmp_path / "src")),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and str(pkg) in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_wheel_for_the_gpu_machines_torch(cuda_torch_tree, tmp_path):
+    """A wheel built with the GPU stack's python is versioned ``+pt211cu130``, requires torch 2.11, and once
+    installed (nothing else on the path) its extension loads in that torch and says what it was built with."""
+    python = gpu_stack_python()
+    path = os.pathsep.join([os.path.dirname(python), os.environ.get("PATH", "")])
+    env = gpu_stack_env(ARD_KERNELS_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS="2", PATH=path)
+    build = subprocess.run([python, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
+                            str(tmp_path / "dist"), str(cuda_torch_tree)], env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert build.returncode == 0, build.stderr[-4000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert "+pt211cu130-" in wheel.name, wheel.name
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                              str(wheel)], env=env, capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    code = ("import json, torch, importlib.metadata as md\n"
+            "from ard_kernels import _ext\n"
+            "print(json.dumps({'file': _ext.__file__, 'available': _ext.extension_available(),\n"
+            "                  'info': _ext.build_info(), 'requires': md.requires('ard_kernels')}))\n")
+    proc = subprocess.run([python, "-c", code], cwd=tmp_path, env=gpu_stack_env(PYTHONPATH=str(tmp_path / "site")),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(out["file"]).resolve().is_relative_to((tmp_path / "site").resolve()), out["file"]
+    assert out["available"] and out["info"]["torch"].startswith("2.11.") and out["info"]["torch_cuda"].startswith("13.")
+    assert any(r.startswith("torch==2.11.*") for r in out["requires"]), out["requires"]
