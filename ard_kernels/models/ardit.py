@@ -20,10 +20,12 @@ import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .. import masks
+from .. import api, masks
+from ..adaln import NORM_EPS
 from .configs import get_config
-from .dit import DiT, FinalLayer, run_blocks
+from .dit import DiT, FinalLayer, linear_input_dtype, run_blocks
 
 
 def _history_kv(cache, layer: int, lo: int, hi: int, qkv):
@@ -153,16 +155,20 @@ class ARDiT(DiT):
             # FSDP gathers a block's parameters only inside its forward: no modulation ahead of it.
             for i, block in enumerate(self.blocks):
                 tokens = block(tokens, c, n, self.layer_pattern(i))
-            outs = [self.unpatchify(head(tokens[:, k * n:(k + 1) * n], c[:, k:k + 1], n))
-                    for k, head in enumerate(self.heads)]
-            return torch.stack(outs, dim=1)
-        # Block boundaries fused (run_blocks); head k's LayerNorm modulation applies to block k.
-        mods, silu_c = self.trunk_modulations(c)
-        head_norm = [torch.cat(parts, dim=1) for parts in
-                     zip(*(head.modulation(silu_c[:, k:k + 1], activated=True) for k, head in enumerate(self.heads)))]
-        h = run_blocks(self.blocks, tokens, n, mods, head_norm,
-                       [{"pattern": self.layer_pattern(i)} for i in range(len(self.blocks))])
+            shift, scale = self._head_norm(F.silu(c))
+            h = api.modulated_layer_norm(tokens, shift, scale, n, eps=NORM_EPS, out_dtype=linear_input_dtype(tokens),
+                                         backend=self.heads[0].backend)
+        else:
+            # Block boundaries fused (run_blocks), the heads' LayerNorm (head k's modulation on block k) too.
+            mods, silu_c = self.trunk_modulations(c)
+            h = run_blocks(self.blocks, tokens, n, mods, self._head_norm(silu_c),
+                           [{"pattern": self.layer_pattern(i)} for i in range(len(self.blocks))])
         return self.unpatchify(self._heads_on_blocks(h)).unflatten(0, (b, self.steps))
+
+    def _head_norm(self, silu_c):
+        """(shift, scale), (B, K, C) each: head k's LayerNorm modulation of block k, from SiLU(c) (B, K, C)."""
+        return [torch.cat(parts, dim=1) for parts in
+                zip(*(head.modulation(silu_c[:, k:k + 1], activated=True) for k, head in enumerate(self.heads)))]
 
     def _heads_on_blocks(self, h):
         """``head_k.linear(h[:, block k])`` for every k as one batched GEMM: h (B, K·T, C) → (B·K, T, p²·C_out).
