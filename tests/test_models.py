@@ -410,7 +410,8 @@ def test_forward_train_fused_boundaries_equal_the_block_by_block_path(backend, m
 @pytest.mark.slow
 def test_forward_train_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) traces the whole training forward and its backward with the Triton
-    ops (custom ops with fake implementations): the same predictions and gradients as eager."""
+    ops (custom ops with fake implementations), also with a symbolic batch size: the same predictions and
+    gradients as eager."""
     student = tiny_ardit(attn_backend="triton", mod_backend="triton")
     states, y = torch.randn(2, 4, 4, 8, 8), torch.tensor([1, 7])
     params = [p for p in student.parameters() if p.requires_grad]
@@ -419,9 +420,12 @@ def test_forward_train_compiles_without_graph_breaks():
         out = fn(states, y)
         return [out, *torch.autograd.grad(out.square().mean(), params)]
 
-    eager = run(student.forward_train)
-    compiled = run(torch.compile(student.forward_train, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
+    compiled_fn = torch.compile(student.forward_train, fullgraph=True, backend="aot_eager")
+    for a, b in zip(run(student.forward_train), run(compiled_fn)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # A second batch size recompiles with the batch dimension symbolic (dynamo's automatic dynamic shapes).
+    states, y = torch.randn(3, 4, 4, 8, 8), torch.tensor([1, 7, 2])
+    for a, b in zip(run(student.forward_train), run(compiled_fn)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
