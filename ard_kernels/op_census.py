@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 from collections import Counter
@@ -112,11 +113,24 @@ def _meta_model(cls, dtype, **kwargs):
         return cls(**kwargs).to(dtype).eval()
 
 
+def _step_phases(recorder: OpRecorder, model):
+    """Each patch embedding (one per sampling step, in every sampler here) opens phase "step k" of ``recorder``:
+    a forward pre-hook on ``model.x_embedder``; returns its handle."""
+    count = itertools.count()
+    return model.x_embedder.register_forward_pre_hook(lambda module, args: recorder.phase(f"step {next(count)}"))
+
+
+def _report(config: dict, recorder: OpRecorder, steps: int, **extra) -> dict:
+    phases = {name: summarize(ops) for name, ops in recorder.phases.items()}
+    return {"config": config, **extra, "phases": phases,
+            "per_step_launches": [phases[f"step {k}"]["launches"] for k in range(steps)]}
+
+
 def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, batch: int = 1,
                    cfg_scale: float = 1.0, device="cuda", dtype=torch.bfloat16, input_size: int = 32,
                    cache_backend: str | None = None) -> dict:
     """The ops of one ``ARDiT.sample`` call, eager: per phase ("prelude": conditioning, every layer's
-    modulations, the cache; "step k": :meth:`ARDiT.forward_step` k and its guidance), summarized.
+    modulations, the cache; "step k": step k's forward and its guidance), summarized.
 
     Args:
         config, history_layers, steps, input_size: the student (random weights never exist: meta).
@@ -125,41 +139,67 @@ def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int
             backend (None: the model's default, the extension when it loads).
 
     Returns:
-        ``{"config": {...}, "cache_backend": str, "phases": {phase: summarize(...)},
+        ``{"config": {...}, "cache_backend": str or None, "phases": {phase: summarize(...)},
         "per_step_launches": [n_0, …]}``.
     """
+    from . import sampling
     from .models import ARDiT
 
     device = torch.device(device)
     model = _meta_model(ARDiT, dtype, config=config, history_layers=history_layers, steps=steps,
                         input_size=input_size)
-    with _fake_device(device):
+    caches = []
+
+    def make_cache(*args, **kwargs):
+        caches.append(make_cache.original(*args, **kwargs))
+        return caches[-1]
+
+    make_cache.original = sampling.make_cache
+    with _fake_device(device), mock.patch.object(sampling, "make_cache", make_cache):
         model = model.to_empty(device=device)
         if cache_backend is not None:
             model.set_backends(cache=cache_backend)
         noise = torch.zeros(batch, model.in_channels, input_size, input_size, device=device, dtype=dtype)
         y = torch.zeros(batch, device=device, dtype=torch.long)
         recorder = OpRecorder()
-        step_fn = model.forward_step
-        used = {}
-
-        def forward_step(x, k, *args, **kwargs):
-            recorder.phase(f"step {k}")
-            if args and args[1] is not None:  # the cache this step appends to
-                used["cache"] = args[1].backend
-            return step_fn(x, k, *args, **kwargs)
-
-        model.forward_step = forward_step
+        hook = _step_phases(recorder, model)
         with recorder:
             model.sample(noise, y, cfg_scale=cfg_scale)
-    phases = {name: summarize(ops) for name, ops in recorder.phases.items()}
-    return {
-        "config": {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
-                   "cfg_scale": cfg_scale, "device": str(device), "dtype": str(dtype).replace("torch.", "")},
-        "cache_backend": used.get("cache"),
-        "phases": phases,
-        "per_step_launches": [phases[f"step {k}"]["launches"] for k in range(steps)],
-    }
+        hook.remove()
+    config = {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
+              "cfg_scale": cfg_scale, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    return _report(config, recorder, steps, cache_backend=caches[0].backend if caches and caches[0] else None)
+
+
+def teacher_census(config: str = "DiT-XL/2", steps: int = 25, batch: int = 1, cfg_scale: float = 1.5,
+                   device="cuda", dtype=torch.bfloat16, input_size: int = 32) -> dict:
+    """The ops of the teacher's DDIM sampling (``DDIMSampler(steps).sample``, the trajectory generator's),
+    per step as :func:`sampler_census` (a step's phase runs from its patch embedding to the next one's, so
+    the doubling of the batch for the next step's guidance counts in the step before)."""
+    from .diffusion import DEFAULT_RECORD_INDICES, DDIMSampler
+    from .models import DiT
+
+    device = torch.device(device)
+    model = _meta_model(DiT, dtype, config=config, input_size=input_size)
+    sampler = DDIMSampler(steps)
+    # The schedule as Python numbers: in the fake mode every tensor op is faked, and the sampler reads
+    # its schedule's values (a fake tensor has none).
+    for name in ("timesteps", "alphas_cumprod", "alphas_cumprod_prev"):
+        setattr(sampler, name, getattr(sampler, name).tolist())
+    with _fake_device(device):
+        model = model.to_empty(device=device)
+        noise = torch.zeros(batch, model.in_channels, input_size, input_size, device=device, dtype=dtype)
+        y = torch.zeros(batch, device=device, dtype=torch.long)
+        recorder = OpRecorder()
+        hook = _step_phases(recorder, model)
+        with recorder, torch.no_grad():
+            # What the trajectory generator records (x0 at steps 15, 10, 5, 0) where S allows, else the sample.
+            record = DEFAULT_RECORD_INDICES if steps > max(DEFAULT_RECORD_INDICES) else (0,)
+            sampler.sample(model, noise, y, cfg_scale=cfg_scale, record_indices=record, num_classes=model.num_classes)
+        hook.remove()
+    config = {"model": config, "teacher_steps": steps, "batch": batch, "cfg_scale": cfg_scale, "device": str(device),
+              "dtype": str(dtype).replace("torch.", "")}
+    return _report(config, recorder, steps)
 
 
 def train_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, batch: int = 2,
@@ -206,6 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--cache-backend", default=None, help="the KV cache's backend (default: the model's)")
     parser.add_argument("--train", action="store_true", help="count ARDiT.forward_train instead of sampling")
+    parser.add_argument("--teacher", type=int, default=0, metavar="S",
+                        help="count the teacher's S-step DDIM sampling (guidance --cfg-scale) instead")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and torch.version.cuda is None:
@@ -213,7 +255,11 @@ def main(argv=None) -> int:
                      "use --device cpu")
     common = dict(config=args.model, history_layers=args.history_layers, steps=args.steps, batch=args.batch,
                   device=args.device, dtype=getattr(torch, args.dtype), input_size=args.input_size)
-    if args.train:
+    if args.teacher:
+        common.pop("history_layers")
+        common["steps"] = args.teacher
+        result = teacher_census(cfg_scale=args.cfg_scale, **common)
+    elif args.train:
         result = train_census(**common)
     else:
         result = sampler_census(cfg_scale=args.cfg_scale, cache_backend=args.cache_backend, **common)

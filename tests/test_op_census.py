@@ -60,6 +60,14 @@ def test_cpu_sampler_census_has_a_phase_per_step():
     assert all(a > b for a, b in zip(per_step, sd["per_step_launches"])), (per_step, sd["per_step_launches"])
 
 
+def test_cpu_teacher_census_has_a_phase_per_ddim_step():
+    teacher = op_census.teacher_census("DiT-tiny/2", steps=3, batch=2, cfg_scale=1.5, device="cpu",
+                                       dtype=torch.float32, input_size=8)
+    assert list(teacher["phases"]) == ["prelude", "step 0", "step 1", "step 2"]
+    assert len(teacher["per_step_launches"]) == 3 and min(teacher["per_step_launches"]) > 0
+    assert teacher["config"]["teacher_steps"] == 3
+
+
 def test_cli_prints_json_and_a_table(capsys):
     args = ["--device", "cpu", "--model", "DiT-tiny/2", "--history-layers", "1", "--steps", "2",
             "--input-size", "8", "--dtype", "float32"]
@@ -69,6 +77,9 @@ def test_cli_prints_json_and_a_table(capsys):
     assert op_census.main([*args, "--train"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| phase | launches |") and "| forward_train |" in table
+    assert op_census.main(["--device", "cpu", "--model", "DiT-tiny/2", "--teacher", "2", "--input-size", "8",
+                           "--dtype", "float32", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["per_step_launches"]) == 2
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build: --device cuda is valid")
@@ -89,6 +100,7 @@ out = {
     "ard_torch_cache": oc.sampler_census("DiT-XL/2", history_layers=6, cache_backend="torch"),
     "ard_cfg": oc.sampler_census("DiT-XL/2", history_layers=6, batch=2, cfg_scale=1.5),
     "train": oc.train_census("DiT-XL/2", history_layers=6, batch=2),
+    "teacher": oc.teacher_census("DiT-XL/2", steps=25, cfg_scale=1.5),
 }
 print(json.dumps(out))
 """
@@ -183,3 +195,19 @@ def test_training_forward_launch_plan(xl_cuda):
     assert ops["aten.silu.default"] == 2
     assert ops["aten.baddbmm.default"] == 1 and "aten.mm.default" not in ops  # the K heads: one batched GEMM
     assert not any(name.startswith("ard_kernels.") and "inplace" in name for name in ops)  # autograd needs out-of-place
+
+
+@pytest.mark.slow
+def test_teacher_ddim_step_launch_plan(xl_cuda):
+    """Each of the teacher's 25 guided DDIM steps: the trunk as in a student step (one fused attention per
+    layer, two fused LayerNorms per layer plus the first), and all 28 adaLN Linears again (its timestep
+    changes every step) fed by one SiLU: 5 GEMMs per layer plus the patch embedding, the timestep MLP's two
+    and the final layer's two."""
+    teacher = xl_cuda["teacher"]
+    assert len(teacher["per_step_launches"]) == 25
+    for k in range(25):
+        step = teacher["phases"][f"step {k}"]
+        kinds, ops = step["by_kind"], step["ops"]
+        assert kinds["attention"] == DEPTH and kinds["norm"] == 2 * DEPTH + 1, (k, ops)
+        assert kinds["gemm"] == 5 * DEPTH + 5, (k, ops)
+        assert ops["aten.silu.default"] == 2, (k, ops)
