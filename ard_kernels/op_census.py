@@ -1,12 +1,13 @@
 """What a model sends to the GPU, counted without one: ``python -m ard_kernels.op_census``.
 
-``launches(step k) = Σ_op [op is not a view] · count(op)``: the ARD sampler (or the training forward)
-runs on fake CUDA tensors (torch's ``FakeTensorMode``: shapes, dtypes and devices, no memory and no
-kernels), and a dispatch mode records every op that reaches the dispatcher, tagged with the sampling
-step it belongs to. On a GPU every op that is not a view or an allocation is one kernel launch, give
-or take (a cuBLAS GEMM, a Triton op, an extension op, an elementwise op): the counts are the launch
-plan of a step, what a CUDA graph replays, what ``bench_e2e --profile`` counts on a GPU. They show,
-on a machine without a GPU, that:
+``launches(step k) = Σ_op [op is not a view] · count(op)``: the ARD sampler (or the teacher's DDIM
+sampler, or the training forward) runs on fake CUDA tensors (torch's ``FakeTensorMode``: shapes, dtypes
+and devices, no memory and no kernels), and a dispatch mode records every op that reaches the
+dispatcher, tagged with the sampling step it belongs to. On a GPU every op that is not a view or an
+allocation is one kernel launch, give or take (a cuBLAS GEMM, a Triton op, an extension op, an
+elementwise op; SDPA is counted as its one fused kernel): the counts are the launch plan of a step,
+what a CUDA graph replays, what ``bench_e2e --profile`` counts on a GPU. They show, on a machine
+without a GPU, that:
 
 * each cached step costs one history-cache launch per history layer (``qkv_split_append``: q out,
   k and v into the cache) and copies nothing else;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import json
 import sys
@@ -29,6 +31,7 @@ from collections import Counter
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that allocate or describe but launch nothing (views are recognised by their schema).
@@ -38,11 +41,13 @@ _NO_LAUNCH = {
     "aten.lift_fresh.default", "aten._local_scalar_dense.default", "aten.sym_size.int", "aten.sym_stride.int",
     "aten.sym_numel.default", "aten.is_same_size.default",
 }
+SDPA = "aten.scaled_dot_product_attention (one fused kernel)"
 # The kind of each launching op, by name prefix; the first match wins, anything else is "other".
 _KINDS = (
     ("gemm", ("aten.addmm.", "aten.mm.", "aten.bmm.", "aten._addmm_activation.", "aten.baddbmm.",
               "aten.convolution.", "aten.linear.")),
-    ("attention", ("ard_kernels.block_attention", "aten._scaled_dot_product", "aten._flash_attention",
+    ("attention", ("ard_kernels.block_attention", "aten._scaled_dot_product", "aten.scaled_dot_product_attention",
+                   "aten._flash_attention",
                    "aten._efficient_attention", "higher_order.flex_attention")),
     ("norm", ("ard_kernels.modulated_layer_norm", "ard_kernels.gated_residual", "aten.native_layer_norm.")),
     ("kv_cache", ("ard_kernels.kv_append", "ard_kernels.qkv_split_append")),
@@ -73,14 +78,38 @@ class OpRecorder(TorchDispatchMode):
         self.current = "prelude"
         self.phases: dict[str, Counter] = {"prelude": Counter()}
 
+        self.muted = 0
+
     def phase(self, name: str) -> None:
         self.current = name
         self.phases.setdefault(name, Counter())
 
+    def count(self, name: str) -> None:
+        if not self.muted:
+            self.phases[self.current][name] += 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if launches_op(func):
-            self.phases[self.current][str(func)] += 1
+            self.count(str(func))
         return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def fused_sdpa(self):
+        """``F.scaled_dot_product_attention`` counted as the one kernel it is on a GPU (flash, efficient or
+        cuDNN): on fake tensors torch cannot query the device to pick one and runs its math decomposition
+        (matmuls, softmax, casts), which would be counted instead."""
+        original = F.scaled_dot_product_attention
+
+        def sdpa(*args, **kwargs):
+            self.count(SDPA)
+            self.muted += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.muted -= 1
+
+        with mock.patch.object(F, "scaled_dot_product_attention", sdpa):
+            yield
 
 
 def summarize(ops: Counter) -> dict:
@@ -128,7 +157,7 @@ def _report(config: dict, recorder: OpRecorder, steps: int, **extra) -> dict:
 
 def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, batch: int = 1,
                    cfg_scale: float = 1.0, device="cuda", dtype=torch.bfloat16, input_size: int = 32,
-                   cache_backend: str | None = None) -> dict:
+                   cache_backend: str | None = None, model_cls=None) -> dict:
     """The ops of one ``ARDiT.sample`` call, eager: per phase ("prelude": conditioning, every layer's
     modulations, the cache; "step k": step k's forward and its guidance), summarized.
 
@@ -137,6 +166,9 @@ def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int
         batch, cfg_scale: the call (guidance doubles the batch).
         device, dtype: where and in what the model "runs"; ``cache_backend``: the KV cache's
             backend (None: the model's default, the extension when it loads).
+        model_cls: another student class taking ARDiT's constructor arguments, with ``sample(noise, y,
+            cfg_scale=)`` and an ``x_embedder`` (e.g. benchmarks/published_ard.py's ``PublishedARD``, the
+            published code's formulation); default :class:`~ard_kernels.models.ARDiT`.
 
     Returns:
         ``{"config": {...}, "cache_backend": str or None, "phases": {phase: summarize(...)},
@@ -146,7 +178,7 @@ def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int
     from .models import ARDiT
 
     device = torch.device(device)
-    model = _meta_model(ARDiT, dtype, config=config, history_layers=history_layers, steps=steps,
+    model = _meta_model(model_cls or ARDiT, dtype, config=config, history_layers=history_layers, steps=steps,
                         input_size=input_size)
     caches = []
 
@@ -163,11 +195,12 @@ def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int
         y = torch.zeros(batch, device=device, dtype=torch.long)
         recorder = OpRecorder()
         hook = _step_phases(recorder, model)
-        with recorder:
+        with recorder, recorder.fused_sdpa():
             model.sample(noise, y, cfg_scale=cfg_scale)
         hook.remove()
     config = {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
-              "cfg_scale": cfg_scale, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+              "cfg_scale": cfg_scale, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "class": type(model).__name__}
     return _report(config, recorder, steps, cache_backend=caches[0].backend if caches and caches[0] else None)
 
 
@@ -192,7 +225,7 @@ def teacher_census(config: str = "DiT-XL/2", steps: int = 25, batch: int = 1, cf
         y = torch.zeros(batch, device=device, dtype=torch.long)
         recorder = OpRecorder()
         hook = _step_phases(recorder, model)
-        with recorder, torch.no_grad():
+        with recorder, recorder.fused_sdpa(), torch.no_grad():
             # What the trajectory generator records (x0 at steps 15, 10, 5, 0) where S allows, else the sample.
             record = DEFAULT_RECORD_INDICES if steps > max(DEFAULT_RECORD_INDICES) else (0,)
             sampler.sample(model, noise, y, cfg_scale=cfg_scale, record_indices=record, num_classes=model.num_classes)
@@ -219,7 +252,7 @@ def train_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int =
         recorder = OpRecorder()
         recorder.phase("forward_train")
         model.requires_grad_(True)
-        with recorder:
+        with recorder, recorder.fused_sdpa():
             model.forward_train(states, y)
     return {"config": {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
                        "device": str(device), "dtype": str(dtype).replace("torch.", "")},
@@ -248,6 +281,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train", action="store_true", help="count ARDiT.forward_train instead of sampling")
     parser.add_argument("--teacher", type=int, default=0, metavar="S",
                         help="count the teacher's S-step DDIM sampling (guidance --cfg-scale) instead")
+    parser.add_argument("--model-class", default=None, metavar="MODULE:CLASS",
+                        help="sample with another student class taking ARDiT's arguments, e.g. "
+                             "benchmarks.published_ard:PublishedARD (run from a checkout)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and torch.version.cuda is None:
@@ -262,7 +298,12 @@ def main(argv=None) -> int:
     elif args.train:
         result = train_census(**common)
     else:
-        result = sampler_census(cfg_scale=args.cfg_scale, cache_backend=args.cache_backend, **common)
+        model_cls = None
+        if args.model_class:
+            module, _, name = args.model_class.partition(":")
+            model_cls = getattr(importlib.import_module(module), name)
+        result = sampler_census(cfg_scale=args.cfg_scale, cache_backend=args.cache_backend, model_cls=model_cls,
+                                **common)
     print(json.dumps(result, indent=1) if args.json else _table(result))
     return 0
 

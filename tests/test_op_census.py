@@ -8,11 +8,12 @@ and LayerNorm one fused ard_kernels op, one SiLU for all the adaLN Linears.
 """
 
 import json
+import os
 import subprocess
 
 import pytest
 import torch
-from _gpu_stack import gpu_stack_env, gpu_stack_python
+from _gpu_stack import ROOT, gpu_stack_env, gpu_stack_python
 
 from ard_kernels import op_census
 
@@ -94,6 +95,7 @@ DEPTH, N, K = 28, 6, 4
 _CENSUSES = """
 import json, torch
 from ard_kernels import op_census as oc
+from benchmarks.published_ard import PublishedARD
 out = {
     "ard": oc.sampler_census("DiT-XL/2", history_layers=6),
     "step_distilled": oc.sampler_census("DiT-XL/2", history_layers=0),
@@ -101,6 +103,7 @@ out = {
     "ard_cfg": oc.sampler_census("DiT-XL/2", history_layers=6, batch=2, cfg_scale=1.5),
     "train": oc.train_census("DiT-XL/2", history_layers=6, batch=2),
     "teacher": oc.teacher_census("DiT-XL/2", steps=25, cfg_scale=1.5),
+    "published": oc.sampler_census("DiT-XL/2", history_layers=6, model_cls=PublishedARD),
 }
 print(json.dumps(out))
 """
@@ -109,9 +112,10 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def xl_cuda(cuda_torch_tree):
     """The censuses of DiT-XL/2 (bf16, fake CUDA tensors) under the GPU stack, extension loaded."""
+    # ard_kernels from the tree (its extension built for that torch), benchmarks/ from the checkout
+    path = os.pathsep.join([str(cuda_torch_tree), str(ROOT)])
     proc = subprocess.run([gpu_stack_python(), "-c", _CENSUSES], cwd=cuda_torch_tree,
-                          env=gpu_stack_env(PYTHONPATH=str(cuda_torch_tree)), capture_output=True, text=True,
-                          timeout=600)
+                          env=gpu_stack_env(PYTHONPATH=path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -211,3 +215,15 @@ def test_teacher_ddim_step_launch_plan(xl_cuda):
         assert kinds["attention"] == DEPTH and kinds["norm"] == 2 * DEPTH + 1, (k, ops)
         assert kinds["gemm"] == 5 * DEPTH + 5, (k, ops)
         assert ops["aten.silu.default"] == 2, (k, ops)
+
+
+@pytest.mark.slow
+def test_the_published_formulation_launches_three_times_as_much(xl_cuda):
+    """The published code's formulation (benchmarks/published_ard.py: per-token adaLN recomputed at every
+    step, unfused LayerNorm and modulation, float-mask SDPA, torch.cat cache), its SDPA counted as one
+    fused kernel: over 3× the launches of a cached step here, with the same 28 attentions."""
+    published, ard = xl_cuda["published"], xl_cuda["ard"]
+    assert published["config"]["class"] == "PublishedARD"
+    for step, ours in zip(_steps(published), _steps(ard)):
+        assert step["by_kind"]["attention"] == DEPTH, step["ops"]
+        assert step["launches"] >= 3 * ours["launches"], (step["launches"], ours["launches"])
