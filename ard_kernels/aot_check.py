@@ -73,11 +73,22 @@ def make_signature(kernel, dtype="bf16", overrides=None, floats=()):
     return sig
 
 
+def _ptxas() -> str:
+    """ptxas: the CUDA toolkit's on PATH, else the one Triton ships."""
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if os.path.exists(bundled):
+        return bundled
+    raise RuntimeError("ptxas: not on PATH and not shipped with this triton; registers and spills need it")
+
+
 def _ptxas_report(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` (the cubin itself does not say)."""
-    ptxas = shutil.which("ptxas")
-    if ptxas is None:
-        return {}
+    """Registers and spill bytes from ``ptxas -v`` (the cubin itself does not say); raises if ptxas fails."""
+    ptxas = _ptxas()
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -86,6 +97,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
         proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True)
     text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas -v failed (exit {proc.returncode}): {text[-1000:]}")
     regs = re.search(r"Used (\d+) registers", text)
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": max(spills, default=0)}

@@ -37,6 +37,14 @@ def test_every_kernel_compiles_for_sm90_and_sm80(report):
                 f"no {op} kernel compiled for sm_{arch}"
 
 
+def test_every_kernel_has_a_register_count(report):
+    """ptxas ran on every compiled kernel: the spill checks below read its report, and a kernel without one
+    would pass them for want of data."""
+    missing = [(r["name"], r["arch"]) for r in report["compiled"] if not r.get("registers")]
+    assert not missing, f"no ptxas register count for {missing[:10]}"
+    assert all("spill_bytes" in r for r in report["compiled"])
+
+
 def test_elementwise_kernels_do_not_spill_at_target_sizes(report):
     # The widest rows (C = 8192, one row of five live fp32 tiles per program in the LayerNorm
     # backward) spill a little: correct, and outside the sizes the performance targets are set for.

@@ -110,6 +110,13 @@ def test_backward_is_deterministic(triton_device):
     assert_repeatable(lambda *a: gated_residual_triton(*a, 4), inputs, dout)
 
 
+@pytest.mark.cuda
+def test_cuda_deterministic_large():
+    inputs = make_inputs(2, 4 * 256, 1152, 256, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
+    assert_repeatable(lambda *a: gated_residual_triton(*a, 256), inputs, dout)
+
+
 def test_opcheck_and_fullgraph_trace(triton_device):
     x, y, gate = make_inputs(1, 5, 64, 2, device=triton_device)
     torch.library.opcheck(torch.ops.ard_kernels.gated_residual_fwd.default, (x, y, gate, 2),

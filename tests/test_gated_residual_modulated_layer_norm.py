@@ -190,6 +190,16 @@ def test_backward_is_deterministic(triton_device):
     assert_repeatable(lambda *a: fn(*a)[1], inputs, dh)  # the shared helper, on h alone
 
 
+@pytest.mark.cuda
+def test_cuda_deterministic_large():
+    inputs = make_inputs(2, 4 * 256, 1152, 256, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
+    dh = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
+    fn = fused(256)
+    first, second = grads2(fn, inputs, dout, dh), grads2(fn, inputs, dout, dh)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_opcheck_and_fullgraph_trace(triton_device):
     inputs = make_inputs(1, 5, 64, 2, device=triton_device)
     detached = [t.detach() for t in inputs]

@@ -92,6 +92,18 @@ def test_backward_is_deterministic(triton_device):
     assert_repeatable(lambda *a: modulated_layer_norm_triton(*a, 4, EPS), inputs, dy)
 
 
+def test_row_kernels_reduce_without_atomics():
+    """Deterministic by construction: no row-op kernel accumulates with atomics. (The interpreter runs programs
+    one after another, so the repeat tests, here and in the other row ops' files, cannot see a race on the CPU;
+    their ``cuda`` versions can.)"""
+    import inspect
+
+    from ard_kernels.ops import _rows, gated_residual, gated_residual_modulated_layer_norm, modulated_layer_norm
+
+    for module in (_rows, gated_residual, gated_residual_modulated_layer_norm, modulated_layer_norm):
+        assert "atomic_" not in inspect.getsource(module), module.__name__
+
+
 def test_opcheck_and_fullgraph_trace(triton_device):
     """Schema, fake and autograd registrations agree with the kernel; a fullgraph trace has no break."""
     x, shift, scale = make_inputs(1, 5, 64, 2, device=triton_device)

@@ -53,8 +53,6 @@ def test_cpu_sampler_census_has_a_phase_per_step():
     assert per_step[:3] == [per_step[0]] * 3 and per_step[3] == per_step[0] + 1, per_step
     last = ard["phases"]["step 3"]["ops"]
     assert last["aten.stack.default"] == 1 and "aten.stack.default" not in ard["phases"]["step 0"]["ops"]
-    step = ard["phases"]["step 0"]
-    assert step["launches"] == sum(step["by_kind"].values()) == sum(step["ops"].values())
     sd = op_census.sampler_census("DiT-tiny/2", history_layers=0, steps=4, batch=2, device="cpu",
                                   dtype=torch.float32, input_size=8)
     assert sd["cache_backend"] is None
