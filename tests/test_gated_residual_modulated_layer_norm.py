@@ -320,10 +320,16 @@ def test_wide_rows_take_the_separate_backwards(monkeypatch, triton_device):
     """Above _FUSED_BWD_MAX_C (8192-wide rows on the GPU) the backward is the two ops' own: same gradients."""
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
 
+    from ard_kernels.ops import modulated_layer_norm as mln_module
+
     monkeypatch.setattr(fused_module, "_FUSED_BWD_MAX_C", 32)
+    separate = []
+    mln_bwd = mln_module.modulated_layer_norm_bwd
+    monkeypatch.setattr(mln_module, "modulated_layer_norm_bwd", lambda *a: separate.append(1) or mln_bwd(*a))
     inputs = make_inputs(2, 7, 72, 3, device=triton_device)
     for used in ("both", "h only"):
         dout = None if used == "h only" else torch.randn(2, 7, 72, device=triton_device)
         dh = torch.randn(2, 7, 72, device=triton_device)
         assert_all_close(grads2(fused(3), inputs, dout, dh), grads2(reference(3), inputs, dout, dh), 2e-5,
                          f"reference ({used})")
+    assert len(separate) == 2  # the separate backwards ran, once per case
