@@ -319,7 +319,6 @@ def test_cuda_compile_fullgraph_and_inplace():
 def test_wide_rows_take_the_separate_backwards(monkeypatch, triton_device):
     """Above _FUSED_BWD_MAX_C (8192-wide rows on the GPU) the backward is the two ops' own: same gradients."""
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
-
     from ard_kernels.ops import modulated_layer_norm as mln_module
 
     monkeypatch.setattr(fused_module, "_FUSED_BWD_MAX_C", 32)

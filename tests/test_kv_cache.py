@@ -53,10 +53,12 @@ def test_split_append_steps_match_reference(n):
     for step in range(3):
         for layer in range(cache.num_layers):
             k_ref, v_ref = refs[layer]
-            q_ref = qkv_split_append_ref(qkvs[step * cache.num_layers + layer], k_ref, v_ref, step * n,
-                                         cache.num_heads)
-            q, k_all, v_all = out[step][layer]
+            # the split written out (DiT's qkv Linear: [q | k | v] × (H, D)), not reference.split_qkv
+            qkv = qkvs[step * cache.num_layers + layer]
+            parts = qkv.reshape(qkv.shape[0], n, 3, cache.num_heads, cache.head_dim).permute(2, 0, 3, 1, 4)
             end = (step + 1) * n
+            q_ref, k_ref[:, :, step * n:end], v_ref[:, :, step * n:end] = parts[0], parts[1], parts[2]
+            q, k_all, v_all = out[step][layer]
             assert k_all.shape == (cache.batch_size, cache.num_heads, end, cache.head_dim)
             torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
             torch.testing.assert_close(k_all, k_ref[:, :, :end], rtol=0, atol=0)
