@@ -139,13 +139,21 @@ def cuda_extensions():
                     self._nvcc(Path(src)) for src in getattr(ext, "cuda_sources", [])
                 ]
             super().build_extensions()
-            text = json.dumps(build_info(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS), indent=1) + "\n"
-            for ext in self.extensions:
-                targets = {Path(self.get_ext_fullpath(ext.name)).with_name("_C.build.json")}
-                if getattr(self, "editable_mode", False):  # pip install -e: setuptools copies only the module over
-                    targets.add(ROOT.joinpath(*ext.name.split(".")[:-1], "_C.build.json"))
-                for target in targets:
-                    target.write_text(text)
+            for ext in self.extensions:  # beside the built module (a wheel packs it)
+                self._write_build_info(Path(self.get_ext_fullpath(ext.name)).with_name("_C.build.json"))
+
+        def run(self):
+            super().run()
+            # In-place and editable builds: setuptools builds in build/ and copies only the modules into the
+            # source tree, so the record goes there too (else a stale one would describe a new module).
+            if self.inplace or getattr(self, "editable_mode", False):
+                for ext in self.extensions:
+                    self._write_build_info(ROOT.joinpath(*ext.name.split(".")[:-1], "_C.build.json"))
+
+        @staticmethod
+        def _write_build_info(path):
+            info = build_info(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS)
+            path.write_text(json.dumps(info, indent=1) + "\n")
 
         def _nvcc(self, src):
             obj = Path(self.build_temp).resolve() / "cuda" / (src.stem + ".cu.o")

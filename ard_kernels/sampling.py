@@ -44,9 +44,10 @@ def make_cache(model, batch_size: int, dtype: torch.dtype, device: torch.device)
         return None
     from .kv_cache import HistoryKVCache
 
+    # Unfilled storage: the sampler reads only what its steps appended (a test fills it with NaN to show it).
     return HistoryKVCache(
         model.history_layers, batch_size, model.num_heads, model.config.head_dim, model.num_tokens, model.steps,
-        _autocast_dtype(device) or dtype, device, backend=model.cache_backend,
+        _autocast_dtype(device) or dtype, device, backend=model.cache_backend, fill=None,
     )
 
 

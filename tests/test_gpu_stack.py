@@ -12,10 +12,12 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from _gpu_stack import ROOT, cuda_home, gpu_stack_env, gpu_stack_python, skip_or_fail
+from _gpu_stack import TORCH as TORCH_PREFIX
 
 
 @pytest.mark.slow
@@ -46,6 +48,17 @@ def test_extension_builds_against_cuda_torch_and_loads(cuda_torch_tree):
     assert out["available"], proc.stderr[-4000:]
     assert out["ops"] == [True, True], out
     assert "expected CUDA tensors" in out["cpu"], out["cpu"]
+    # The in-place build records the torch it binds; this venv's (CPU) torch then names the mismatch.
+    assert json.loads((src / "ard_kernels" / "_C.build.json").read_text())["torch"].startswith(TORCH_PREFIX)
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from ard_kernels import _ext\n"
+            "    print(_ext.extension_available(), [str(w.message) for w in caught])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=src, env=gpu_stack_env(PYTHONPATH=str(src)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("False"), proc.stdout + proc.stderr[-2000:]
+    assert f"built against torch {TORCH_PREFIX}" in proc.stdout and "this is torch" in proc.stdout, proc.stdout
 
 
 def test_cuda_tests_collect_under_the_gpu_stack():

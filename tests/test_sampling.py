@@ -130,6 +130,30 @@ def test_sampling_uses_the_history_cache():
     assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_sampler_never_reads_unwritten_cache_storage(backend, monkeypatch):
+    """The sampler leaves its cache storage unfilled (a fill is a pass over the whole cache at every call).
+    Filled with NaN instead, the outputs are bitwise the same: no step reads past what the steps appended."""
+    from ard_kernels import kv_cache
+
+    student = make_student("causal", 2).set_backends(attn=backend, mod=backend)
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    assert sampling.make_cache(student, 2, torch.float32, noise.device).fill is None
+    with torch.no_grad():
+        want = sampling.sample_outputs(student, noise, y)
+        made, cache_class = [], kv_cache.HistoryKVCache
+
+        def nan_filled(*args, **kwargs):
+            cache = cache_class(*args, **{**kwargs, "fill": float("nan")})
+            made.append(bool(cache.k.isnan().all() and cache.v.isnan().all()))
+            return cache
+
+        monkeypatch.setattr(kv_cache, "HistoryKVCache", nan_filled)
+        got = sampling.sample_outputs(student, noise, y)
+    assert made == [True]  # the sampler's one cache started all NaN
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_attention_plan_slices_contiguous_rows():
     student = make_student("window", 2)
     n = student.num_tokens
