@@ -236,27 +236,45 @@ def teacher_census(config: str = "DiT-XL/2", steps: int = 25, batch: int = 1, cf
 
 
 def train_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, batch: int = 2,
-                 device="cuda", dtype=torch.bfloat16, input_size: int = 32) -> dict:
-    """The ops of one ``ARDiT.forward_train`` with autograd recording, as in a training step (its backward
-    does not run on fake CUDA tensors: the autograd engine asks the driver for a device context), summarized.
-    Label dropout is off (eval mode): it draws random numbers, which fake CUDA tensors cannot."""
+                 device="cuda", dtype=torch.bfloat16, input_size: int = 32, backward: bool = False,
+                 backend: str | None = None) -> dict:
+    """The ops of one ``ARDiT.forward_train`` with autograd recording, as in a training step, and with
+    ``backward`` those of the backward of ``mean(pred²)``, summarized per phase ("forward_train",
+    "backward"). Label dropout is off (eval mode): it draws random numbers, which fake tensors cannot.
+
+    A backward needs ``device="cpu"``: on fake CUDA tensors the autograd engine asks the driver for a
+    device context. With ``backend="triton"`` (set TRITON_INTERPRET=1) the CPU path dispatches the same
+    custom ops as the CUDA path (their fake implementations run, not the interpreter), so its counts are
+    the CUDA plan's but for device-specific kernels (cuBLAS, cuDNN) counted as their aten ops.
+    """
     from .models import ARDiT
 
     device = torch.device(device)
+    if backward and device.type == "cuda":
+        raise ValueError("backward: fake CUDA tensors cannot run a backward (the autograd engine asks the driver "
+                         "for a context); count it on device='cpu' with backend='triton' (TRITON_INTERPRET=1)")
     model = _meta_model(ARDiT, dtype, config=config, history_layers=history_layers, steps=steps,
                         input_size=input_size)
     with _fake_device(device):
         model = model.to_empty(device=device)
+        if backend is not None:
+            model.set_backends(attn=backend, mod=backend)
         states = torch.zeros(batch, steps, model.in_channels, input_size, input_size, device=device, dtype=dtype)
         y = torch.zeros(batch, device=device, dtype=torch.long)
         recorder = OpRecorder()
         recorder.phase("forward_train")
         model.requires_grad_(True)
         with recorder, recorder.fused_sdpa():
-            model.forward_train(states, y)
-    return {"config": {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
-                       "device": str(device), "dtype": str(dtype).replace("torch.", "")},
-            "phases": {"forward_train": summarize(recorder.phases["forward_train"])}}
+            pred = model.forward_train(states, y)
+        if backward:
+            loss = pred.float().square().mean()
+            recorder.phase("backward")
+            with recorder:
+                loss.backward()
+    config = {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
+              "device": str(device), "dtype": str(dtype).replace("torch.", ""), "backend": backend}
+    return {"config": config, "phases": {name: summarize(ops) for name, ops in recorder.phases.items()
+                                         if name != "prelude"}}
 
 
 def _table(result: dict) -> str:
@@ -279,6 +297,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--cache-backend", default=None, help="the KV cache's backend (default: the model's)")
     parser.add_argument("--train", action="store_true", help="count ARDiT.forward_train instead of sampling")
+    parser.add_argument("--backward", action="store_true",
+                        help="with --train, also the backward (--device cpu --backend triton, TRITON_INTERPRET=1)")
+    parser.add_argument("--backend", default=None, help="attention and modulation backend (default: the model's)")
     parser.add_argument("--teacher", type=int, default=0, metavar="S",
                         help="count the teacher's S-step DDIM sampling (guidance --cfg-scale) instead")
     parser.add_argument("--model-class", default=None, metavar="MODULE:CLASS",
@@ -289,6 +310,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and torch.version.cuda is None:
         parser.error("--device cuda: this torch is a CPU build (fake CUDA tensors need a CUDA build); "
                      "use --device cpu")
+    if args.backward and (not args.train or args.device.startswith("cuda")):
+        parser.error("--backward: needs --train and --device cpu (fake CUDA tensors cannot run a backward)")
     common = dict(config=args.model, history_layers=args.history_layers, steps=args.steps, batch=args.batch,
                   device=args.device, dtype=getattr(torch, args.dtype), input_size=args.input_size)
     if args.teacher:
@@ -296,7 +319,7 @@ def main(argv=None) -> int:
         common["steps"] = args.teacher
         result = teacher_census(cfg_scale=args.cfg_scale, **common)
     elif args.train:
-        result = train_census(**common)
+        result = train_census(backward=args.backward, backend=args.backend, **common)
     else:
         model_cls = None
         if args.model_class:

@@ -81,6 +81,26 @@ def test_cli_prints_json_and_a_table(capsys):
     assert len(json.loads(capsys.readouterr().out)["per_step_launches"]) == 2
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs the interpreter")
+def test_training_backward_launch_plan():
+    """A training step's backward (fake CPU tensors; the Triton backends dispatch the custom ops the CUDA path
+    does): one fused backward per attention and per LayerNorm, and no zero-filled gradient buffers: outputs
+    nobody uses (the LayerNorm statistics, the log-sum-exp, the last residual) reach the backwards as None."""
+    depth = 12  # DiT-S/2
+    result = op_census.train_census("DiT-S/2", history_layers=2, batch=2, device="cpu", dtype=torch.float32,
+                                    backward=True, backend="triton")
+    fwd, bwd = (result["phases"][name]["ops"] for name in ("forward_train", "backward"))
+    assert fwd["ard_kernels.block_attention_qkv_fwd.default"] == bwd["ard_kernels.block_attention_qkv_bwd.default"] \
+        == depth
+    assert bwd["ard_kernels.gated_residual_modulated_layer_norm_bwd.default"] == 2 * depth
+    assert bwd["ard_kernels.modulated_layer_norm_bwd.default"] == 1
+    zero_fills = {n: c for n, c in bwd.items() if n.startswith(("aten.zeros", "aten.zero_", "aten.fill", "aten.full"))}
+    assert not zero_fills, zero_fills
+    assert bwd["aten.gelu_backward.default"] == depth and bwd["aten.silu_backward.default"] == 2  # one shared SiLU
+    with pytest.raises(ValueError, match="backward: fake CUDA tensors cannot run a backward"):
+        op_census.train_census("DiT-S/2", backward=True)
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build: --device cuda is valid")
 def test_cli_refuses_cuda_on_a_cpu_torch(capsys):
     with pytest.raises(SystemExit) as exc:

@@ -429,10 +429,13 @@ def _qkv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(qkv, out, lse)
     ctx.args = (num_heads, nb, rows, block_size, scale)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # the lse's gradient arrives as None, not as a zero tensor filled per call
 
 
 def _qkv_backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
+    if dout is None:  # O unused: a zero gradient
+        return torch.zeros_like(qkv), None, None, None, None, None
     return _block_attention_qkv_bwd_op(dout, qkv, out, lse, *ctx.args), None, None, None, None, None
 
 

@@ -276,6 +276,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(out, y, gate, shift, scale, mean, rstd)
     ctx.block_size = block_size
     ctx.mark_non_differentiable(mean, rstd)
+    # Unused outputs (mean and rstd always) arrive as None, not as zero tensors autograd would allocate and
+    # fill at every backward: the backward handles None.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dh, _dmean, _drstd):

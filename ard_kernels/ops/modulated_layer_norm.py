@@ -193,6 +193,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, shift, scale, mean, rstd)
     ctx.block_size = block_size
     ctx.mark_non_differentiable(mean, rstd)
+    # Unused outputs (mean and rstd always) arrive as None, not as zero tensors autograd would allocate and
+    # fill at every backward: the backward handles None.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
