@@ -174,20 +174,13 @@ def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int
         ``{"config": {...}, "cache_backend": str or None, "phases": {phase: summarize(...)},
         "per_step_launches": [n_0, …]}``.
     """
-    from . import sampling
+    from .kv_cache import _resolve_backend
     from .models import ARDiT
 
     device = torch.device(device)
     model = _meta_model(model_cls or ARDiT, dtype, config=config, history_layers=history_layers, steps=steps,
                         input_size=input_size)
-    caches = []
-
-    def make_cache(*args, **kwargs):
-        caches.append(make_cache.original(*args, **kwargs))
-        return caches[-1]
-
-    make_cache.original = sampling.make_cache
-    with _fake_device(device), mock.patch.object(sampling, "make_cache", make_cache):
+    with _fake_device(device):
         model = model.to_empty(device=device)
         if cache_backend is not None:
             model.set_backends(cache=cache_backend)
@@ -201,7 +194,10 @@ def sampler_census(config: str = "DiT-XL/2", history_layers: int = 6, steps: int
     config = {"model": config, "history_layers": history_layers, "steps": steps, "batch": batch,
               "cfg_scale": cfg_scale, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "class": type(model).__name__}
-    return _report(config, recorder, steps, cache_backend=caches[0].backend if caches and caches[0] else None)
+    # The backend the sampler's cache resolved to (what HistoryKVCache itself decides: the extension where it loads).
+    backend = getattr(model, "cache_backend", None)  # other classes (the published one) keep no HistoryKVCache
+    cache = _resolve_backend(backend, device, model.config.head_dim) if history_layers and backend else None
+    return _report(config, recorder, steps, cache_backend=cache)
 
 
 def teacher_census(config: str = "DiT-XL/2", steps: int = 25, batch: int = 1, cfg_scale: float = 1.5,

@@ -10,21 +10,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _model_helpers import randomize
 
 from ard_kernels.models import CONFIGS, ARDiT, DiT, DiTConfig, get_config, infer_dit_kwargs, sincos_pos_embed_2d
 from ard_kernels.models.dit import Mlp, gelu_epilogue_applies
 
 TINY = dict(input_size=8, num_classes=10, attn_backend="reference", mod_backend="reference")
 PATTERNS = ["causal", "diagonal", "window", "first"]
-
-
-def randomize(model, std=0.15):
-    """Non-zero random weights everywhere except the fixed position table."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0.0, std)
-    return model.eval()
 
 
 def tiny_dit(**kw):

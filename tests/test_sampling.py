@@ -14,6 +14,7 @@ import contextlib
 
 import pytest
 import torch
+from _model_helpers import randomize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -24,14 +25,6 @@ TINY = dict(input_size=8, num_classes=10)
 REF = dict(attn_backend="reference", mod_backend="reference", cache_backend="torch")
 PATTERNS = ["causal", "diagonal", "window", "first", "table"]
 DEPTH = 4
-
-
-def randomize(model, std=0.15):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0.0, std)
-    return model.eval()
 
 
 def make_student(pattern="causal", history_layers=2, steps=4, **kw):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _model_helpers import randomize
 from _trajectory_helpers import write_tiny_trajectories
 from safetensors.torch import load_file, save_file
 
@@ -118,11 +119,7 @@ def test_resume_continues_exactly(data_dir, straight_run, tmp_path):
 def test_init_from_teacher_checkpoint(data_dir, tmp_path):
     """--init-from copies the teacher's trunk and its final layer into every head (random teacher weights:
     DiT's own init zeroes the final layer, as the student's does, which would make the heads' check vacuous)."""
-    teacher = DiT("DiT-tiny/2", input_size=8, num_classes=10)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0.0, 0.1)
+    teacher = randomize(DiT("DiT-tiny/2", input_size=8, num_classes=10), std=0.1)
     save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
     result = train(args_for(data_dir, tmp_path / "run", "--init-from", str(tmp_path / "teacher.safetensors"),
                             "--steps", "1", "--lr", "0"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _model_helpers import randomize
 from _trajectory_helpers import write_tiny_trajectories
 from safetensors.torch import load_file, save_file
 
@@ -235,11 +236,7 @@ def test_trajectories_with_bf16_teacher(tmp_path, dtype):
 
     # Random weights everywhere: DiT's own init (--random-init) zeroes the output layer, whose ε = 0 would
     # make the targets rescalings of x_T whatever the bf16 forward computed.
-    teacher = DiT("DiT-tiny/2", input_size=8, num_classes=10).eval()
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0.0, 0.1)
+    teacher = randomize(DiT("DiT-tiny/2", input_size=8, num_classes=10), std=0.1)
     save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
     common = ["--model", "DiT-tiny/2", "--num", "3", "--shard-size", "2", "--steps", "6",
               "--record-indices", "4,2,0", "--input-size", "8", "--num-classes", "10", "--no-progress",
