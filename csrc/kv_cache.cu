@@ -12,6 +12,12 @@
 
 #include "kv_cache.h"
 
+// The one place with launch syntax. tests/csrc/ defines it first to run every grid point of these
+// kernels on the host (their threads share nothing, so a serial run is exact) under AddressSanitizer.
+#ifndef ARD_LAUNCH_KERNEL
+#define ARD_LAUNCH_KERNEL(kernel, grid, threads, stream, ...) kernel<<<grid, threads, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -136,7 +142,7 @@ void append_typed(void* k_cache, void* v_cache, const void* k, const void* v, co
   const int64_t cd = head_bytes / int64_t(sizeof(V));
   const int64_t total = rows * n * cd;
   const unsigned blocks = unsigned((total + kThreads * kIlp - 1) / (kThreads * kIlp));
-  kv_append_kernel<V><<<dim3(blocks, 2), kThreads, 0, stream>>>(
+  ARD_LAUNCH_KERNEL(kv_append_kernel<V>, dim3(blocks, 2), kThreads, stream,
       static_cast<V*>(k_cache), static_cast<V*>(v_cache), static_cast<const V*>(k), static_cast<const V*>(v),
       offset, offset_host, status, uint32_t(total), uint32_t(n * cd), uint32_t(cd), n, capacity);
 }
@@ -148,7 +154,7 @@ void split_typed(const void* qkv, void* q, void* k_cache, void* v_cache, const i
   const int64_t cd = head_bytes / int64_t(sizeof(V));
   const int64_t total = batch * n * 3 * heads * cd;
   const unsigned blocks = unsigned((total + kThreads * kIlp - 1) / (kThreads * kIlp));
-  qkv_split_append_kernel<V><<<blocks, kThreads, 0, stream>>>(
+  ARD_LAUNCH_KERNEL(qkv_split_append_kernel<V>, dim3(blocks), kThreads, stream,
       static_cast<const V*>(qkv), static_cast<V*>(q), static_cast<V*>(k_cache), static_cast<V*>(v_cache),
       offset, offset_host, status, uint32_t(total), uint32_t(cd), uint32_t(heads), uint32_t(n), capacity);
 }
