@@ -149,11 +149,16 @@ def collect_specs(modules=OP_MODULES) -> list:
     return specs
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ard_kernels.aot_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
     parser.add_argument("--filter", default="", help="only specs whose name contains this")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels, nothing can be compiled")

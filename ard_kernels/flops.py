@@ -405,7 +405,7 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ard_kernels.flops", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--history-layers", type=int, default=6)
@@ -416,7 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="meta", help="device of the measured forward (meta: no allocation)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--table", action="store_true", help=f"overhead table over N in {TABLE_HISTORY_LAYERS}")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.table:
         rows = table(a.model, a.steps, measure=not a.no_measure, device=a.device)
         print(json.dumps(rows) if a.json else _markdown(rows))

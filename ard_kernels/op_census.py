@@ -281,8 +281,8 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ard_kernels.op_census", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--history-layers", type=int, default=6)
     parser.add_argument("--steps", type=int, default=4)
@@ -302,6 +302,11 @@ def main(argv=None) -> int:
                         help="sample with another student class taking ARDiT's arguments, e.g. "
                              "benchmarks.published_ard:PublishedARD (run from a checkout)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and torch.version.cuda is None:
         parser.error("--device cuda: this torch is a CPU build (fake CUDA tensors need a CUDA build); "

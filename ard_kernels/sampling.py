@@ -166,8 +166,19 @@ def sample(model, noise, y, cfg_scale: float = 1.0, return_states: bool = False,
     states = outs[:, :, : model.in_channels]
     final = states[:, -1]
     if vae is not None:
-        final = vae.decode(final.to(next(vae.parameters()).dtype) / VAE_SCALE).sample
+        final = decode(vae, final)
     return (final, states) if return_states else final
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """``vae.decode(latents / 0.18215).sample``: a diffusers ``AutoencoderKL``'s images, about [-1, 1]."""
+    return vae.decode(latents.to(next(vae.parameters()).dtype) / VAE_SCALE).sample
+
+
+def to_uint8_images(images):
+    """(B, 3, H, W) images in [-1, 1] → (B, H, W, 3) uint8, DiT's rounding (``127.5·x + 128``, clamped)."""
+    return (images.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def check_capturable(model, device) -> None:

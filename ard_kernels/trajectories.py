@@ -26,26 +26,23 @@ each shard is written to a temp file and renamed, so a killed run leaves no half
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from . import _shards
+from ._shards import MANIFEST, verify_shard, write_manifest  # noqa: F401 - part of this module's API
 from .diffusion import DEFAULT_RECORD_INDICES, RECORD_KINDS, SPACINGS, DDIMSampler
 
 SCHEMA = "ard-trajectories/1"
-MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class TrajectoryConfig:
+class TrajectoryConfig(_shards.ShardedConfig):
     """What a trajectory dataset was generated with; stored in every shard and in the manifest."""
 
     model: str
@@ -68,38 +65,31 @@ class TrajectoryConfig:
     def K(self) -> int:  # noqa: N802 - the paper's symbol
         return len(self.record_indices)
 
-    def shards(self) -> list[tuple[int, int]]:
-        """[(shard index j, number of samples in it)] for all shards of the dataset."""
-        n = math.ceil(self.num / self.shard_size)
-        return [(j, min(self.shard_size, self.num - j * self.shard_size)) for j in range(n)]
+    def manifest_extra(self) -> dict:
+        return {"K": self.K}
 
     def validate(self) -> None:
-        if self.num < 1:
-            raise ValueError(f"num: expected a positive number of samples, got {self.num}")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size: expected a positive int, got {self.shard_size}")
+        self.check_common()
         if self.record not in RECORD_KINDS:
             raise ValueError(f"record: expected one of {RECORD_KINDS}, got {self.record!r}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing: expected one of {SPACINGS}, got {self.spacing!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype: expected one of {tuple(STORAGE_DTYPES)}, got {self.dtype!r}")
-        if not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed: expected 0 <= seed < 2**31, got {self.seed}")
         DDIMSampler(self.steps, self.spacing).check_indices(self.record_indices)
 
-    def shapes(self, n: int) -> dict[str, tuple]:
-        c, s = self.in_channels, self.input_size
-        return {"x_T": (n, c, s, s), "targets": (n, self.K, c, s, s), "labels": (n,)}
+    def layout(self, n: int) -> dict[str, tuple[tuple, torch.dtype]]:
+        c, s, dt = self.in_channels, self.input_size, STORAGE_DTYPES[self.dtype]
+        return {"x_T": ((n, c, s, s), dt), "targets": ((n, self.K, c, s, s), dt), "labels": ((n,), torch.int64)}
 
 
 def shard_path(out_dir, j: int) -> Path:
-    return Path(out_dir) / f"shard-{j:06d}.safetensors"
+    return Path(out_dir) / f"{TrajectoryConfig.stem}-{j:06d}.safetensors"
 
 
 def shard_inputs(cfg: TrajectoryConfig, j: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x_T (n, C, H, W) fp32 and labels (n,) int64 of shard j, from a CPU generator seeded by (seed, j)."""
-    g = torch.Generator().manual_seed((cfg.seed << 32) + j)
+    g = cfg.shard_generator(j)
     labels = torch.randint(0, cfg.num_classes, (n,), generator=g, dtype=torch.int64)
     noise = torch.randn((n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
     return noise, labels
@@ -126,111 +116,19 @@ def generate_shard(model: Callable, cfg: TrajectoryConfig, j: int, n: int, devic
     return {"x_T": noise.to(dt).contiguous(), "targets": targets.to(dt).contiguous(), "labels": labels}
 
 
-def write_shard(path: Path, tensors: dict, cfg: TrajectoryConfig, j: int) -> None:
-    """Write atomically: a temp file in the same directory, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    meta = {"ard": json.dumps(asdict(cfg)), "shard": str(j)}
-    save_file(tensors, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; shards are meant to be shared
-    os.replace(tmp, path)
-
-
-def verify_shard(path: Path, cfg: TrajectoryConfig, j: int, n: int) -> None:
-    """Reload shard j and check its config, keys, shapes, dtypes and that every value is finite.
-
-    Raises:
-        ValueError: naming the shard and what is wrong.
-    """
-    want = cfg.shapes(n)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        got_cfg = json.loads(meta.get("ard", "{}"))
-        if got_cfg != asdict(cfg):
-            diff = {k: (got_cfg.get(k), v) for k, v in asdict(cfg).items() if got_cfg.get(k) != v}
-            raise ValueError(f"{path}: made with a different config (field: (shard, requested)) {diff}; "
-                             f"use another --out directory")
-        if meta.get("shard") != str(j):
-            raise ValueError(f"{path}: expected shard index {j}, metadata says {meta.get('shard')}")
-        if set(f.keys()) != set(want):
-            raise ValueError(f"{path}: expected keys {sorted(want)}, got {sorted(f.keys())}")
-        for key, shape in want.items():
-            t = f.get_tensor(key)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{path}: {key} expected shape {shape}, got {tuple(t.shape)}")
-            if key == "labels":
-                if t.dtype != torch.int64 or (t.numel() and (int(t.min()) < 0 or int(t.max()) >= cfg.num_classes)):
-                    raise ValueError(f"{path}: labels expected int64 in [0, {cfg.num_classes}), got {t.dtype}")
-            elif t.dtype != STORAGE_DTYPES[cfg.dtype] or not torch.isfinite(t).all():
-                raise ValueError(f"{path}: {key} expected finite {cfg.dtype} values, got {t.dtype} "
-                                 f"with {int((~torch.isfinite(t)).sum())} non-finite")
-
-
-def shard_done(path: Path, cfg: TrajectoryConfig, j: int, n: int) -> bool:
-    """True when shard j exists and verifies; a shard of another config is an error, not redone."""
-    if not path.exists():
-        return False
-    try:
-        verify_shard(path, cfg, j, n)
-    except ValueError as e:
-        if "different config" in str(e):
-            raise
-        return False  # truncated or corrupt (cannot happen with the atomic rename, but be safe): redo
-    except Exception:  # safetensors raises its own error type on an unreadable header
-        return False
-    return True
-
-
 def generate(model: Callable, cfg: TrajectoryConfig, out_dir, rank: int = 0, world_size: int = 1, device="cpu",
              batch_size: int = 64, precision: str = "fp32", progress: bool = True) -> list[Path]:
     """Make and verify this rank's missing shards (j ≡ rank mod world_size); return this rank's paths."""
     cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mine = [(j, n) for j, n in cfg.shards() if j % world_size == rank]
-    todo = [(j, n) for j, n in mine if not shard_done(shard_path(out, j), cfg, j, n)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(n for _, n in mine), initial=sum(n for _, n in mine) - sum(n for _, n in todo),
-                   desc=f"trajectories[rank {rank}]", unit="img", position=rank, disable=rank != 0)
-    for j, n in todo:
-        tensors = generate_shard(model, cfg, j, n, device, batch_size, precision,
-                                 on_batch=bar.update if bar is not None else None)
-        path = shard_path(out, j)
-        write_shard(path, tensors, cfg, j)
-        verify_shard(path, cfg, j, n)
-    if bar is not None:
-        bar.close()
-    return [shard_path(out, j) for j, _ in mine]
 
+    def make(j, n, on_batch):
+        return generate_shard(model, cfg, j, n, device, batch_size, precision, on_batch)
 
-def write_manifest(cfg: TrajectoryConfig, out_dir) -> Path:
-    """Verify every shard of the dataset and write ``manifest.json`` (atomically)."""
-    out = Path(out_dir)
-    shards = []
-    for j, n in cfg.shards():
-        path = shard_path(out, j)
-        if not path.exists():
-            raise ValueError(f"{path}: shard {j} is missing; rerun the generator to finish it")
-        verify_shard(path, cfg, j, n)
-        shards.append({"file": path.name, "num": n})
-    manifest = {**asdict(cfg), "K": cfg.K, "shards": shards}
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
-    return out / MANIFEST
+    return _shards.make_shards(cfg, out_dir, make, rank, world_size, progress, desc="trajectories")
 
 
 def load_manifest(data_dir) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"data: no {MANIFEST} in {data_dir}; generate it with "
-                                f"python -m ard_kernels.trajectories "
-                                f"(a rerun skips finished shards and writes the manifest)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema") != SCHEMA:
-        raise ValueError(f"data: expected schema {SCHEMA}, {path} has {manifest.get('schema')!r}")
-    return manifest
+    return _shards.load_manifest(data_dir, SCHEMA, "python -m ard_kernels.trajectories")
 
 
 def load_teacher(name: str, ckpt: str | None, input_size: int, in_channels: int, num_classes: int,
@@ -311,19 +209,12 @@ def main(argv=None) -> int:
     model = load_teacher(args.model, args.ckpt, args.input_size, args.in_channels, args.num_classes,
                          args.learn_sigma).to(device)
     generate(model, cfg, args.out, rank, world, device, args.batch_size, args.precision, args.progress)
-    if world > 1:
-        import datetime
 
-        import torch.distributed as dist
-        # gloo only for the barrier: works on CPU and GPU; teachers can run for hours, hence the timeout.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-        dist.barrier()
-    if rank == 0:
+    def finish():
         path = write_manifest(cfg, args.out)
         print(f"wrote {cfg.num} samples in {len(cfg.shards())} shards; manifest {path}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+
+    _shards.distributed_barrier_then(rank, world, finish)
     return 0
 
 

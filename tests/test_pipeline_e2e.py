@@ -1,4 +1,5 @@
-"""The whole pipeline on CPU with a tiny DiT: teacher checkpoint → trajectories → ARD training → sampling.
+"""The whole pipeline on CPU with a tiny DiT: teacher checkpoint → trajectories → ARD training → sampling
+→ evaluation samples.
 
 The teacher is a random-initialised DiT-tiny/2 (8×8 latents, 10 classes). Its adaLN-Zero output
 layer predicts ε = 0, so every trajectory is the deterministic line x_t = √(ᾱ_t/ᾱ_T)·x_T and every
@@ -11,7 +12,7 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from ard_kernels import train, trajectories
+from ard_kernels import samples, train, trajectories
 from ard_kernels.diffusion import DDIMSampler
 from ard_kernels.models import ARDiT, DiT
 from ard_kernels.training import TrajectoryDataset
@@ -55,3 +56,16 @@ def test_teacher_to_trajectories_to_training_to_sampling(tmp_path):
     # (the student's heads start at zero; later steps read the student's own, still rough, outputs)
     target = noise / a_T ** 0.5
     assert (states[:, 0] - target).square().mean() < 0.9 * target.square().mean()
+
+    # 4. evaluation samples straight from the checkpoint directory: EMA weights, N and pattern from its state.json
+    ckpt = out / "checkpoints" / "step-0000030"
+    assert samples.main(["--ckpt", str(ckpt), "--num", "3", "--out", str(tmp_path / "samples"), "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
+    assert (manifest["steps"], manifest["history_layers"], manifest["num"]) == (4, 2, 3)
+    ema = ARDiT("DiT-tiny/2", history_layers=2, steps=4, input_size=8, num_classes=10).eval()
+    ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    cfg = samples.SampleConfig(**{k: v for k, v in manifest.items() if k != "shards"})
+    noise, labels = samples.shard_inputs(cfg, 0, 3)
+    got = load_file(str(tmp_path / "samples" / "samples-000000.safetensors"))
+    torch.testing.assert_close(got["latents"], ema.sample(noise, labels), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["labels"], labels)
