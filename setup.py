@@ -157,18 +157,23 @@ def cuda_extensions():
 
         def _nvcc(self, src):
             obj = Path(self.build_temp).resolve() / "cuda" / (src.stem + ".cu.o")
-            deps = [src, *CSRC.glob("*.h")]
-            if obj.exists() and all(obj.stat().st_mtime >= d.stat().st_mtime for d in deps):
-                return str(obj)
-            obj.parent.mkdir(parents=True, exist_ok=True)
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
             jobs = os.environ.get("MAX_JOBS", "1")
-            cmd = [
-                str(cuda_home / "bin" / "nvcc"), "-c", str(src), "-o", str(obj),
-                "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--threads", jobs, *gencode_flags(archs),
-            ]
+            flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", *gencode_flags(archs)]
+            nvcc = str(cuda_home / "bin" / "nvcc")
+            # The object is reused only if it was compiled from these sources by this nvcc with these
+            # flags: a build for other archs (TORCH_CUDA_ARCH_LIST) must not slip into a wheel for all.
+            stamp = obj.with_suffix(".o.cmd")
+            recipe = " ".join([nvcc, *flags])
+            deps = [src, *CSRC.glob("*.h")]
+            if (obj.exists() and stamp.exists() and stamp.read_text() == recipe
+                    and all(obj.stat().st_mtime >= d.stat().st_mtime for d in deps)):
+                return str(obj)
+            obj.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [nvcc, "-c", str(src), "-o", str(obj), *flags, "--threads", jobs]
             print(" ".join(cmd), flush=True)
             subprocess.check_call(cmd, cwd=ROOT)
+            stamp.write_text(recipe)
             return str(obj)
 
     ext = CppExtension(

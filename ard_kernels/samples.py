@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +136,6 @@ def load_student(ckpt, weights: str = "ema", history_layers: int | None = None, 
     tensors. Returns ``(student, source)``, source the weights file read.
     """
     from .models import ARDiT
-    from .models.convert import infer_dit_kwargs, read_state_dict
 
     path = Path(ckpt)
     trained = {}
@@ -156,18 +154,9 @@ def load_student(ckpt, weights: str = "ema", history_layers: int | None = None, 
     if history_layers is None:
         raise ValueError("history_layers: a state-dict file does not record it; pass --history-layers "
                          "(or point --ckpt at the training checkpoint directory)")
-    sd = read_state_dict(path)
-    kwargs = infer_dit_kwargs(sd)
-    config = trained.get("model") or kwargs.pop("config")
-    kwargs.pop("config", None)
-    heads = [int(m.group(1)) for k in sd if (m := re.match(r"final_layer(\d+)\.", k))]
-    steps = max(heads, default=1)
-    if sorted(set(heads)) != list(range(2, steps + 1)):
-        raise ValueError(f"ckpt: heads final_layer2..final_layer{steps} expected, found {sorted(set(heads))}")
-    student = ARDiT(config, history_layers=history_layers, steps=steps,
-                    pattern=pattern if pattern is not None else trained.get("pattern", "causal"),
-                    t_max=t_max if t_max is not None else trained.get("t_max", 999), **kwargs)
-    student.load_state_dict(sd, strict=True)
+    student = ARDiT.from_checkpoint(path, config=trained.get("model"), history_layers=history_layers,
+                                    pattern=pattern if pattern is not None else trained.get("pattern", "causal"),
+                                    t_max=t_max if t_max is not None else trained.get("t_max", 999))
     return student.eval(), path
 
 

@@ -96,27 +96,24 @@ def device_policy(device: torch.device, precision: str, fsdp: bool) -> dict:
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool):
-    """TF32 for fp32 matmuls and cuDNN convolutions inside the block, the previous settings restored after.
+    """TF32 for fp32 matmuls inside the block (``set_float32_matmul_precision("high")``), restored after.
 
     Restored because ``train`` is also called in-process (tests, notebooks): fp32 work after it must
-    stay fp32. torch >= 2.9 has the ``fp32_precision`` settings and refuses to read the legacy
-    ``allow_tf32`` flags once they were set, so the new settings are used where they exist.
+    stay fp32. The one global setter keeps torch's legacy flags and its newer per-backend
+    ``fp32_precision`` settings consistent: setting only the latter makes every later read of the
+    former (``torch.get_float32_matmul_precision()``, which inductor calls when it compiles, so
+    torch.compile and FlexAttention) raise "mix of the legacy and new APIs". cuDNN convolutions (the
+    patch embedding) use TF32 by default already.
     """
     if not enabled:
         yield
         return
-    knobs = [(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
-             (torch.backends.cudnn.conv, "fp32_precision", "tf32")] \
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv") else \
-        [(torch.backends.cuda.matmul, "allow_tf32", True), (torch.backends.cudnn, "allow_tf32", True)]
-    saved = [getattr(obj, name) for obj, name, _ in knobs]
-    for obj, name, value in knobs:
-        setattr(obj, name, value)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
-        for (obj, name, _), old in zip(knobs, saved):
-            setattr(obj, name, old)
+        torch.set_float32_matmul_precision(previous)
 
 
 def build_student(args, ds: TrajectoryDataset):

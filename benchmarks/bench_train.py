@@ -96,7 +96,9 @@ def _build(provider: str, args, device):
     return model, fwd
 
 
-def _measure(provider: str, args, device, profile_rows=None) -> list[dict]:
+def _measure(provider: str, args, device, profile_rows=None, on_measured=None, budget=None) -> list[dict]:
+    """Time each mode of ``provider``; hand the rows to ``on_measured`` (saved) before the optional
+    kernel profile, which runs only while ``budget`` allows, so a run killed in the profile keeps them."""
     from ard_kernels.training import ard_loss
 
     model, fwd = _build(provider, args, device)
@@ -143,7 +145,10 @@ def _measure(provider: str, args, device, profile_rows=None) -> list[dict]:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
         rows.append(row)
         common.emit(row, ("provider", "mode", "ms", "images_per_s", "peak_gib"))
-    if profile_rows is not None:  # where the step's time goes: attention, GEMMs, elementwise passes
+    if on_measured is not None:
+        on_measured(rows)
+    if profile_rows is not None and (budget is None or budget.allows()):
+        # where the step's time goes: attention, GEMMs, elementwise passes
         profile_rows += common.kernel_profile(fwd_bwd_only, device, top=15, provider=provider, mode="fwd_bwd")
     return rows
 
@@ -169,7 +174,8 @@ def run(args, on_rows=None) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            rows += _measure(provider, args, device, profile_rows)
+            rows += _measure(provider, args, device, profile_rows, budget=budget,
+                             on_measured=(lambda measured, done=rows: on_rows(done + measured)) if on_rows else None)
         except Exception as e:  # one provider failing (e.g. a backend absent here) must not hide the others
             rows.append({"op": "ard_train_step", "provider": provider, "error": f"{type(e).__name__}: {e}"[:300]})
             common.emit(rows[-1])

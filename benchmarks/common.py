@@ -51,17 +51,26 @@ def sync(device=None) -> None:
 
 
 def time_ms(fn: Callable[[], object], device=None, warmup: int = 25, rep: int = 100,
-            cpu_budget_s: float = 1.0, cpu_max_iters: int = 20) -> float:
+            cpu_budget_s: float = 1.0, cpu_max_iters: int = 20, min_reps: int = 5) -> float:
     """Median wall time of ``fn()`` in milliseconds.
 
     CUDA: ``triton.testing.do_bench(fn, warmup, rep, return_mode="median")`` (``warmup``/``rep`` in
-    ms of device time). CPU: one warm-up call, then as many calls as fit in ``cpu_budget_s``
-    (at least 3, at most ``cpu_max_iters``), median of their ``perf_counter`` times.
+    ms of device time), ``rep`` raised to ``min_reps`` calls: do_bench times ``rep / estimate``
+    calls, which is ONE for anything slower than ``rep`` (a B64 sample, a teacher), and one call
+    cannot tell a 3% difference from noise. CPU: one warm-up call, then as many calls as fit in
+    ``cpu_budget_s`` (at least 3, at most ``cpu_max_iters``), median of their ``perf_counter`` times.
     """
     device = torch.device(device or default_device())
     if device.type == "cuda":
         import triton.testing
 
+        fn()  # compiles, autotunes, captures: not part of the estimate
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        estimate_ms = 1e3 * (time.perf_counter() - t0)
+        rep = max(rep, min_reps * estimate_ms)
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     t0 = time.perf_counter()
     fn()

@@ -45,3 +45,22 @@ def cuda_torch_tree(tmp_path_factory):
     from _gpu_stack import build_extension_tree
 
     return build_extension_tree(tmp_path_factory.mktemp("cuda-torch-tree"))
+
+
+@pytest.fixture
+def cuda_extension():
+    """The compiled KV-cache extension, for tests that exercise it on a GPU.
+
+    On a GPU machine a missing or unloadable extension fails these tests, naming why (a skip would let
+    `pytest -m cuda` pass with the kernels never run); ARD_KERNELS_BUILD_CUDA=0 says it was left out on
+    purpose, and skips them.
+    """
+    from ard_kernels import _ext
+
+    if _ext.extension_available():
+        return _ext
+    reason = f"CUDA extension ard_kernels._C not loaded: {_ext.extension_error()}"
+    if HAS_CUDA and os.environ.get("ARD_KERNELS_BUILD_CUDA") != "0":
+        pytest.fail(f"{reason} (build it: pip install -e . or python setup.py build_ext --inplace; "
+                    f"ARD_KERNELS_BUILD_CUDA=0 skips these tests)")
+    pytest.skip(reason)

@@ -220,6 +220,17 @@ def test_schedule_is_cached_and_small():
     assert not masked.any() and full.sum() == 10 * 2 * 4
 
 
+def test_device_schedules_are_never_evicted():
+    """A captured CUDA graph reads its schedules by address: a bounded cache would free one under it."""
+    first = block_schedule.schedule_on(tuple(block_schedule.encode_pattern("causal", 2)), 2, 8, 8, 4, ((4, 4),), "cpu")
+    for lk in range(16, 16 + 4 * 300, 4):  # more distinct shapes than any LRU bound would keep
+        block_schedule.schedule_on(tuple(block_schedule.encode_pattern("causal", 2)), 2, lk, lk, lk // 2, ((4, 4),),
+                                   "cpu")
+    assert block_schedule.schedule_on.cache_parameters()["maxsize"] is None
+    again = block_schedule.schedule_on(tuple(block_schedule.encode_pattern("causal", 2)), 2, 8, 8, 4, ((4, 4),), "cpu")
+    assert again is first
+
+
 @pytest.mark.parametrize("nb", [5, 32, 40])  # bit-mask table (bit 31 = the sign at 32), dense table
 def test_schedule_layout(nb):
     """The packed schedule decodes as block_schedule's docstring says, for every slot and direction."""

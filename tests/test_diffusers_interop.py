@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from _model_helpers import randomize
 
 from ard_kernels.models import DiT, diffusers_to_dit, dit_from_diffusers
 
@@ -93,10 +94,15 @@ def test_sample_decodes_with_a_real_diffusers_autoencoder():
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=16).eval()
-    student = ARDiT("DiT-tiny/2", input_size=8, num_classes=10, history_layers=2).eval()
+    # random heads: a fresh ARDiT's zero heads would make every state 0, and any step or scale decode alike
+    student = randomize(ARDiT("DiT-tiny/2", input_size=8, num_classes=10, history_layers=2), std=0.1)
     noise, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 7])
     with torch.no_grad():
         images, states = student.sample(noise, y, return_states=True, vae=vae)
         expected = vae.decode(states[:, -1] / 0.18215).sample
+        unscaled = vae.decode(states[:, -1]).sample
+        earlier = vae.decode(states[:, -2] / 0.18215).sample
+    assert states[:, -1].abs().max() > 0.1
     assert images.shape == (2, 3, 16, 16)
     torch.testing.assert_close(images, expected)
+    assert not torch.allclose(images, unscaled, atol=1e-3) and not torch.allclose(images, earlier, atol=1e-3)

@@ -187,3 +187,17 @@ def test_fresh_build_imports(tmp_path):
     )
     result = _python(code)
     assert result.stdout.strip() == "refused", result.stderr
+    # the same build directory, other archs: the nvcc object is rebuilt, not reused (a wheel for
+    # 8.0;9.0+PTX must not carry a 9.0-only object from an earlier build)
+    (obj,) = (tmp_path / "tmp").rglob("kv_cache.cu.o")
+    stamp = obj.with_suffix(".o.cmd")
+    assert "arch=compute_90" in stamp.read_text()
+    env["TORCH_CUDA_ARCH_LIST"] = "8.0"
+    again = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "arch=compute_80" in stamp.read_text() and "compute_90" not in stamp.read_text()
+    assert json.loads((so.parent / "_C.build.json").read_text())["archs"] == "8.0"

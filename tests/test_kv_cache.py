@@ -202,7 +202,7 @@ def test_backend_is_visible():
 EXACT = dict(rtol=0, atol=0)  # the kernels only move bytes: every dtype must match bit for bit
 
 
-cuda_ext = pytest.mark.skipif(not _ext.extension_available(), reason="CUDA extension ard_kernels._C not built")
+cuda_ext = pytest.mark.usefixtures("cuda_extension")  # fails on a GPU machine without it (conftest)
 
 
 @pytest.mark.cuda

@@ -150,6 +150,26 @@ def test_ardit_loads_a_position_table_stored_per_block():
     assert student.pos_embed.shape == (1, student.num_tokens, 64)
 
 
+def test_from_checkpoint_reads_size_and_k_from_a_per_block_position_table(tmp_path):
+    """4 blocks × 16 tokens = 64 rows = 8², a square: the table must not be read as a 16² latent's grid."""
+    student = randomize(ARDiT("DiT-tiny/2", input_size=8, num_classes=10, history_layers=2, steps=4))
+    sd = {k: v.clone() for k, v in student.state_dict().items()}
+    sd["pos_embed"] = sd["pos_embed"].repeat(1, 4, 1)
+    assert infer_dit_kwargs(sd)["input_size"] == 8
+    for source in (sd, student.state_dict()):
+        loaded = ARDiT.from_checkpoint(source, history_layers=2).eval()
+        assert (loaded.input_size, loaded.num_tokens, loaded.steps) == (8, 16, 4)
+        for name, p in student.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], p), name
+    three = ARDiT("DiT-tiny/2", input_size=8, num_classes=10, history_layers=1, steps=3)
+    assert ARDiT.from_checkpoint(three.state_dict(), history_layers=1).steps == 3  # K from the heads
+    # a grid really 8×8 tokens, not a repeated table, keeps its size
+    assert infer_dit_kwargs(DiT("DiT-tiny/2", input_size=16, num_classes=10).state_dict())["input_size"] == 16
+    del sd["final_layer3.linear.weight"], sd["final_layer3.linear.bias"]
+    with pytest.raises(ValueError, match="final_layer2..final_layerK"):
+        infer_dit_kwargs({k: v for k, v in sd.items() if not k.startswith("final_layer3.")})
+
+
 def test_infer_dit_kwargs_reads_the_sizes_back():
     model = DiT("DiT-tiny/4", input_size=16, in_channels=3, num_classes=7, learn_sigma=False)
     kw = infer_dit_kwargs(model.state_dict())

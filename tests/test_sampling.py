@@ -425,10 +425,11 @@ def rel_err(a, b):
 @pytest.mark.cuda
 @pytest.mark.parametrize("pattern", ["causal", "window", "first"])
 @pytest.mark.parametrize("guided", [False, True])
-def test_cuda_graph_sampler_equals_eager(pattern, guided):
+def test_cuda_graph_sampler_equals_eager(pattern, guided, cuda_extension):
     """Graph replay = eager run of the same kernels (fast backends: the reference builds masks on the
-    host per call, which a capture cannot contain)."""
+    host per call, which a capture cannot contain), the history in the extension's cache."""
     student = make_student(pattern, 2, **FAST).cuda()
+    assert sampling.make_cache(student, 2, torch.float32, torch.device("cuda")).backend == "cuda"
     noise, y = torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor([3, 7], device="cuda")
     s = 2.5 if guided else 1.0
     eager = sampling.sample_outputs(student, noise, y, cfg_scale=s)

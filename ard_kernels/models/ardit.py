@@ -289,6 +289,20 @@ class ARDiT(DiT):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
+    def from_checkpoint(cls, state_dict_or_path, config=None, **kwargs) -> "ARDiT":
+        """A student loaded strictly from an ARDiT checkpoint (ours, or the published layout).
+
+        As :meth:`DiT.from_checkpoint`, and ``steps`` = K is read from the heads ``final_layer2..K``
+        unless given; ``history_layers``, ``pattern`` and ``t_max`` are not in the weights (defaults
+        6, "causal", 999: pass the ones the student was trained with).
+        """
+        from .convert import read_state_dict, student_steps
+
+        sd = read_state_dict(state_dict_or_path)
+        kwargs.setdefault("steps", student_steps(sd))
+        return super().from_checkpoint(sd, config, **kwargs)
+
+    @classmethod
     def from_dit(cls, state_dict_or_path, config=None, history_layers: int = 6, steps: int = 4, pattern="causal",
                  t_max: float = 999, **kwargs):
         """A student initialised from a teacher checkpoint, ``final_layer`` copied into every head.

@@ -61,6 +61,30 @@ def _find_config(depth: int, hidden: int, patch: int, heads: int, mlp_ratio: flo
     return DiTConfig(depth, hidden, patch, heads, mlp_ratio)
 
 
+def student_steps(sd: StateDict) -> int:
+    """K of an ARD student state dict, from its heads ``final_layer``, ``final_layer2``, …, ``final_layerK``
+    (1 for a DiT)."""
+    heads = sorted({int(m.group(1)) for k in sd if (m := re.match(r"final_layer(\d+)\.", k))})
+    if heads != list(range(2, len(heads) + 2)):
+        raise ValueError(f"state_dict: expected heads final_layer2..final_layerK, found final_layer{heads}")
+    return len(heads) + 1
+
+
+def _tokens_per_block(pos: torch.Tensor, steps: int) -> int:
+    """Rows of ``pos_embed`` that one block's tokens use.
+
+    An ARD student's checkpoint may hold the table of all K blocks, (1, K·T, C): the same T rows per
+    block. K·T can itself be a square (4·256 = 32²), so the shape alone would read it as a grid 2×
+    wider; the repeated rows tell the two apart.
+    """
+    rows = pos.shape[1]
+    if steps > 1 and rows % steps == 0:
+        blocks = pos.reshape(pos.shape[0], steps, rows // steps, *pos.shape[2:])
+        if all(torch.equal(blocks[:, 0], blocks[:, k]) for k in range(1, steps)):
+            return rows // steps
+    return rows
+
+
 def infer_dit_kwargs(sd: StateDict, num_heads: int = None) -> dict:
     """DiT constructor arguments implied by a DiT-layout state dict's shapes.
 
@@ -78,8 +102,9 @@ def infer_dit_kwargs(sd: StateDict, num_heads: int = None) -> dict:
         raise ValueError(f"state_dict: not a DiT state dict, missing {e.args[0]!r}") from None
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    grid = math.isqrt(pos.shape[1])
-    if grid * grid != pos.shape[1]:
+    tokens = _tokens_per_block(pos, student_steps(sd))
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
         raise ValueError(f"pos_embed: expected a square number of tokens, got shape {tuple(pos.shape)}")
     out_channels = final.shape[0] // (patch * patch)
     heads = num_heads if num_heads is not None else heads_for_width(hidden)

@@ -309,14 +309,21 @@ def block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: 
         return _block_attention_bwd(do, q, k, v, out, lse, dlse, nb, rows, block_size, scale)
 
 
+def _preprocess_tile(d: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D) of the backward's row pass: 4096 values of O and of dO per program, 32 per thread
+    of its 4 warps (a fixed 64 rows spilled at D = 256), 16 rows under the interpreter (tiny grids)."""
+    block_d = triton.next_power_of_2(d)
+    return (16 if _interpreting() else max(16, 4096 // block_d)), block_d
+
+
 def _block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: int, scale: float, grads=None):
     """The backward's three launches; ``grads``, when given, are the (dq, dk, dv) tensors to write (any strides)."""
     B, H, Lq, d = q.shape
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    pre_m = 16 if _interpreting() else 64
+    pre_m, pre_d = _preprocess_tile(d)
     _block_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m) * B * H,)](
         out, do, dlse.contiguous() if dlse is not None else delta, delta, *out.stride(), *do.stride(), H, Lq, d,
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=triton.next_power_of_2(d))
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=pre_d)
     dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if grads is None else grads
 
     a = _row_align(q, k, v, do, dq, dk, dv)
@@ -543,4 +550,16 @@ def aot_specs():
                         "num_stages": stages,
                         "archs": group_archs,
                     })
+        # the backward's row pass (delta = rowsum(dO∘O) − dlse), as _block_attention_bwd launches it
+        pre_m, pre_d = _preprocess_tile(d)
+        pointers = {"Out": f"*{dtype}", "dO": f"*{dtype}", "dLse": "*fp32", "Delta": "*fp32"}
+        specs.append({
+            "name": f"block_attention_bwd_preprocess_{dtype}_D{d}",
+            "kernel": _block_attention_bwd_preprocess_kernel,
+            "signature": make_signature(_block_attention_bwd_preprocess_kernel, dtype, pointers),
+            "constexprs": dict(stride_od=1, stride_gd=1, HAS_DLSE=True, BLOCK_M=pre_m, BLOCK_D=pre_d),
+            "num_warps": 4,
+            "num_stages": 3,
+            "archs": archs,
+        })
     return specs

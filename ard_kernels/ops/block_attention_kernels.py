@@ -27,7 +27,9 @@ def _allowed(S, tab_off, nb, block_size, q_off, rows, cols, Lq, Lk, SMALL_NB: tl
     """
     valid = (rows < Lq) & (cols < Lk)
     qb = (q_off + rows) // block_size
-    kb = cols // block_size
+    # Clamped: columns past Lk (a tile overhanging the end) would give kb >= 32, and a shift by 32 or
+    # more is poison in LLVM, which `& valid` does not clean up.
+    kb = tl.minimum(cols, Lk - 1) // block_size
     if SMALL_NB:
         bits = tl.load(S + tab_off + qb, mask=rows < Lq, other=0)
         return (((bits >> kb) & 1) != 0) & valid

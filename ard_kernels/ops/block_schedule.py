@@ -169,7 +169,10 @@ def schedule_host(rows: tuple, nb: int, lq: int, lk: int, block_size: int, pairs
     return torch.tensor(out, dtype=torch.int32)
 
 
-@functools.lru_cache(maxsize=256)
+# Never evicted: a captured CUDA graph reads a schedule by address, so freeing one (as an LRU bound
+# would after enough other shapes) would let a later replay read reused memory. A schedule is a few
+# KB and there is one per (pattern, shape, tile pair, device) a process has run.
+@functools.cache
 def schedule_on(rows: tuple, nb, lq, lk, block_size, pairs, device: str) -> torch.Tensor:
     """:func:`schedule_host` copied to ``device`` once and cached there (no host-to-device copy after warm-up)."""
     return schedule_host(rows, nb, lq, lk, block_size, pairs).to(device)
