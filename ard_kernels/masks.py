@@ -64,6 +64,10 @@ def pattern_table(pattern: Pattern, nb: int) -> torch.Tensor:
         raise TypeError(f"pattern: expected a bool tensor, got dtype {pattern.dtype}")
     if tuple(pattern.shape) != (nb, nb):
         raise ValueError(f"pattern: expected a table of shape ({nb}, {nb}) for {nb} blocks, got {tuple(pattern.shape)}")
+    if pattern.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # reading it on the host is a sync, which a capture cannot contain (CUDA's own error would not say why)
+        raise ValueError("pattern: a table on the GPU is read on the host at every call, which a CUDA graph "
+                         "capture cannot contain; pass the (nb, nb) bool table as a CPU tensor")
     table = pattern.detach().to("cpu", copy=True)
     empty = (~table.any(dim=1)).nonzero().flatten()
     if empty.numel():

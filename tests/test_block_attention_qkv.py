@@ -8,8 +8,10 @@ block_attention on the three views. GPU (``cuda``): bf16 at DiT's size, and torc
 
 import pytest
 import torch
+from _attention_helpers import attention_in_dtype, flash_rule
 
 import ard_kernels as ak
+from ard_kernels import masks
 from ard_kernels.reference import block_attention_ref
 
 
@@ -21,6 +23,14 @@ def unpacked(qkv, heads, block_size, pattern, backend="reference"):
         o = block_attention_ref(q, k, v, block_size, pattern)
     else:
         o = ak.block_attention(q, k, v, block_size, pattern, backend=backend)
+    return o.transpose(1, 2).reshape(b, n, width // 3)
+
+
+def unpacked_in_dtype(qkv, heads, block_size, pattern):
+    """:func:`unpacked` in PyTorch ops at qkv's dtype (no upcast): the low-precision peer."""
+    b, n, width = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    o = attention_in_dtype(q, k, v, masks.dense_mask(pattern, n, n, block_size, device=qkv.device))
     return o.transpose(1, 2).reshape(b, n, width // 3)
 
 
@@ -131,6 +141,11 @@ def test_cuda_bf16_dit_shape_and_compile():
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)  # the same kernel and config on the same views
     # the backward writes other strides (one dqkv): the autotuner may pick another tile, another sum order
     torch.testing.assert_close(dqkv, ref_dqkv, atol=2e-2, rtol=2e-2)
+    # and against fp32 PyTorch, by the flash-attention rule (the comparisons above share our kernels)
+    low = out_and_grad(lambda t: unpacked_in_dtype(t, 16, 256, "causal"), qkv, dout)
+    ref = out_and_grad(lambda t: unpacked(t, 16, 256, "causal"), qkv.float(), dout.float())
+    for name, got, lo, want in zip(("out", "dqkv"), (out, dqkv), low, ref):
+        flash_rule(name, got, lo, want)
     fn = torch.compile(lambda t: ak.block_attention_qkv(t, 16, 256, "causal", backend="triton"), fullgraph=True)
     c_out, c_dqkv = out_and_grad(fn, qkv, dout)
     torch.testing.assert_close(c_out, out, atol=0, rtol=0)

@@ -68,3 +68,13 @@ def test_block_visible_matches_the_table(pattern):
     table = masks.pattern_table(pattern, 6)
     assert [[masks.block_visible(pattern, i, j) for j in range(6)] for i in range(6)] == table.tolist()
     assert masks.block_visible(table, 3, 1) == bool(table[3, 1])
+
+
+@pytest.mark.cuda
+def test_a_gpu_table_is_refused_inside_a_graph_capture(monkeypatch):
+    """Outside a capture a CUDA table works (read on the host); inside one that read would be a sync."""
+    table = masks.pattern_table("causal", 3).cuda()
+    assert torch.equal(masks.pattern_table(table, 3), masks.pattern_table("causal", 3))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        masks.pattern_table(table, 3)
