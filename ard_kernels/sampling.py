@@ -30,6 +30,8 @@ a stand-in that re-runs the captured function at each replay.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import api
@@ -279,7 +281,13 @@ class CUDAGraphSampler:
         self._replay = self.outs = None  # the old graph's pool is released before the new capture
         # Outside inference mode (grad still off): the captured outputs are normal tensors, whatever
         # mode the first call came in, so later calls in either mode may read and write them.
-        with torch.inference_mode(False), torch.no_grad():
+        # Under autocast, its cache of cast weights is off for the warm-up and the capture: the graph
+        # would otherwise read the casts the warm-up cached, which are freed when the caller's autocast
+        # block ends, so every later replay would read freed memory. The casts are captured instead.
+        autocast_dtype = _autocast_dtype(self.noise.device)
+        no_cast_cache = (torch.autocast(self.noise.device.type, dtype=autocast_dtype, cache_enabled=False)
+                         if autocast_dtype is not None else contextlib.nullcontext())
+        with torch.inference_mode(False), torch.no_grad(), no_cast_cache:
             self._replay, self.outs = _GraphRunner(self.noise.device).capture(self._sample)
 
     def run(self, noise, y, cfg_scale: float):

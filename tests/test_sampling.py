@@ -307,6 +307,27 @@ def test_graph_runner_equals_eager_over_two_calls(graph_runner, history_layers, 
     assert graph_runner.captures == 1 and len(student._graph_samplers) == 1
 
 
+def test_graph_capture_under_autocast_caches_no_weight_casts(graph_runner, monkeypatch):
+    """Under autocast the warm-up and capture run with autocast's weight-cast cache off: a graph reading
+    cached casts would read freed memory once the caller's autocast block ends. Same samples either way."""
+    seen = []
+    capture = graph_runner.capture
+
+    def recording_capture(self, fn):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        return capture(self, fn)
+
+    monkeypatch.setattr(graph_runner, "capture", recording_capture)
+    student = make_student("causal", 2, **GRAPHABLE)
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    for _ in range(2):  # the second call replays, in a new autocast block
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            graphed = student.sample(noise, y, use_cuda_graphs=True)
+            eager = student.sample(noise, y)
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    assert seen == [(True, False)] and torch.is_autocast_cache_enabled()  # one capture; the flag restored
+
+
 def test_graph_runner_states_and_guidance_share_nothing(graph_runner):
     """Guided and unguided calls of one batch size are two graphs; each keeps its own static buffers."""
     student = make_student("window", 2, **GRAPHABLE)
@@ -420,6 +441,24 @@ FAST = dict(attn_backend="auto", mod_backend="auto", cache_backend="auto")
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_under_autocast_survive_the_autocast_block():
+    """A graph captured under autocast replays correctly in a later autocast block, after the memory that
+    autocast's weight-cast cache held has been freed and overwritten (NaN)."""
+    student = make_student("causal", 2, **FAST).cuda()
+    noise, y = torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor([3, 7], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)  # captured here
+    # the allocator hands the freed blocks of cast-weight size out again: poison them
+    poison = [torch.full(p.shape, float("nan"), dtype=torch.bfloat16, device="cuda") for p in student.parameters()]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+        eager = sampling.sample_outputs(student, noise, y)
+    del poison
+    assert torch.isfinite(graphed).all()
+    assert rel_err(graphed, eager) < 1e-2
 
 
 @pytest.mark.cuda
