@@ -6,6 +6,9 @@ Draws ``--num`` samples from a trained ARD student with its KV-cached K-step sam
 ``samples.npz`` (``--npz``: ``arr_0``, (N, H, W, 3) uint8, the layout of the ADM evaluation suite that
 FID/IS/precision/recall on ImageNet are computed with).
 
+``--teacher`` samples a DiT checkpoint with its DDIM sampler instead (``--steps``, default 25, and
+guidance 1.5 by default, DiT's FID setting): the baseline in the same files, seeds and labels.
+
 The student comes from a training checkpoint directory (``--weights ema`` or ``model``; its
 ``state.json`` gives the size, history_layers, pattern and t_max it was trained with) or from a bare
 state-dict file (then ``--history-layers`` is required: the weights do not tell it). K, the size,
@@ -40,11 +43,13 @@ import numpy as np
 import torch
 
 from . import _shards
+from .diffusion import SPACINGS, DDIMSampler
 from .sampling import decode, sample, to_uint8_images
 
 SCHEMA = "ard-samples/1"
 NPZ = "samples.npz"
 LABELS = ("random", "balanced")
+SAMPLERS = ("ard", "ddim")
 
 
 @dataclass
@@ -53,10 +58,10 @@ class SampleConfig(_shards.ShardedConfig):
 
     checkpoint: str
     num: int
-    steps: int
-    history_layers: int
-    pattern: str | list
-    t_max: float
+    steps: int  # the student's K, or the teacher's DDIM steps S
+    history_layers: int | None  # the student's N (None: the teacher)
+    pattern: str | list | None
+    t_max: float | None
     input_size: int
     in_channels: int
     num_classes: int
@@ -65,6 +70,9 @@ class SampleConfig(_shards.ShardedConfig):
     seed: int = 0
     shard_size: int = 1000
     image_size: int | None = None  # the decoded images' side; None: latents only
+    sampler: str = "ard"  # "ard": the student's K cached steps; "ddim": the teacher's DDIM
+    spacing: str | None = None  # ddim: the timestep respacing
+    guidance_channels: int | None = None  # ddim: the ε channels guided (None: the model's)
     schema: str = SCHEMA
 
     stem = "samples"
@@ -75,6 +83,8 @@ class SampleConfig(_shards.ShardedConfig):
             raise ValueError(f"labels: expected one of {LABELS}, got {self.labels!r}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale: expected >= 0, got {self.cfg_scale}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {SAMPLERS}, got {self.sampler!r}")
 
     def layout(self, n: int) -> dict[str, tuple[tuple, torch.dtype]]:
         c, s = self.in_channels, self.input_size
@@ -95,9 +105,21 @@ def shard_inputs(cfg: SampleConfig, j: int, n: int) -> tuple[torch.Tensor, torch
     return noise, labels
 
 
-def make_shard(student, cfg: SampleConfig, j: int, n: int, device="cpu", batch_size: int = 64,
+def draw(model, cfg: SampleConfig, noise, y, use_cuda_graphs: bool = False) -> torch.Tensor:
+    """Final latents from ``noise``: the student's K cached steps, or (``cfg.sampler == "ddim"``) the teacher's
+    DDIM with ``cfg.steps`` steps, both guided by ``cfg.cfg_scale`` as DiT guides."""
+    if cfg.sampler == "ddim":
+        final, _ = DDIMSampler(cfg.steps, cfg.spacing).sample(model, noise, y, cfg.cfg_scale, record_indices=[0],
+                                                              num_classes=cfg.num_classes,
+                                                              guidance_channels=cfg.guidance_channels)
+        return final
+    return sample(model, noise, y, cfg_scale=cfg.cfg_scale, use_cuda_graphs=use_cuda_graphs)
+
+
+def make_shard(model, cfg: SampleConfig, j: int, n: int, device="cpu", batch_size: int = 64,
                precision: str = "fp32", use_cuda_graphs: bool = False, vae=None, on_batch=None) -> dict:
-    """Sample shard j: {"latents", "labels"[, "images"]} CPU tensors (``cfg.layout(n)``)."""
+    """Sample shard j with ``model`` (the student, or the teacher for ``cfg.sampler == "ddim"``):
+    {"latents", "labels"[, "images"]} CPU tensors (``cfg.layout(n)``)."""
     noise, labels = shard_inputs(cfg, j, n)
     latents = torch.empty_like(noise)
     images = torch.empty((n, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8) if vae is not None else None
@@ -108,8 +130,7 @@ def make_shard(student, cfg: SampleConfig, j: int, n: int, device="cpu", batch_s
         # CUDA graphs are captured per batch size: a short last batch is run eagerly, not captured anew.
         graphs = use_cuda_graphs and hi - lo == batch_size
         with autocast:
-            x = sample(student, noise[lo:hi].to(dev), labels[lo:hi].to(dev), cfg_scale=cfg.cfg_scale,
-                       use_cuda_graphs=graphs)
+            x = draw(model, cfg, noise[lo:hi].to(dev), labels[lo:hi].to(dev), use_cuda_graphs=graphs)
         latents[lo:hi] = x.float().cpu()
         if vae is not None:
             img = to_uint8_images(decode(vae, x.float()))
@@ -212,7 +233,14 @@ def write_npz(cfg: SampleConfig, out_dir) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ard_kernels.samples", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True,
-                   help="a training checkpoint directory (OUT/checkpoints/step-N) or a state-dict file")
+                   help="a training checkpoint directory (OUT/checkpoints/step-N) or a state-dict file; with "
+                        "--teacher a DiT checkpoint (e.g. DiT-XL-2-256x256.pt)")
+    p.add_argument("--teacher", action="store_true",
+                   help="sample the DiT teacher with DDIM instead (the baseline a student's FID is read against)")
+    p.add_argument("--steps", type=int, default=25, help="--teacher: DDIM steps S")
+    p.add_argument("--spacing", choices=SPACINGS, default="ddim", help="--teacher: timestep respacing")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="--teacher: ε channels guided (default: the model's; DiT's own forward_with_cfg guides 3)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a checkpoint dir")
     # torchrun reads a bare "--num" as its --numa-binding: under torchrun spell it --num-samples.
     p.add_argument("--num", "--num-samples", dest="num", type=int, required=True,
@@ -221,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history-layers", type=int, default=None, help="N (default: the checkpoint's)")
     p.add_argument("--pattern", default=None, help="block pattern (default: the checkpoint's, else causal)")
     p.add_argument("--t-max", type=float, default=None, help="time of the first block (default: the checkpoint's)")
-    p.add_argument("--cfg-scale", type=float, default=1.0,
-                   help="guidance (1.0: none; ARD students learn a guided teacher)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance (default 1.0 for a student, which learnt a guided teacher; 1.5 for --teacher)")
     p.add_argument("--labels", choices=LABELS, default="random",
                    help="random classes, or balanced (sample i gets class i mod num_classes)")
     p.add_argument("--seed", type=int, default=0)
@@ -243,24 +271,35 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.npz and args.vae is None:
         raise SystemExit("--npz needs --vae: the evaluation suite reads images, not latents")
+    if args.teacher and args.cuda_graphs:
+        raise SystemExit("--cuda-graphs: the teacher's DDIM loop is not captured; drop it with --teacher")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    student, source = load_student(args.ckpt, args.weights, args.history_layers, args.pattern, args.t_max)
-    student = student.to(device)
+    common = dict(num=args.num, labels=args.labels, seed=args.seed, shard_size=args.shard_size)
+    if args.teacher:
+        from .models import DiT
+
+        model, source = DiT.from_checkpoint(args.ckpt).eval(), Path(args.ckpt)
+        cfg = SampleConfig(checkpoint=str(source.resolve()), steps=args.steps, history_layers=None, pattern=None,
+                           t_max=None, input_size=model.input_size, in_channels=model.in_channels,
+                           num_classes=model.num_classes, sampler="ddim", spacing=args.spacing,
+                           guidance_channels=args.guidance_channels,
+                           cfg_scale=1.5 if args.cfg_scale is None else args.cfg_scale, **common)
+    else:
+        model, source = load_student(args.ckpt, args.weights, args.history_layers, args.pattern, args.t_max)
+        pattern = model.pattern if isinstance(model.pattern, str) else model.pattern_table.tolist()
+        cfg = SampleConfig(checkpoint=str(Path(source).resolve()), steps=model.steps,
+                           history_layers=model.history_layers, pattern=pattern, t_max=model.t_max,
+                           input_size=model.input_size, in_channels=model.in_channels, num_classes=model.num_classes,
+                           cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale, **common)
+    model = model.to(device)
     vae = load_vae(args.vae, device) if args.vae is not None else None
-    pattern = student.pattern if isinstance(student.pattern, str) else student.pattern_table.tolist()
-    cfg = SampleConfig(checkpoint=str(Path(source).resolve()), num=args.num, steps=student.steps,
-                       history_layers=student.history_layers, pattern=pattern, t_max=student.t_max,
-                       input_size=student.input_size, in_channels=student.in_channels,
-                       num_classes=student.num_classes, cfg_scale=args.cfg_scale, labels=args.labels,
-                       seed=args.seed, shard_size=args.shard_size)
     if vae is not None:
         cfg.image_size = decoded_size(vae, cfg, device)
     cfg.validate()
 
     def shard(j, n, on_batch):
-        return make_shard(student, cfg, j, n, device, args.batch_size, args.precision, args.cuda_graphs, vae,
-                          on_batch)
+        return make_shard(model, cfg, j, n, device, args.batch_size, args.precision, args.cuda_graphs, vae, on_batch)
 
     _shards.make_shards(cfg, args.out, shard, rank, world, args.progress, desc="samples")
 

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ard_kernels import _shards, samples
-from ard_kernels.models import ARDiT
+from ard_kernels.diffusion import DDIMSampler
+from ard_kernels.models import ARDiT, DiT
 from ard_kernels.sampling import decode, to_uint8_images
 
 TINY = dict(input_size=8, num_classes=10)
@@ -175,3 +176,26 @@ def test_vae_decodes_to_images_and_npz_packs_them_in_order(checkpoint, tmp_path,
     arr = packed["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr, torch.cat([s["images"] for s in shards]).numpy())
+
+
+def test_teacher_samples_are_its_ddim_samples(tmp_path):
+    """--teacher: the DiT checkpoint's guided DDIM (1.5 by default), in the same files, seeds and labels."""
+    torch.manual_seed(4)
+    teacher = randomize(DiT("DiT-tiny/2", **TINY), std=0.05)
+    path = tmp_path / "teacher.safetensors"
+    save_file(teacher.state_dict(), str(path))
+    out = tmp_path / "teacher_samples"
+    assert samples.main(["--teacher", "--ckpt", str(path), "--steps", "5", "--num", "3", "--out", str(out),
+                         "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["sampler"], manifest["steps"], manifest["cfg_scale"], manifest["history_layers"]) == \
+        ("ddim", 5, 1.5, None)
+    cfg = samples.SampleConfig(**{k: v for k, v in manifest.items() if k != "shards"})
+    noise, labels = samples.shard_inputs(cfg, 0, 3)
+    want, _ = DDIMSampler(5).sample(teacher, noise, labels, 1.5, record_indices=[0], num_classes=10)
+    got = _read(cfg.shard_path(out, 0))["latents"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unguided, _ = DDIMSampler(5).sample(teacher, noise, labels, 1.0, record_indices=[0], num_classes=10)
+    assert not torch.allclose(got, unguided, atol=1e-4)  # the guidance did act
+    with pytest.raises(SystemExit, match="--cuda-graphs"):
+        samples.main(["--teacher", "--cuda-graphs", "--ckpt", str(path), "--num", "1", "--out", str(out)])
