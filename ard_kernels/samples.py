@@ -50,6 +50,7 @@ SCHEMA = "ard-samples/1"
 NPZ = "samples.npz"
 LABELS = ("random", "balanced")
 SAMPLERS = ("ard", "ddim")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -70,6 +71,8 @@ class SampleConfig(_shards.ShardedConfig):
     seed: int = 0
     shard_size: int = 1000
     image_size: int | None = None  # the decoded images' side; None: latents only
+    vae: str | None = None  # the VAE directory decoded with
+    precision: str = "fp32"  # "bf16": sampled under bf16 autocast
     sampler: str = "ard"  # "ard": the student's K cached steps; "ddim": the teacher's DDIM
     spacing: str | None = None  # ddim: the timestep respacing
     guidance_channels: int | None = None  # ddim: the ε channels guided (None: the model's)
@@ -83,6 +86,8 @@ class SampleConfig(_shards.ShardedConfig):
             raise ValueError(f"labels: expected one of {LABELS}, got {self.labels!r}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale: expected >= 0, got {self.cfg_scale}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {SAMPLERS}, got {self.sampler!r}")
 
@@ -117,14 +122,16 @@ def draw(model, cfg: SampleConfig, noise, y, use_cuda_graphs: bool = False) -> t
 
 
 def make_shard(model, cfg: SampleConfig, j: int, n: int, device="cpu", batch_size: int = 64,
-               precision: str = "fp32", use_cuda_graphs: bool = False, vae=None, on_batch=None) -> dict:
+               use_cuda_graphs: bool = False, vae=None, on_batch=None) -> dict:
     """Sample shard j with ``model`` (the student, or the teacher for ``cfg.sampler == "ddim"``):
     {"latents", "labels"[, "images"]} CPU tensors (``cfg.layout(n)``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     noise, labels = shard_inputs(cfg, j, n)
-    latents = torch.empty_like(noise)
+    latents = torch.full_like(noise, float("nan"))  # a sample never written fails the shard's finite check
     images = torch.empty((n, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8) if vae is not None else None
     dev = torch.device(device)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
         # CUDA graphs are captured per batch size: a short last batch is run eagerly, not captured anew.
@@ -268,14 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .trajectories import resolve_device
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: expected >= 1, got {args.batch_size}")
     if args.npz and args.vae is None:
         raise SystemExit("--npz needs --vae: the evaluation suite reads images, not latents")
     if args.teacher and args.cuda_graphs:
         raise SystemExit("--cuda-graphs: the teacher's DDIM loop is not captured; drop it with --teacher")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    common = dict(num=args.num, labels=args.labels, seed=args.seed, shard_size=args.shard_size)
+    common = dict(num=args.num, labels=args.labels, seed=args.seed, shard_size=args.shard_size,
+                  precision=args.precision, vae=str(Path(args.vae).resolve()) if args.vae is not None else None)
     if args.teacher:
         from .models import DiT
 
@@ -299,7 +310,7 @@ def main(argv=None) -> int:
     cfg.validate()
 
     def shard(j, n, on_batch):
-        return make_shard(model, cfg, j, n, device, args.batch_size, args.precision, args.cuda_graphs, vae, on_batch)
+        return make_shard(model, cfg, j, n, device, args.batch_size, args.cuda_graphs, vae, on_batch)
 
     _shards.make_shards(cfg, args.out, shard, rank, world, args.progress, desc="samples")
 

@@ -98,9 +98,12 @@ def shard_inputs(cfg: TrajectoryConfig, j: int, n: int) -> tuple[torch.Tensor, t
 def generate_shard(model: Callable, cfg: TrajectoryConfig, j: int, n: int, device="cpu", batch_size: int = 64,
                    precision: str = "fp32", on_batch: Callable[[int], None] | None = None) -> dict:
     """Run the teacher on shard j's inputs: {"x_T", "targets", "labels"} CPU tensors in cfg.dtype."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     sampler = DDIMSampler(cfg.steps, cfg.spacing)
     noise, labels = shard_inputs(cfg, j, n)
-    targets = torch.empty((n, cfg.K, *noise.shape[1:]), dtype=torch.float32)
+    # NaN until written: a target never filled fails the shard's finite check instead of passing as zeros
+    targets = torch.full((n, cfg.K, *noise.shape[1:]), float("nan"), dtype=torch.float32)
     dev = torch.device(device)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for lo in range(0, n, batch_size):
@@ -196,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: expected >= 1, got {args.batch_size}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     cfg = TrajectoryConfig(model=args.model, num=args.num, shard_size=args.shard_size, steps=args.steps,

@@ -70,7 +70,9 @@ def time_ms(fn: Callable[[], object], device=None, warmup: int = 25, rep: int = 
         fn()
         torch.cuda.synchronize(device)
         estimate_ms = 1e3 * (time.perf_counter() - t0)
-        rep = max(rep, min_reps * estimate_ms)
+        # + 0.5: do_bench's own estimate includes an L2 flush per call, so its floor(rep / estimate) would
+        # often come out one short
+        rep = max(rep, (min_reps + 0.5) * estimate_ms)
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     t0 = time.perf_counter()
     fn()

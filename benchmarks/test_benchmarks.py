@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: ``pytest benchmarks --benchmark-only`` (not collected by ``make test``).
+"""pytest-benchmark suite: ``pytest --benchmark-only`` (skipped without that flag; ``make test`` runs tests/ only).
 
 4-step sampling of the published formulation against ard_kernels (eager; CUDA graphs on a GPU),
 ARD N>0 against N=0, and the FLOP model itself. DiT-XL/2 bf16 at B 8 on CUDA, DiT-tiny/2 fp32 at
@@ -15,8 +15,16 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 CONFIG, BATCH, DTYPE, HISTORY = ("DiT-XL/2", 8, torch.bfloat16, 6) if CUDA else ("DiT-tiny/2", 2, torch.float32, 2)
 
 _models = {}
-if not CUDA:  # small ops on a shared CPU: OpenMP workers spinning cost more than they give
-    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    """Small ops on a shared CPU: OpenMP workers spinning cost more than they give (restored after)."""
+    before = torch.get_num_threads()
+    if not CUDA:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _get(n):

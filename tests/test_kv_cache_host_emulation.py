@@ -76,6 +76,10 @@ MUTANTS = [
      "misaligned"),
     ("the tail reads one chunk past qkv", "if (idx < total) buf[i] = __ldg(qkv + idx);",
      "if (idx <= total) buf[i] = __ldg(qkv + idx);", "AddressSanitizer"),
+    ("a stray write in front of a misaligned cache (8-byte path)",
+     "      dst[int64_t(row) * cap_chunks + pos_chunks + j] = buf[i];\n",
+     "      dst[int64_t(row) * cap_chunks + pos_chunks + j] = buf[i];\n"
+     "      if (sizeof(V) == 8 && idx == 0) dst[-1] = buf[i];\n", "wrote in front of a cache"),
     ("k and v swapped", "V* __restrict__ dst = s == 1 ? k_cache : v_cache;",
      "V* __restrict__ dst = s == 1 ? v_cache : k_cache;", "FAILED at case"),
     ("q in token-major order", "q[(bh * n + t) * cd + c]", "q[((int64_t(b) * n + t) * heads + h) * cd + c]",

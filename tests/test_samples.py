@@ -199,3 +199,20 @@ def test_teacher_samples_are_its_ddim_samples(tmp_path):
     assert not torch.allclose(got, unguided, atol=1e-4)  # the guidance did act
     with pytest.raises(SystemExit, match="--cuda-graphs"):
         samples.main(["--teacher", "--cuda-graphs", "--ckpt", str(path), "--num", "1", "--out", str(out)])
+
+
+def test_batch_size_and_precision_are_checked_and_recorded(checkpoint, tmp_path, capsys):
+    out = tmp_path / "samples"
+    for bad in ("0", "-1"):  # -1 once left the latents unwritten and marked the shard done
+        with pytest.raises(SystemExit):
+            _cli(checkpoint, out, "--num", "2", "--batch-size", bad)
+        assert "--batch-size: expected >= 1" in capsys.readouterr().err
+    student, source = samples.load_student(checkpoint)
+    cfg = samples.SampleConfig(checkpoint=str(source), num=2, steps=4, history_layers=2, pattern="causal",
+                               t_max=999.0, input_size=8, in_channels=4, num_classes=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        samples.make_shard(student, cfg, 0, 2, batch_size=-1)
+    assert _cli(checkpoint, out, "--num", "2") == 0
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "fp32"
+    with pytest.raises(ValueError, match="different config"):  # bf16 samples do not join fp32 ones
+        _cli(checkpoint, out, "--num", "2", "--precision", "bf16")

@@ -152,6 +152,11 @@ def test_cli_in_process(tmp_path, capsys):
     assert "wrote 3 samples" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(argv + ["--ckpt", "x.pt"])  # --ckpt and --random-init exclude each other
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # -1 once made no teacher call and wrote the empty targets as a shard
+        main([str(tmp_path / "bad") if a == str(tmp_path) else a for a in argv] + ["--batch-size", "-1"])
+    assert "--batch-size: expected >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_under_torchrun(tmp_path):

@@ -28,12 +28,20 @@ uint8_t next_byte() {
 }
 
 // One exact-size heap block per tensor, `shift` bytes past a 16-byte-aligned start so that the
-// pointer's alignment is chosen, and the tensor's last byte is the allocation's last byte.
+// pointer's alignment is chosen, and the tensor's last byte is the allocation's last byte. The
+// `shift` bytes in front belong to the allocation (ASan cannot see a write there): they hold a
+// sentinel that prefix_intact() checks.
 struct Buffer {
   uint8_t* block = nullptr;
   uint8_t* data = nullptr;
   size_t bytes = 0;
-  Buffer(size_t n, size_t shift, bool random) : bytes(n) {
+  size_t shift = 0;
+  bool prefix_intact() const {
+    for (size_t i = 0; i < shift; ++i)
+      if (block[i] != 0x5A) return false;
+    return true;
+  }
+  Buffer(size_t n, size_t shift_, bool random) : bytes(n), shift(shift_) {
     block = static_cast<uint8_t*>(aligned_alloc(16, ((n + shift + 15) / 16) * 16));
     // aligned_alloc rounds up to 16: hand ASan an exact block instead when the size is odd.
     if ((n + shift) % 16 != 0) {
@@ -41,6 +49,7 @@ struct Buffer {
       block = static_cast<uint8_t*>(malloc(n + shift));  // glibc malloc: 16-byte aligned
     }
     data = block + shift;
+    for (size_t i = 0; i < shift; ++i) block[i] = 0x5A;
     for (size_t i = 0; i < n; ++i) data[i] = random ? next_byte() : uint8_t(0xA5);
   }
   ~Buffer() { free(block); }
@@ -116,6 +125,7 @@ void append_case(int64_t rows, int64_t n, int64_t capacity, int64_t head_bytes, 
   const int64_t pos = offset_host + (offset_dev_value ? *offset_dev_value : 0);
   const bool fits = pos >= 0 && pos + n <= capacity;
   check(*status == (fits || rows * n == 0 ? 0 : 1), what + ": status " + std::to_string(*status));
+  check(kc.prefix_intact() && vc.prefix_intact(), what + ": wrote in front of a cache");
   for (int which = 0; which < 2; ++which) {
     const Buffer& src = which == 0 ? k : v;
     const Buffer& dst = which == 0 ? kc : vc;
@@ -157,6 +167,7 @@ void split_case(int64_t batch, int64_t heads, int64_t n, int64_t capacity, int64
   const int64_t pos = offset_host + (offset_dev_value ? *offset_dev_value : 0);
   const bool fits = pos >= 0 && pos + n <= capacity;
   check(*status == (fits || tokens == 0 ? 0 : 1), what + ": status " + std::to_string(*status));
+  check(q.prefix_intact() && kc.prefix_intact() && vc.prefix_intact(), what + ": wrote in front of q or a cache");
   // qkv is (batch, n, 3, heads, head_bytes); q is written whether or not the cache fits.
   auto qkv_at = [&](int64_t b, int64_t t, int64_t s, int64_t h) {
     return qkv.data + (((b * n + t) * 3 + s) * heads + h) * head_bytes;
