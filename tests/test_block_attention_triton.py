@@ -230,6 +230,15 @@ def test_device_schedules_are_never_evicted():
     assert block_schedule.schedule_on.cache_parameters()["maxsize"] is None
     again = block_schedule.schedule_on(tuple(block_schedule.encode_pattern("causal", 2)), 2, 8, 8, 4, ((4, 4),), "cpu")
     assert again is first
+    from ard_kernels.ops import attention_peers  # FlexAttention's block masks, captured the same way
+
+    assert attention_peers._block_mask.cache_parameters()["maxsize"] is None
+
+
+def test_host_schedule_stays_on_the_host_under_a_default_device():
+    with torch.device("meta"):  # e.g. a model built on meta: the schedule is host data all the same
+        s = block_schedule.schedule_host(tuple(block_schedule.encode_pattern("window", 3)), 3, 12, 12, 4, ((4, 4),))
+    assert s.device.type == "cpu"
 
 
 @pytest.mark.parametrize("nb", [5, 32, 40])  # bit-mask table (bit 31 = the sign at 32), dense table

@@ -42,7 +42,9 @@ def block_attention_sdpa(q, k, v, block_size, pattern, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@functools.lru_cache(maxsize=64)
+# Never evicted, as the Triton schedules: a CUDA graph captured with the "flex" backend reads the
+# block mask's index tensors (and the mask_mod's table) by address, and only this cache keeps them alive.
+@functools.cache
 def _block_mask(table_bytes: bytes, nb: int, lq: int, lk: int, block_size: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 

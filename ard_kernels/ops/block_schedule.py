@@ -166,7 +166,7 @@ def schedule_host(rows: tuple, nb: int, lq: int, lk: int, block_size: int, pairs
             out.extend(idx)
     if len(out) >= 2**31:
         raise ValueError(f"rows: schedule too large for int32 offsets ({len(out)} entries)")
-    return torch.tensor(out, dtype=torch.int32)
+    return torch.tensor(out, dtype=torch.int32, device="cpu")  # host data, whatever default device is set
 
 
 # Never evicted: a captured CUDA graph reads a schedule by address, so freeing one (as an LRU bound
