@@ -57,7 +57,8 @@ def time_ms(fn: Callable[[], object], device=None, warmup: int = 25, rep: int = 
     CUDA: ``triton.testing.do_bench(fn, warmup, rep, return_mode="median")`` (``warmup``/``rep`` in
     ms of device time), ``rep`` raised to ``min_reps`` calls: do_bench times ``rep / estimate``
     calls, which is ONE for anything slower than ``rep`` (a B64 sample, a teacher), and one call
-    cannot tell a 3% difference from noise. CPU: one warm-up call, then as many calls as fit in
+    cannot tell a 3% difference from noise. Calls over 50 ms: the median of ``min_reps`` calls timed
+    by CUDA events (after a warm-up and an estimate). CPU: one warm-up call, then as many calls as fit in
     ``cpu_budget_s`` (at least 3, at most ``cpu_max_iters``), median of their ``perf_counter`` times.
     """
     device = torch.device(device or default_device())
@@ -70,6 +71,18 @@ def time_ms(fn: Callable[[], object], device=None, warmup: int = 25, rep: int = 
         fn()
         torch.cuda.synchronize(device)
         estimate_ms = 1e3 * (time.perf_counter() - t0)
+        if estimate_ms > 50.0:
+            # A slow call (a B64 sample, a teacher): do_bench's 5-call estimate, warm-up and L2 flushes would
+            # take longer than the measurement; ``min_reps`` calls timed by CUDA events say as much.
+            times = []
+            for _ in range(min_reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            return float(statistics.median(times))
         # + 0.5: do_bench's own estimate includes an L2 flush per call, so its floor(rep / estimate) would
         # often come out one short
         rep = max(rep, (min_reps + 0.5) * estimate_ms)

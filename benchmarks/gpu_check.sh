@@ -4,18 +4,23 @@
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
 # Steps, most wanted data first (each under `timeout`, a failed step is recorded and the next runs):
-#   env        versions, GPU, plugins                                                   (~10 s)
-#   build      the CUDA extension for sm_90 with ninja, in the BACKGROUND while the kernel
-#              benchmarks run (they do not load it; nvcc uses 2 of the 16 cores)        (~60-120 s)
-#   bench_kernels   run_all: attention (issue 3), modulation (issue 4)                 (≤ 200 s)
-#   bench_kv_e2e    run_all: kv_cache (issue 5; needs the build), e2e (issue 8)        (≤ 110 s)
-#   pytest_cuda     pytest -m cuda, in parallel workers when pytest-xdist is there      (≤ 100 s)
-#   memcheck        the KV-cache GPU tests under compute-sanitizer memcheck             (≤ 75 s)
-#   bench_train     run_all: train, then the FLOP table (meta device), if time is left
-# Each step gets min(its cap, the time left minus what the later steps are guaranteed; both scale
-# with the budget), so a slow step squeezes the optional tail (training) first. GPU_CHECK_BUDGET_S (default 450) bounds the
-# whole run; run_all's own --deadline-s keeps each benchmark step inside its share and keeps the
-# rows of whatever finished (every benchmark rewrites its JSON after each case).
+#   env          versions, GPU, plugins                                                 (~10 s)
+#   build        the CUDA extension for sm_90 with ninja, in the BACKGROUND while the attention
+#                benchmark runs (it does not load it; nvcc uses 4 of the 16 cores)      (~60-120 s)
+#   tma_smoke    every tuned attention config (Hopper TMA ones included) once, checked     (≤ 60 s)
+#   bench_attention   run_all: attention (issue 3)                                        (≤ 130 s)
+#   bench_e2e         run_all: e2e (issues 6, 8; needs the build)                         (≤ 100 s)
+#   bench_kv_mod      run_all: kv_cache (issue 5), modulation (issue 4)                    (≤ 70 s)
+#   bench_train       run_all: train (issue 7), then the FLOP table (meta device)          (≤ 60 s)
+#   pytest_cuda       pytest -m cuda, in parallel workers (pytest-xdist is on the image)   (≤ 75 s)
+#   memcheck          the KV-cache GPU tests under compute-sanitizer memcheck              (≤ 50 s)
+# Each step gets min(its cap, the time left minus what the later steps are guaranteed: 80 s e2e,
+# 50 kv+modulation, 45 train, 55 pytest, 35 memcheck), all scaled with GPU_CHECK_BUDGET_S (default
+# 470: under 8 minutes), so a slow step squeezes the next ones' extra time, never their minimum.
+# Every benchmark has its own run_all call: a benchmark overrunning its share (run_all gives each one
+# its budget plus a grace to finish the case in flight) cannot eat another's. run_all's --deadline-s
+# keeps each step inside its limit and keeps the rows of whatever finished (every benchmark rewrites
+# its JSON after each case).
 #
 # OUTDIR receives at most 4 files, refreshed after every step (a device tool that brings back
 # 8 files finds them all): summary.txt (step log + final report: pytest failures, memcheck, the
@@ -34,7 +39,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET_S:-450}"
+BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/ard_gpu_check.XXXXXX)}"
 RES="$WORK/results"
 mkdir -p "$RES"
@@ -42,7 +47,7 @@ START=$(date +%s)
 LOG="$WORK/gpu_check.log"
 : > "$LOG"
 FAILED=()
-OPTIONAL_STEPS="bench_train"  # skipped for want of time is not a failure
+OPTIONAL_STEPS=""  # steps whose skipping for want of time is not a failure (none: every step has a minimum)
 
 export PYTHONUNBUFFERED=1
 export TRITON_PRINT_AUTOTUNING=1  # the logs record each autotuned kernel's chosen config and its tuning time
@@ -54,9 +59,9 @@ log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 elapsed() { echo $(( $(date +%s) - START )); }
 
 # limit_for CAP RESERVE: min(CAP, time left - RESERVE seconds kept for the later steps), both given
-# for the default 450 s budget and scaled with GPU_CHECK_BUDGET_S.
+# for the default 470 s budget and scaled with GPU_CHECK_BUDGET_S.
 limit_for() {
-    local cap=$(( $1 * BUDGET / 450 )) reserve=$(( $2 * BUDGET / 450 ))
+    local cap=$(( $1 * BUDGET / 470 )) reserve=$(( $2 * BUDGET / 470 ))
     local left=$(( BUDGET - $(elapsed) - reserve ))
     (( left > cap )) && left=$cap
     echo "$left"
@@ -127,31 +132,35 @@ BUILD_PID=$!
 # The Hopper TMA attention configs have only been compiled, never run: one forward and backward at
 # DiT's shape through every tuned config first (~20 s). If that fails, the rest of the check runs with
 # ARD_KERNELS_TMA=0 (pointer configs only), so one bad config cannot poison every later step.
-run_step tma_smoke 90 "$PY" benchmarks/tma_smoke.py
+run_step tma_smoke "$(limit_for 60 265)" "$PY" benchmarks/tma_smoke.py
 if [[ " ${FAILED[*]} " == *" tma_smoke "* ]]; then
     export ARD_KERNELS_TMA=0
     log "WARN  the TMA smoke test failed: continuing with ARD_KERNELS_TMA=0 (pointer configs only)"
 fi
 
 RUN_ALL=("$PY" benchmarks/run_all.py --gpu --isolate --out "$RES")
-# Reserves: what the later steps are guaranteed (kv+e2e 80, pytest 80, memcheck 50).
-L=$(limit_for 200 210)
-run_step bench_kernels "$L" "${RUN_ALL[@]}" --only attention,modulation --no-flops --deadline-s $(( L - 10 ))
+# Reserves: what the later steps are guaranteed (e2e 80, kv+modulation 50, train 45, pytest 55, memcheck 35).
+L=$(limit_for 130 265)
+run_step bench_attention "$L" "${RUN_ALL[@]}" --only attention --no-flops --deadline-s $(( L - 10 ))
 
 wait "$BUILD_PID"
 BUILD_RC=$(cat "$WORK/build.rc" 2>/dev/null || echo 1)
 "$PY" -c "from ard_kernels import _ext; print('extension available:', _ext.extension_available(), _ext.extension_error())" \
     >> "$WORK/build.log" 2>&1
 if (( BUILD_RC == 0 )) && grep -q "extension available: True" "$WORK/build.log"; then
-    log "OK    build ($(( $(date +%s) - BUILD_T0 ))s wall, overlapped with bench_kernels)"
+    log "OK    build ($(( $(date +%s) - BUILD_T0 ))s wall, overlapped with tma_smoke and bench_attention)"
 else
     log "FAIL  build rc=$BUILD_RC: $(grep 'extension available' "$WORK/build.log" | cut -c1-300)"
     tail -n 15 "$WORK/build.log" | cut -c1-300 | sed 's/^/    | /' >> "$LOG"
     FAILED+=("build")
 fi
 
-L=$(limit_for 110 130)
-run_step bench_kv_e2e "$L" "${RUN_ALL[@]}" --merge --only kv_cache,e2e --no-flops --deadline-s $(( L - 10 ))
+L=$(limit_for 100 185)
+run_step bench_e2e "$L" "${RUN_ALL[@]}" --merge --only e2e --no-flops --deadline-s $(( L - 10 ))
+L=$(limit_for 70 135)
+run_step bench_kv_mod "$L" "${RUN_ALL[@]}" --merge --only kv_cache,modulation --no-flops --deadline-s $(( L - 10 ))
+L=$(limit_for 60 90)
+run_step bench_train "$L" "${RUN_ALL[@]}" --merge --only train --deadline-s $(( L - 10 ))
 
 # ------------------------------------------------------------------------------- GPU tests
 PYTEST_OPTS=(-m cuda -v -rfE -p no:cacheprovider --durations=15 --junitxml="$WORK/pytest_cuda.xml")
@@ -161,10 +170,10 @@ fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     PYTEST_OPTS+=(--timeout 90)
 fi
-# Files in the order that matters if the step is cut short (the GPU image has no xdist: one process):
-# the kernels judged by the flash-attention rule and the graph sampler first, then every other file,
-# the KV-cache tests last (the memcheck step runs them all again anyway). Files, not the directory:
-# pytest orders a directory's files by name, whatever order the arguments give.
+# Files in the order that matters if the step is cut short (kept as written without xdist; with it, the
+# workers take them roughly in this order): the kernels judged by the flash-attention rule and the
+# graph sampler first, then every other file, the KV-cache tests last (memcheck runs them again).
+# Files, not the directory: pytest orders a directory's files by name, whatever order the arguments give.
 PYTEST_FILES=(tests/test_block_attention_triton.py tests/test_sampling.py tests/test_modulated_layer_norm.py
               tests/test_gated_residual_modulated_layer_norm.py tests/test_gated_residual.py
               tests/test_timestep_embedding.py tests/test_block_attention_qkv.py tests/test_models.py
@@ -174,7 +183,7 @@ for f in tests/test_*.py; do
 done
 PYTEST_FILES+=(tests/test_kv_cache.py)
 # One inductor compile thread per test worker, instead of a pool of 16 in each of 8 workers.
-run_step pytest_cuda "$(limit_for 100 50)" env TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest "${PYTEST_FILES[@]}" \
+run_step pytest_cuda "$(limit_for 75 35)" env TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest "${PYTEST_FILES[@]}" \
     "${PYTEST_OPTS[@]}"
 
 # ------------------------------------------------------------------ memcheck of the KV cache
@@ -190,7 +199,7 @@ if [[ -n "$SANITIZER" ]]; then
     "$SANITIZER" --help 2>/dev/null | grep -q -- "--report-api-errors" && SAN_OPTS+=(--report-api-errors no)
     # The graph-capture tests are left out here: without the caching allocator PyTorch allocates with plain
     # cudaMalloc, which a stream capture refuses by design (pytest_cuda runs them).
-    run_step memcheck_kv_cache "$(limit_for 75 0)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" "${SAN_OPTS[@]}" \
+    run_step memcheck_kv_cache "$(limit_for 50 0)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" "${SAN_OPTS[@]}" \
         "$PY" -m pytest tests/test_kv_cache.py -m cuda -k "not graph" -q -rfE -p no:cacheprovider -p no:xdist
     if [[ -f "$WORK/memcheck_kv_cache.log" ]] && ! grep -q "ERROR SUMMARY: 0 errors" "$WORK/memcheck_kv_cache.log"; then
         log "FAIL  memcheck_kv_cache: no 'ERROR SUMMARY: 0 errors' in its log"
@@ -204,10 +213,6 @@ else
     log "FAIL  memcheck_kv_cache: compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda*/bin)"
     FAILED+=("memcheck_kv_cache(no sanitizer)")
 fi
-
-# ------------------------------------------------------------------------ optional tail: training
-L=$(limit_for 90 0)
-run_step bench_train "$L" "${RUN_ALL[@]}" --merge --only train --deadline-s $(( L - 10 ))
 
 # ------------------------------------------------------------------------------- final report
 TOTAL=$(elapsed)

@@ -60,8 +60,9 @@ DEFAULT_WEIGHT = 30.0  # budget weight of a module without GPU_BUDGET_S / CPU_BU
 FLOPS_WEIGHT = 15.0
 
 
-class _Terminated(Exception):
-    """SIGTERM (e.g. from ``timeout``): stop the child, write the summary, exit."""
+class _Terminated(BaseException):
+    """SIGTERM (e.g. from ``timeout``): stop the child, write the summary, exit. A BaseException, so that
+    the ``except Exception`` around optional work (plots) cannot swallow it."""
 
 
 def discover(only: Sequence[str] | None = None) -> list[str]:
@@ -319,6 +320,9 @@ def _write_outputs(out: Path, results, failures, timings, status, env, merge: bo
         for name, (rows, _env, complete) in _earlier(out, set(status) | set(results)).items():
             results[name] = rows
             old = before.get(name, {})
+            if name.endswith("_profile"):  # e2e_profile.json, train_profile.json: written by a benchmark
+                status[name] = "kernel profile (diagnostic)"
+                continue
             status[name] = old.get("status") or ("earlier run" + ("" if complete else ", partial"))
             if old.get("seconds") is not None:
                 timings[name] = old["seconds"]

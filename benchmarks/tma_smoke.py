@@ -7,11 +7,15 @@ attention passes (``block_attention_qkv``). Exit status 0 when both agree.
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
-import ard_kernels as ak
-from ard_kernels.reference import block_attention_ref
+if __package__ in (None, ""):  # run as a file (gpu_check.sh), with nothing installed: the checkout's package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ard_kernels as ak  # noqa: E402
+from ard_kernels.reference import block_attention_ref  # noqa: E402
 
 
 def _check(name, run, q, k, v, leaves) -> bool:
