@@ -336,7 +336,9 @@ def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> d
         # Label dropout drawn here, never inside the model (DiT's own draws from the global RNG): a CPU
         # generator seeded by (seed, step, rank) makes a resumed run drop exactly the same labels.
         drop_gen.manual_seed((args.seed << 40) + step * world + rank)
-        drop = (torch.rand(y.shape, generator=drop_gen) < args.class_dropout).long().to(device)
+        drop = (torch.rand(y.shape, generator=drop_gen) < args.class_dropout).long()
+        # from pinned memory without blocking: a pageable copy would wait for the previous step on the GPU
+        drop = drop.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else drop.to(device)
         with autocast:
             pred = model(teacher_forced_states(x_t, targets), y, drop)
         loss, per_head = ard_loss(pred, targets, return_per_head=True)
