@@ -593,17 +593,19 @@ def test_cuda_lse_and_fp32():
 @pytest.mark.cuda
 def test_cuda_compile_fullgraph():
     q, k, v = _inputs(2, 4, 512, 512, 72, "cuda", dtype=torch.bfloat16, bnhd=True)
+    g = torch.randn(2, 4, 512, 72, device="cuda")  # a loss whose gradients are O(1), not O(1/numel)
 
     def f(q, k, v):
-        return ard_kernels.block_attention(q, k, v, 256, "causal", backend="triton").float().square().mean()
+        return (ard_kernels.block_attention(q, k, v, 256, "causal", backend="triton").float() * g).sum()
 
     loss = torch.compile(f, fullgraph=True)(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
     ref_loss = f(q, k, v)
     ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
-    torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-2, rtol=1e-3)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+        assert want.abs().max() > 0.1
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
 def test_gradient_through_the_lse_alone(triton_device):
