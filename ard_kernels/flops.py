@@ -38,9 +38,10 @@ Variants (``T`` = tokens per state, ``K`` steps, ``N`` history layers of ``depth
 - published formulation: the same as ARD with the cache but with the adaLN Linear run on every
   token row (``conditioning="token"``) as the reference code does.
 
-Measured: :func:`measured_sampling_flops` runs :meth:`ARDiT.sample` (all K cached steps) under
-``FlopCounterMode`` on the meta device (no weights allocated, so DiT-XL/2 costs nothing) and
-:func:`measured_forward_flops` one :meth:`DiT.forward` for the teacher.
+Measured: :func:`measured_sampling_flops` runs :meth:`ARDiT.sample` (all K cached steps) and, for the
+no-cache variant, :func:`ard_kernels.sampling.sample_recomputing_history` (the same outputs, the history
+recomputed at every step) under ``FlopCounterMode`` on the meta device (no weights allocated, so
+DiT-XL/2 costs nothing), and :func:`measured_forward_flops` one :meth:`DiT.forward` for the teacher.
 
 CLI: ``python -m ard_kernels.flops --model DiT-XL/2 --history-layers 6 --steps 4 --json`` prints one
 JSON object; ``--table`` prints the overhead for N ∈ {0, 1, 3, 6, 12, 28}.
@@ -275,8 +276,9 @@ def _parameters_on(device: str):
 
 
 def measured_sampling_flops(config: str, history_layers: int, steps: int = 4, batch: int = 1,
-                            device: str = "meta", input_size: int = 32, **model_kwargs) -> int:
-    """FLOPs per image that FlopCounterMode sees in ``ARDiT.sample`` (all K cached steps, no CFG).
+                            device: str = "meta", input_size: int = 32, cache: bool = True, **model_kwargs) -> int:
+    """FLOPs per image that FlopCounterMode sees in ``ARDiT.sample`` (all K cached steps, no CFG), or with
+    ``cache=False`` in :func:`ard_kernels.sampling.sample_recomputing_history` (the history recomputed).
 
     On ``device="meta"`` nothing is allocated: the counter only needs shapes. In the cached path
     no attention mask is needed (a step's queries may see every cached key), so any attention
@@ -292,8 +294,14 @@ def measured_sampling_flops(config: str, history_layers: int, steps: int = 4, ba
                       **model_kwargs).eval()
     noise = torch.randn(batch, model.in_channels, input_size, input_size, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
+    if cache:
+        run = lambda: model.sample(noise, y)  # noqa: E731
+    else:
+        from ard_kernels.sampling import sample_recomputing_history
+
+        run = lambda: sample_recomputing_history(model, noise, y)  # noqa: E731
     with torch.no_grad():
-        flops = _count(lambda: model.sample(noise, y))
+        flops = _count(run)
     return flops // batch
 
 
@@ -349,7 +357,9 @@ def report(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, te
         "overhead_percent_published_formulation": overhead_percent(gflops(pub), gflops(pub_sd)),
         "components_gflops_ard": {k: 2 * v / 1e9 for k, v in ard.items()},
         "overhead_percent_measured": None,
+        "overhead_percent_no_cache_measured": None,
         "gflops_ard_measured": None,
+        "gflops_ard_no_cache_measured": None,
         "gflops_step_distillation_measured": None,
         "gflops_forward_measured": None,
         "measured_error": None,
@@ -361,6 +371,10 @@ def report(config: str = "DiT-XL/2", history_layers: int = 6, steps: int = 4, te
             out["gflops_ard_measured"] = m_ard / 1e9
             out["gflops_step_distillation_measured"] = m_sd / 1e9
             out["overhead_percent_measured"] = overhead_percent(m_ard, m_sd)
+            m_nc = measured_sampling_flops(config, history_layers, steps, device=device, input_size=input_size,
+                                           cache=False)
+            out["gflops_ard_no_cache_measured"] = m_nc / 1e9
+            out["overhead_percent_no_cache_measured"] = overhead_percent(m_nc, m_ard)
             out["gflops_forward_measured"] = measured_forward_flops(config, device=device, input_size=input_size) / 1e9
         except Exception as exc:  # the report stays useful without the model (e.g. partial install)
             out["measured_error"] = f"{type(exc).__name__}: {exc}"

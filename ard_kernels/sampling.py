@@ -31,6 +31,7 @@ a stand-in that re-runs the captured function at each replay.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -181,6 +182,41 @@ def decode(vae, latents):
 def to_uint8_images(images):
     """(B, 3, H, W) images in [-1, 1] → (B, H, W, 3) uint8, DiT's rounding (``127.5·x + 128``, clamped)."""
     return (images.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@torch.no_grad()
+def sample_recomputing_history(model, noise, y):
+    """K-step ARD sampling WITHOUT the KV cache: (B, K, C_out, H, W), the outputs :func:`sample_outputs` gives.
+
+    What the cache saves, written out: step k recomputes the history. Blocks 0..k−1 go through the lower
+    ``history_layers`` layers again (each from its state, with its own time row and conditioning) to
+    rebuild their keys and values, block k then goes through every layer and head k. No guidance. This
+    is the "no cache" variant of :mod:`ard_kernels.flops`, which counts its FLOPs here, and an oracle
+    the cached sampler must equal.
+    """
+    from .models.ardit import _history_kv
+
+    _check(model, noise, y, 1.0)
+    dtype = model.pos_embed.dtype
+    n, lower, b = model.num_tokens, model.history_layers, noise.shape[0]
+    states, outs = [noise.to(dtype)], []
+    y_emb = model.y_embedder(y, False)
+    for k in range(model.steps):
+        first = 0 if lower else k  # without history layers there is nothing to recompute
+        c = model.t_embedder(model.block_times(noise.device)[first:k + 1])[None] + y_emb[:, None]  # (B, k+1-first, ·)
+        cache = make_cache(model, b, dtype, noise.device)  # a fresh one: nothing is kept from step k−1
+        for j in range(first, k + 1):
+            x, cj = model.embed(states[j]), c[:, j - first:j - first + 1]
+            lo, hi, bs, pattern = model.attention_plan(j) if lower else (0, n, n, "causal")
+            for i, block in enumerate(model.blocks[:lower]):
+                x = block(x, cj, n, pattern, kv=functools.partial(_history_kv, cache, i, lo, hi), attn_block_size=bs)
+            if lower:
+                cache.advance(n)
+        for block in model.blocks[lower:]:
+            x = block(x, cj, n, "diagonal")
+        outs.append(model.unpatchify(model.heads[k](x, cj, n)))
+        states.append(outs[-1][:, : model.in_channels])
+    return torch.stack(outs, dim=1)
 
 
 def check_capturable(model, device) -> None:

@@ -79,6 +79,17 @@ def test_measured_sampling_equals_analytic_on_cpu(n, k):
         assert total == 2 * (2 * sum(macs.values())) - 2 * macs["t_embed"]
 
 
+@pytest.mark.parametrize("n,k", [(0, 4), (2, 4), (4, 4), (1, 2)])
+def test_measured_no_cache_sampling_equals_analytic_on_cpu(n, k):
+    """The history recomputed at every step (sampling.sample_recomputing_history): counted = analytic."""
+    s = flops.shape_from_config("DiT-tiny/2")
+    macs = flops.ard_macs(s, n, k, cache=False)
+    got = flops.measured_sampling_flops("DiT-tiny/2", n, k, batch=1, device="cpu", cache=False)
+    assert got == 2 * sum(macs.values())
+    if n:
+        assert got > flops.measured_sampling_flops("DiT-tiny/2", n, k, batch=1, device="cpu")
+
+
 def test_measured_teacher_forward_equals_analytic():
     s = flops.shape_from_config("DiT-tiny/2")
     assert flops.measured_forward_flops("DiT-tiny/2", device="cpu") == 2 * sum(flops.teacher_macs(s, 1).values())
@@ -108,6 +119,7 @@ def test_cli_module_prints_one_json_object():
     assert abs(out["overhead_percent_measured"] - out["overhead_percent_analytic"]) < 0.1
     assert 1.1 <= out["overhead_percent_measured"] <= 1.2
     assert 31.0 <= out["overhead_percent_no_cache"] <= 33.0
+    assert abs(out["overhead_percent_no_cache_measured"] - out["overhead_percent_no_cache"]) < 0.1
 
 
 # ---------------------------------------------------------------------------- benchmark plumbing

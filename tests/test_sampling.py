@@ -307,6 +307,18 @@ def test_graph_runner_equals_eager_over_two_calls(graph_runner, history_layers, 
     assert graph_runner.captures == 1 and len(student._graph_samplers) == 1
 
 
+@pytest.mark.parametrize("pattern", ["causal", "window", "first", "table"])
+@pytest.mark.parametrize("history_layers", [0, 1, DEPTH])
+def test_recomputing_the_history_gives_the_cached_samples(pattern, history_layers):
+    """Without the cache, every step rebuilds blocks 0..k−1's keys and values: the same outputs, more work."""
+    student = make_student(pattern, history_layers)
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    cached = sampling.sample_outputs(student, noise, y)
+    recomputed = sampling.sample_recomputing_history(student, noise, y)
+    torch.testing.assert_close(recomputed, cached, rtol=1e-5, atol=1e-5)
+    assert cached[:, -1].abs().max() > 0.1
+
+
 def test_graph_capture_under_autocast_caches_no_weight_casts(graph_runner, monkeypatch):
     """Under autocast the warm-up and capture run with autocast's weight-cast cache off: a graph reading
     cached casts would read freed memory once the caller's autocast block ends. Same samples either way."""
