@@ -175,6 +175,24 @@ def load_manifest(data_dir, schema: str, made_by: str) -> dict:
     return manifest
 
 
+def add_run_arguments(parser, batch_help: str) -> None:
+    """The options every shard-generating CLI shares: seed, shard size, batch size, precision, device, progress."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64, help=batch_help)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="compute (bf16: autocast)")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def parse_run_args(parser, argv):
+    """``parser.parse_args(argv)``, the shared options checked (a batch size < 1 would write no sample)."""
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: expected >= 1, got {args.batch_size}")
+    return args
+
+
 def distributed_barrier_then(rank: int, world_size: int, rank0_work: Callable[[], None]) -> None:
     """After every rank's shards exist, run ``rank0_work`` on rank 0 while the others wait.
 

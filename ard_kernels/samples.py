@@ -260,25 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance (default 1.0 for a student, which learnt a guided teacher; 1.5 for --teacher)")
     p.add_argument("--labels", choices=LABELS, default="random",
                    help="random classes, or balanced (sample i gets class i mod num_classes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64, help="samples per sampler call, per rank")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the K steps as one CUDA graph")
     p.add_argument("--vae", default=None, help="a local diffusers AutoencoderKL directory: decode to images")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0: N×H×W×3 uint8; needs --vae)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    _shards.add_run_arguments(p, batch_help="samples per sampler call, per rank")
     return p
 
 
 def main(argv=None) -> int:
     from .trajectories import resolve_device
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size: expected >= 1, got {args.batch_size}")
+    args = _shards.parse_run_args(build_parser(), argv)
     if args.npz and args.vae is None:
         raise SystemExit("--npz needs --vae: the evaluation suite reads images, not latents")
     if args.teacher and args.cuda_graphs:

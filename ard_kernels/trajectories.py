@@ -176,9 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", "--num-samples", dest="num", type=int, required=True,
                    help="number of samples in the dataset (--num-samples under torchrun)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64, help="teacher batch per rank")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps S")
     p.add_argument("--spacing", choices=SPACINGS, default="ddim")
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -192,17 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false")
     p.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="float32", help="storage dtype of the states")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="teacher compute (bf16: autocast)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    _shards.add_run_arguments(p, batch_help="teacher batch per rank")
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size: expected >= 1, got {args.batch_size}")
+    args = _shards.parse_run_args(build_parser(), argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     cfg = TrajectoryConfig(model=args.model, num=args.num, shard_size=args.shard_size, steps=args.steps,
