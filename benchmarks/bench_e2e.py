@@ -7,7 +7,10 @@
   (per-token adaLN rows, SDPA with float masks, ``torch.cat`` history cache);
 - ``eager``: :meth:`ard_kernels.models.ARDiT.sample`, backends "auto" (Triton on CUDA);
 - ``graphs``: the same with ``use_cuda_graphs=True`` (CUDA only);
-- ``compile``: opt-in (``--compile``), each step's forward through ``torch.compile``.
+- ``compile``: opt-in (``--compile``), each step's forward through ``torch.compile``;
+- ``recompute``: opt-in (``--stacks ...,recompute``), the same outputs without the KV cache
+  (:func:`ard_kernels.sampling.sample_recomputing_history`: every step rebuilds the history's keys and
+  values), what the cache saves in time; its FLOPs are ``flops``' "no cache" variant.
 
 The teacher (``ard_kernels.models.DiT`` + :class:`ard_kernels.diffusion.DDIMSampler`, no guidance)
 runs once per batch under the ``eager`` stack. ``vs_N0_%`` = time of N=6 over N=0 in the same stack
@@ -18,8 +21,8 @@ Order (what a ``--time-budget-s`` run keeps when it stops early): batches in the
 (CUDA default 1, 64, 8: the two targets first), and per batch each stack's N=0 then N=6 back to
 back (so ``vs_N0_%`` compares like with like); the teacher last, at ``--teacher-batches``.
 
-Run: ``python benchmarks/bench_e2e.py`` (DiT-XL/2 bf16, B 1/64/8 on CUDA, teacher at B1; DiT-S/4
-fp32, B 1/4 on CPU). Writes results/e2e.json after every measurement.
+Run: ``python benchmarks/bench_e2e.py`` (DiT-XL/2 bf16, B 1/64/8 on CUDA, the teacher at B 1/8/64 under
+run_all's GPU arguments; DiT-S/4 fp32, B 1/4 on CPU). Writes results/e2e.json after every measurement.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ QUICK_ARGV = ["--config", "DiT-tiny/2", "--batches", "1", "--teacher-steps", "2"
 GPU_ARGV: list[str] = ["--batches", "1,64,8", "--teacher-batches", "1,8,64"]
 GPU_BUDGET_S = 80
 BUDGET_ARG = "--time-budget-s"
-STACKS = ("published", "eager", "graphs", "compile")
+STACKS = ("published", "eager", "graphs", "compile", "recompute")
 
 
 def _parse(argv: Sequence[str] | None):
@@ -112,6 +115,10 @@ def _runner(stack: str, models, noise, y) -> Callable[[], object]:
         return lambda: ard.sample(noise, y)
     if stack == "graphs":
         return lambda: ard.sample(noise, y, use_cuda_graphs=True)
+    if stack == "recompute":
+        from ard_kernels.sampling import sample_recomputing_history
+
+        return lambda: sample_recomputing_history(ard, noise, y)
     if stack == "compile":
         compiled = getattr(ard, "_bench_compiled_step", None)
         if compiled is None:

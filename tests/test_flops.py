@@ -226,3 +226,13 @@ def test_render_targets_reads_issue_7_from_the_training_rows():
     table = render_targets({"train": rows})
     assert "| 7 | training fwd_bwd images/s, s | ≥ 160 img/s | 170 | published 80.6 img/s | PASS |" in table
     assert "| 7 | training step images/s" in table and table.rstrip().endswith("| miss |")
+
+
+def test_e2e_recompute_stack_runs_beside_the_cached_one(tmp_path):
+    """bench_e2e's opt-in "recompute" stack: the sampler without the KV cache, timed beside the cached one."""
+    from benchmarks import bench_e2e
+
+    rows = bench_e2e.main(["--config", "DiT-tiny/2", "--batches", "1", "--teacher-steps", "0", "--history-layers", "2",
+                           "--stacks", "eager,recompute", "--out", str(tmp_path), "--no-profile"])
+    ms = {(r["stack"], r["variant"]): r["ms"] for r in rows if r.get("ms")}
+    assert set(ms) == {(s, v) for s in ("eager", "recompute") for v in ("N=0 (step distillation)", "ARD N=2")}
