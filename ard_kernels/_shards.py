@@ -185,6 +185,12 @@ def add_run_arguments(parser, batch_help: str) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def check_batch_size(batch_size) -> None:
+    """A batch size below 1 would make no call at all and write the shard's buffers unfilled."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+
+
 def parse_run_args(parser, argv):
     """``parser.parse_args(argv)``, the shared options checked (a batch size < 1 would write no sample)."""
     args = parser.parse_args(argv)

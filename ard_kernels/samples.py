@@ -125,8 +125,7 @@ def make_shard(model, cfg: SampleConfig, j: int, n: int, device="cpu", batch_siz
                use_cuda_graphs: bool = False, vae=None, on_batch=None) -> dict:
     """Sample shard j with ``model`` (the student, or the teacher for ``cfg.sampler == "ddim"``):
     {"latents", "labels"[, "images"]} CPU tensors (``cfg.layout(n)``)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    _shards.check_batch_size(batch_size)
     noise, labels = shard_inputs(cfg, j, n)
     latents = torch.full_like(noise, float("nan"))  # a sample never written fails the shard's finite check
     images = torch.empty((n, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8) if vae is not None else None

@@ -31,7 +31,6 @@ a stand-in that re-runs the captured function at each replay.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
@@ -194,8 +193,6 @@ def sample_recomputing_history(model, noise, y):
     is the "no cache" variant of :mod:`ard_kernels.flops`, which counts its FLOPs here, and an oracle
     the cached sampler must equal.
     """
-    from .models.ardit import _history_kv
-
     _check(model, noise, y, 1.0)
     dtype = model.pos_embed.dtype
     n, lower, b = model.num_tokens, model.history_layers, noise.shape[0]
@@ -207,13 +204,13 @@ def sample_recomputing_history(model, noise, y):
         cache = make_cache(model, b, dtype, noise.device)  # a fresh one: nothing is kept from step k−1
         for j in range(first, k + 1):
             x, cj = model.embed(states[j]), c[:, j - first:j - first + 1]
-            lo, hi, bs, pattern = model.attention_plan(j) if lower else (0, n, n, "causal")
-            for i, block in enumerate(model.blocks[:lower]):
-                x = block(x, cj, n, pattern, kv=functools.partial(_history_kv, cache, i, lo, hi), attn_block_size=bs)
+            layer_kwargs = model.step_layer_kwargs(j, cache)
+            for block, kwargs in zip(model.blocks[:lower], layer_kwargs):
+                x = block(x, cj, n, **kwargs)
             if lower:
                 cache.advance(n)
-        for block in model.blocks[lower:]:
-            x = block(x, cj, n, "diagonal")
+        for block, kwargs in zip(model.blocks[lower:], layer_kwargs[lower:]):  # block k's upper layers
+            x = block(x, cj, n, **kwargs)
         outs.append(model.unpatchify(model.heads[k](x, cj, n)))
         states.append(outs[-1][:, : model.in_channels])
     return torch.stack(outs, dim=1)

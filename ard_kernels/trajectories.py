@@ -98,8 +98,7 @@ def shard_inputs(cfg: TrajectoryConfig, j: int, n: int) -> tuple[torch.Tensor, t
 def generate_shard(model: Callable, cfg: TrajectoryConfig, j: int, n: int, device="cpu", batch_size: int = 64,
                    precision: str = "fp32", on_batch: Callable[[int], None] | None = None) -> dict:
     """Run the teacher on shard j's inputs: {"x_T", "targets", "labels"} CPU tensors in cfg.dtype."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    _shards.check_batch_size(batch_size)
     sampler = DDIMSampler(cfg.steps, cfg.spacing)
     noise, labels = shard_inputs(cfg, j, n)
     # NaN until written: a target never filled fails the shard's finite check instead of passing as zeros

@@ -232,6 +232,17 @@ class ARDiT(DiT):
         """
         return self.trunk_modulations(c)
 
+    def step_layer_kwargs(self, k: int, cache) -> list[dict]:
+        """Each layer's attention arguments at step k: the lower layers append block k to ``cache`` and attend
+        over the keys :meth:`attention_plan` allows, the upper ones within the block."""
+        n = self.num_tokens
+        lo, hi, bs, pat = self._plans[k] if self.history_layers else (0, n, n, "causal")
+        return [
+            {"pattern": pat, "kv": functools.partial(_history_kv, cache, i, lo, hi), "attn_block_size": bs}
+            if i < self.history_layers else {"pattern": "diagonal"}
+            for i in range(len(self.blocks))
+        ]
+
     def forward_step(self, x, k: int, c, cache=None, mods=None):
         """Step k on block k alone: ``head_k(trunk(x))`` with history from ``cache``.
 
@@ -250,12 +261,7 @@ class ARDiT(DiT):
         n = self.num_tokens
         tokens = self.embed(x)
         ck = c[:, k:k + 1]
-        lo, hi, bs, pat = self._plans[k] if self.history_layers else (0, n, n, "causal")
-        layer_kwargs = [
-            {"pattern": pat, "kv": functools.partial(_history_kv, cache, i, lo, hi), "attn_block_size": bs}
-            if i < self.history_layers else {"pattern": "diagonal"}
-            for i in range(len(self.blocks))
-        ]
+        layer_kwargs = self.step_layer_kwargs(k, cache)
         if mods is None:
             mods, silu_ck = self.trunk_modulations(ck)
         else:
