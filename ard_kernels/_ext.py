@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ._validation import check_same_device, check_shape, check_tensor
+
 logger = logging.getLogger("ard_kernels")
 
 _error = None
@@ -142,6 +144,45 @@ def check_status(status: torch.Tensor, what: str = "KV cache append") -> None:
                          "nothing was written")
 
 
+def _check_append_args(k_cache, v_cache, status, offset, **inputs) -> None:
+    """Everything the ops' bindings check, checked here first, with errors naming the argument.
+
+    ``inputs``: the other tensors (k and v, or qkv), their shapes checked by the caller. Shapes, dtypes
+    and layouts come before devices (so the CPU tests reach every message). The bindings check again
+    (they are callable directly), but the wrappers never rely on a C++ error path: one crashed a GPU
+    image (csrc/kv_cache_ops.cpp says how).
+    """
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("v_cache", v_cache, 4)
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    if k_cache.shape[3] % 8:
+        raise ValueError(f"k_cache: head dim D must be a multiple of 8, got {k_cache.shape[3]}")
+    tensors = {"k_cache": k_cache, "v_cache": v_cache, **inputs}
+    for name, t in tensors.items():
+        if t.dtype != k_cache.dtype:
+            raise TypeError(f"{name}: expected dtype {k_cache.dtype} (as k_cache), got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got shape {tuple(t.shape)} and strides "
+                             f"{t.stride()}")
+    if status is not None:
+        if not isinstance(status, torch.Tensor):
+            raise TypeError(f"status: expected a torch.Tensor or None, got {type(status).__name__}")
+        if status.dtype != torch.int32 or status.numel() < 1 or not status.is_contiguous():
+            raise ValueError(f"status: expected a contiguous int32 tensor of at least 1 element, got "
+                             f"{status.dtype} of shape {tuple(status.shape)}")
+        tensors["status"] = status
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype != torch.int64 or offset.numel() != 1:
+            raise ValueError(f"offset: expected an int64 tensor of 1 element, got {offset.dtype} of shape "
+                             f"{tuple(offset.shape)}")
+        tensors["offset"] = offset
+    for name, t in tensors.items():
+        if not t.is_cuda:
+            raise ValueError(f"{name}: expected a CUDA tensor (the kernels' path; the PyTorch path is "
+                             f"HistoryKVCache(backend='torch')), got device {t.device}")
+    check_same_device("k_cache", k_cache, **{n: t for n, t in tensors.items() if n != "k_cache"})
+
+
 def kv_append(k_cache, v_cache, k, v, offset, status=None, check=True):
     """``k_cache[:, :, o:o+n] = k``, ``v_cache[:, :, o:o+n] = v`` in place with the CUDA kernel.
 
@@ -154,8 +195,16 @@ def kv_append(k_cache, v_cache, k, v, offset, status=None, check=True):
             False leaves that to the caller (sync-free, CUDA-graph capturable).
 
     Returns:
-        None. Raises ValueError on overflow, with the caches untouched.
+        None. Raises ValueError on overflow, with the caches untouched, and TypeError or ValueError
+        naming the argument on a bad one (before anything is launched).
     """
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
+    b, h, _, d = k_cache.shape
+    check_shape("k", k, (b, h, k.shape[2], d))
+    check_shape("v", v, tuple(k.shape))
+    _check_append_args(k_cache, v_cache, status, offset, k=k, v=v)
     dev_offset, host_offset = _position(offset, k.shape[2], k_cache.shape[2])
     status, stream = _status_and_stream(k_cache, status)
     torch.ops.ard_kernels.kv_append(k_cache, v_cache, k, v, dev_offset, host_offset, status, stream)
@@ -169,6 +218,13 @@ def qkv_split_append(qkv, k_cache, v_cache, offset, num_heads, status=None, chec
     One pass over ``qkv`` (B, n, 3·H·D) laid out as DiT's qkv Linear output (``reshape(B, n, 3, H, D)``).
     Arguments as for :func:`kv_append`.
     """
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("qkv", qkv, 3)
+    b, h, _, d = k_cache.shape
+    if num_heads != h:
+        raise ValueError(f"num_heads: expected the cache's H = {h}, got {num_heads}")
+    check_shape("qkv", qkv, (b, qkv.shape[1], 3 * h * d))
+    _check_append_args(k_cache, v_cache, status, offset, qkv=qkv)
     dev_offset, host_offset = _position(offset, qkv.shape[1], k_cache.shape[2])
     status, stream = _status_and_stream(k_cache, status)
     q = torch.ops.ard_kernels.qkv_split_append(qkv, k_cache, v_cache, dev_offset, host_offset, status, num_heads,

@@ -93,6 +93,36 @@ def test_ops_refuse_cpu_tensors(op):
             torch.ops.ard_kernels.qkv_split_append(torch.zeros(1, 2, 48), kc, kc.clone(), None, 0, status, 2, 0)
 
 
+# The bindings check shapes and dtypes before devices, so CPU tensors reach the messages that carry
+# numbers (built without iostreams: see csrc/kv_cache_ops.cpp); the cuda twin runs them on the GPU.
+@needs_ext
+@pytest.mark.parametrize("case", ["num_heads", "k shape", "head dim", "layout", "status", "dtype"])
+def test_binding_messages_carry_the_numbers(case):
+    kc = torch.zeros(1, 2, 16, 72)
+    k = torch.zeros(1, 2, 2, 72)
+    st = torch.zeros(1, dtype=torch.int32)
+    ops = torch.ops.ard_kernels
+    calls = {
+        "num_heads": (lambda: ops.qkv_split_append(torch.zeros(1, 4, 432), kc, kc.clone(), None, 0, st, 3, 0),
+                      "qkv_split_append: num_heads is 3, expected the cache's H = 2"),
+        "k shape": (lambda: ops.kv_append(kc, kc.clone(), k[:, :1].contiguous(), k, None, 0, st, 0),
+                    r"kv_append: k must be \(B, H, n, D\) = \(1, 2, n, 72\), got \[1, 1, 2, 72\]"),
+        "head dim": (lambda: ops.kv_append(kc[..., :70].contiguous(), kc[..., :70].contiguous(),
+                                           k[..., :70].contiguous(), k[..., :70].contiguous(), None, 0, st, 0),
+                     "kv_append: head dim D must be a multiple of 8, got 70"),
+        "layout": (lambda: ops.kv_append(kc.transpose(2, 3), kc.transpose(2, 3), k, k, None, 0, st, 0),
+                   r"kv_append: k_cache must be contiguous \(shape \[1, 2, 72, 16\], strides \[2304, 1152, 1, 72\]\)"),
+        "status": (lambda: ops.kv_append(kc, kc.clone(), k, k, None, 0, st.long(), 0),
+                   r"kv_append: status must be a contiguous int32 tensor with at least 1 element, got Long of "
+                   r"shape \[1\]"),
+        "dtype": (lambda: ops.kv_append(kc, kc.clone(), k, k.double(), None, 0, st, 0),
+                  "kv_append: v must be bfloat16, float16 or float32, got Double"),
+    }
+    call, match = calls[case]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
 @needs_ext
 def test_fake_implementations_give_shapes():
     kc = torch.empty(2, 4, 32, 72, device="meta", dtype=torch.bfloat16)

@@ -288,21 +288,123 @@ def test_cuda_overflow_is_flagged_without_writes(offset):
         _ext.kv_append(kc, vc, q, q, 36)  # host offset: raised before the launch
 
 
+def _bad_append_calls(device):
+    """(name, call, error type, message) of bad arguments the _ext wrappers refuse before any launch."""
+    kc = torch.zeros(1, 2, 16, 72, device=device, dtype=torch.float16)
+    k = torch.zeros(1, 2, 2, 72, device=device, dtype=torch.float16)
+    qkv = torch.randn(1, 4, 3 * 2 * 72, device=device).half()
+    strided = torch.randn(1, 3 * 2 * 72, 4, device=device).half().transpose(1, 2)
+    k70 = kc[..., :70].contiguous()
+    cases = [
+        ("qkv dtype", lambda: _ext.qkv_split_append(qkv.float(), kc, kc.clone(), 0, 2), TypeError,
+         r"qkv: expected dtype torch.float16 \(as k_cache\), got torch.float32"),
+        ("qkv layout", lambda: _ext.qkv_split_append(strided, kc, kc.clone(), 0, 2), ValueError,
+         r"qkv: expected a contiguous tensor, got shape \(1, 4, 432\)"),
+        ("num_heads", lambda: _ext.qkv_split_append(qkv, kc, kc.clone(), 0, 3), ValueError,
+         "num_heads: expected the cache's H = 2, got 3"),
+        ("qkv width", lambda: _ext.qkv_split_append(qkv[..., :-8].contiguous(), kc, kc.clone(), 0, 2), ValueError,
+         r"qkv: expected shape \(1, 4, 432\), got \(1, 4, 424\)"),
+        ("head dim", lambda: _ext.kv_append(k70, k70.clone(), k70[:, :, :2].contiguous(),
+                                            k70[:, :, :2].contiguous(), 0), ValueError,
+         "k_cache: head dim D must be a multiple of 8, got 70"),
+        ("v_cache shape", lambda: _ext.kv_append(kc, kc[:, :1].contiguous(), k, k, 0), ValueError,
+         r"v_cache: expected shape \(1, 2, 16, 72\)"),
+        ("k shape", lambda: _ext.kv_append(kc, kc.clone(), k[:, :1].contiguous(), k, 0), ValueError,
+         r"k: expected shape \(1, 2, 2, 72\), got \(1, 1, 2, 72\)"),
+        ("v layout", lambda: _ext.kv_append(kc, kc.clone(), k, kc[:, :, :2], 0), ValueError,
+         "v: expected a contiguous tensor"),
+        ("v dtype", lambda: _ext.kv_append(kc, kc.clone(), k, k.float(), 0), TypeError,
+         "v: expected dtype torch.float16"),
+        ("offset dtype", lambda: _ext.kv_append(kc, kc.clone(), k, k, torch.ones(1, device=device)), ValueError,
+         "offset: expected an int64 tensor of 1 element, got torch.float32"),
+        ("status dtype", lambda: _ext.kv_append(kc, kc.clone(), k, k, 0, status=torch.zeros(1, device=device)),
+         ValueError, "status: expected a contiguous int32 tensor"),
+    ]
+    if device != "cpu":  # checked after the devices
+        cases.append(("host overflow", lambda: _ext.kv_append(kc, kc.clone(), k, k, 15), ValueError,
+                      "appending 2 tokens at offset 15 overflows the cache capacity 16"))
+    return cases
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _bad_append_calls("cpu")])
+def test_wrappers_name_the_bad_argument_before_any_launch(case):
+    (call, error, match), = [c[1:] for c in _bad_append_calls("cpu") if c[0] == case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_wrappers_refuse_cpu_tensors_by_name():
+    kc = torch.zeros(1, 2, 16, 72)
+    with pytest.raises(ValueError, match=r"k_cache: expected a CUDA tensor .*HistoryKVCache\(backend='torch'\)"):
+        _ext.kv_append(kc, kc.clone(), kc[:, :, :2].contiguous(), kc[:, :, :2].contiguous(), 0)
+    with pytest.raises(ValueError, match="k_cache: expected a CUDA tensor"):
+        _ext.qkv_split_append(torch.zeros(1, 2, 3 * 2 * 72), kc, kc.clone(), 0, 2)
+
+
 @pytest.mark.cuda
 @cuda_ext
 def test_cuda_op_checks():
+    for _name, call, error, match in _bad_append_calls("cuda"):
+        with pytest.raises(error, match=match):
+            call()
     kc = torch.zeros(1, 2, 16, 72, device="cuda", dtype=torch.float16)
-    qkv = torch.randn(1, 4, 3 * 2 * 72, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="dtype"):
-        _ext.qkv_split_append(qkv.float(), kc, kc.clone(), 0, 2)
-    strided = torch.randn(1, 3 * 2 * 72, 4, device="cuda", dtype=torch.float16).transpose(1, 2)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        _ext.qkv_split_append(strided, kc, kc.clone(), 0, 2)
-    with pytest.raises(RuntimeError, match="multiple of 8"):
-        _ext.kv_append(kc[..., :70].contiguous(), kc[..., :70].contiguous(), kc[:, :, :2, :70].contiguous(),
-                       kc[:, :, :2, :70].contiguous(), 0)
-    with pytest.raises(RuntimeError, match="expected CUDA tensors"):
+    with pytest.raises(ValueError, match="k: expected a CUDA tensor"):
         _ext.kv_append(kc, kc.clone(), kc[:, :, :2].cpu(), kc[:, :, :2].cpu(), 0)
+    with pytest.raises(ValueError, match="status: expected a CUDA tensor"):
+        _ext.kv_append(kc, kc.clone(), kc[:, :, :2].contiguous(), kc[:, :, :2].contiguous(), 0,
+                       status=torch.zeros(1, dtype=torch.int32))
+
+
+# Each binding's own checks, called directly on CUDA tensors, in a child process: on the first GPU run a
+# binding error whose message held an integer killed the process (SIGSEGV) instead of raising.
+_BINDING_ERRORS = """
+import torch
+from ard_kernels import _ext
+assert _ext.extension_available(), _ext.extension_error()
+kc = torch.zeros(1, 2, 16, 72, device="cuda", dtype=torch.float16)
+k = torch.zeros(1, 2, 2, 72, device="cuda", dtype=torch.float16)
+st = torch.zeros(1, dtype=torch.int32, device="cuda")
+qkv = torch.zeros(1, 4, 432, device="cuda", dtype=torch.float16)
+ops = torch.ops.ard_kernels
+calls = [
+    lambda: ops.qkv_split_append(qkv, kc, kc.clone(), None, 0, st, 3, -1),
+    lambda: ops.qkv_split_append(qkv.float(), kc, kc.clone(), None, 0, st, 2, -1),
+    lambda: ops.qkv_split_append(qkv.view(1, 432, 4).transpose(1, 2), kc, kc.clone(), None, 0, st, 2, -1),
+    lambda: ops.kv_append(kc, kc.clone(), k[:, :1].contiguous(), k, None, 0, st, -1),
+    lambda: ops.kv_append(kc[..., :70].contiguous(), kc[..., :70].contiguous(), k[..., :70].contiguous(),
+                          k[..., :70].contiguous(), None, 0, st, -1),
+    lambda: ops.kv_append(kc, kc.clone(), k, k, None, 15, st, -1),
+    lambda: ops.kv_append(kc, kc.clone(), k, k, torch.ones(2, dtype=torch.int64, device="cuda"), 0, st, -1),
+    lambda: ops.kv_append(kc, kc.clone(), k, k.cpu(), None, 0, st, -1),
+]
+for call in calls:
+    try:
+        call()
+        print("NO ERROR")
+    except (RuntimeError, ValueError) as e:
+        print(type(e).__name__, str(e).splitlines()[0])
+"""
+
+
+@pytest.mark.cuda
+@cuda_ext
+def test_cuda_binding_errors_raise_and_name_the_numbers():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _BINDING_ERRORS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"rc {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
+    lines = run.stdout.splitlines()
+    assert lines == [
+        "RuntimeError ard_kernels.qkv_split_append: num_heads is 3, expected the cache's H = 2",
+        "RuntimeError ard_kernels.qkv_split_append: qkv has dtype Float, expected Half",
+        "RuntimeError ard_kernels.qkv_split_append: qkv must be contiguous (shape [1, 4, 432], strides [1728, 1, 4])",
+        "RuntimeError ard_kernels.kv_append: k must be (B, H, n, D) = (1, 2, n, 72), got [1, 1, 2, 72]",
+        "RuntimeError ard_kernels.kv_append: head dim D must be a multiple of 8, got 70",
+        "ValueError ard_kernels.kv_append: appending 2 tokens at offset 15 overflows the cache capacity 16",
+        "RuntimeError ard_kernels.kv_append: offset must be an int64 tensor with 1 element, got Long of shape [2]",
+        "RuntimeError ard_kernels.kv_append: expected CUDA tensors; use the PyTorch path (v is on cpu)",
+    ], run.stdout
 
 
 @pytest.mark.cuda
