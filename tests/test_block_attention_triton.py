@@ -487,6 +487,32 @@ def test_tma_configs_join_the_pointer_configs(width):
         list(pointer)
 
 
+
+@pytest.mark.parametrize("rows,bh,sms,expected", [
+    (256, 16, 132, 0),     # B1's KV-cached step: 2 query tiles x 16 heads = 32 programs
+    (1024, 16, 132, 0),    # B1, 4 blocks: 128 programs, under one wave
+    (1024, 17, 132, 1),    # 136 programs
+    (256, 128, 132, 1),    # B8's cached step: 256 programs
+    (1024, 64, 132, 1),    # 512 programs, just under 4 waves
+    (1024, 66, 132, 2),    # 528 = 4 waves
+    (4096, 1024, 132, 2),  # B64 training
+])
+def test_occupancy_class(rows, bh, sms, expected):
+    assert ba._occupancy_class(rows, bh, sms) == expected
+
+
+def test_autotune_key_separates_occupancy_classes():
+    """The autotuner keys on GRID_KEY, an argument of every tuned kernel (not specialised on its value)."""
+    import inspect
+
+    assert "GRID_KEY" in ba._AUTOTUNE_KEY
+    for kernel in (ba._block_attention_fwd_kernel, ba._block_attention_bwd_dkdv_kernel,
+                   ba._block_attention_bwd_dq_kernel):
+        while hasattr(kernel, "fn"):  # Autotuner / JITFunction / the interpreter's wrapper
+            kernel = kernel.fn
+        names = list(inspect.signature(kernel).parameters)
+        assert "GRID_KEY" in names and names.index("GRID_KEY") == names.index("PAT_KEY") + 1
+
 _SPECS_SUMMARY = """
 import json
 from ard_kernels.ops import block_attention as ba

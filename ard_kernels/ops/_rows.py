@@ -16,11 +16,10 @@ The LayerNorm kernels hold whole rows, as two power-of-two column segments (:fun
 1152 = 1024 + 128 fills every lane, where one power-of-two tile would pad it to 2048.
 """
 
-import functools
-
-import torch
 import triton
 import triton.language as tl
+
+from . import sm_count
 
 # Interpreter tiles: at most this many elements per tile, and 16 rows (each program costs ms there).
 _INTERPRETER_ELEMS = 4096
@@ -134,16 +133,11 @@ def modulated_norm_backward_tile(x0, x1, dy0, dy1, MEAN_ptr, RSTD_ptr, b, N, n64
     return xhat0, xhat1, dx0, dx1
 
 
-@functools.cache
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def programs_target(device):
     """Programs that fill the device a few times over; 1 under the interpreter (each costs ms)."""
     if device.type != "cuda":
         return 1
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 * sm_count(device)
 
 
 def tile_rows(block_size, block_c, target_elems, max_rows=None):

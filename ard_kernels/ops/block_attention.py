@@ -41,7 +41,7 @@ import torch
 import triton
 
 from ..reference import split_qkv
-from . import block_schedule, launch_device
+from . import block_schedule, launch_device, sm_count
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
     _block_attention_bwd_dq_kernel,
@@ -94,8 +94,19 @@ _TMA_CONFIGS = {96: ((128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)),
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
 _INTERPRETER_TMA = False
-_AUTOTUNE_KEY = ["Lq", "Lk", "PAT_KEY", "D0", "D1", "DOT_PREC"]
+# GRID_KEY (an occupancy class, :func:`_occupancy_class`): a config tuned on a full grid (B64) is not the one
+# a grid of fewer programs than SMs wants (B1's KV-cached step: 32 query tiles of 128 rows on 132 SMs), and the
+# other keys ignore the batch and head count.
+_AUTOTUNE_KEY = ["Lq", "Lk", "PAT_KEY", "GRID_KEY", "D0", "D1", "DOT_PREC"]
+_OCCUPANCY_TILE = 128  # rows per program of the largest tile the configs use
 _FWD_DESCS = ("desc_q0", "desc_q1", "desc_k0", "desc_k1", "desc_v0", "desc_v1")
+
+
+def _occupancy_class(rows: int, bh: int, sms: int) -> int:
+    """How a grid over ``rows`` rows (per batch·head, ``bh`` of them) fills ``sms`` SMs at 128-row tiles:
+    0 under one wave (programs < SMs), 1 under four, 2 beyond."""
+    programs = triton.cdiv(rows, _OCCUPANCY_TILE) * bh
+    return 0 if programs < sms else (1 if programs < 4 * sms else 2)
 
 
 def _interpreting() -> bool:
@@ -222,6 +233,8 @@ class _Launch:
         self.pat_key = block_schedule.pattern_key(rows, self.nb, block_size)
         self.interp = _interpreting()
         self.tma = v is not None and kind == "fwd" and _use_tma(q, k, v, self.width)
+        rows_axis = self.Lk if kind == "dkdv" else self.Lq  # the dK/dV kernel's programs walk key tiles
+        self.grid_key = 0 if self.interp else _occupancy_class(rows_axis, self.B * self.H, sm_count(q.device))
         if self.interp:
             self.kernel = {"fwd": _block_attention_fwd_kernel, "dkdv": _block_attention_bwd_dkdv_kernel,
                            "dq": _block_attention_bwd_dq_kernel}[kind]
@@ -298,7 +311,7 @@ def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float, o
         L.kernel[_grid(L.Lq, "BLOCK_M", L.B * L.H)](
             q, k, v, out, lse, L.sched, *L.fwd_descriptors(q, k, v), *_strides(q, a), *_strides(k, a),
             *_strides(v, a), *_strides(out, a),
-            *L.scalars(), L.pat_key, **L.constexprs(), ALIGN=a)
+            *L.scalars(), L.pat_key, L.grid_key, **L.constexprs(), ALIGN=a)
     return out, lse
 
 
@@ -331,10 +344,10 @@ def _block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size:
     L = _Launch(q, k, nb, rows, block_size, scale, "dkdv")
     L.kernel[_grid(L.Lk, "BLOCK_N", B * H)](
         q, k, v, do, lse, delta, dk, dv, L.sched, *st, *_strides(dk, a), *_strides(dv, a), *L.scalars(), L.scale,
-        L.pat_key, **L.constexprs(), ALIGN=a)
+        L.pat_key, L.grid_key, **L.constexprs(), ALIGN=a)
     L = _Launch(q, k, nb, rows, block_size, scale, "dq")
     L.kernel[_grid(L.Lq, "BLOCK_M", B * H)](
-        q, k, v, do, lse, delta, dq, L.sched, *st, *_strides(dq, a), *L.scalars(), L.scale, L.pat_key,
+        q, k, v, do, lse, delta, dq, L.sched, *st, *_strides(dq, a), *L.scalars(), L.scale, L.pat_key, L.grid_key,
         **L.constexprs(), ALIGN=a)
     return dq, dk, dv
 

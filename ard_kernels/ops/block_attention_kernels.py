@@ -152,7 +152,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, st
     return acc0, acc1, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["PAT_KEY"])
+@triton.jit(do_not_specialize=["PAT_KEY", "GRID_KEY"])
 def _block_attention_fwd_kernel(
     Q, K, V, Out, Lse, S,
     desc_q0, desc_q1, desc_k0, desc_k1, desc_v0, desc_v1,
@@ -160,7 +160,7 @@ def _block_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, Lq, Lk, block_size, nb, qk_scale, PAT_KEY,
+    H, Lq, Lk, block_size, nb, qk_scale, PAT_KEY, GRID_KEY,
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
@@ -296,7 +296,7 @@ def _dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, it
     return dk0, dk1, dv0, dv1
 
 
-@triton.jit(do_not_specialize=["PAT_KEY"])
+@triton.jit(do_not_specialize=["PAT_KEY", "GRID_KEY"])
 def _block_attention_bwd_dkdv_kernel(
     Q, K, V, dO, Lse, Delta, dK, dV, S,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -305,7 +305,7 @@ def _block_attention_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY,
+    H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY, GRID_KEY,
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
@@ -402,7 +402,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, it_lo, it_hi, 
     return dq0, dq1
 
 
-@triton.jit(do_not_specialize=["PAT_KEY"])
+@triton.jit(do_not_specialize=["PAT_KEY", "GRID_KEY"])
 def _block_attention_bwd_dq_kernel(
     Q, K, V, dO, Lse, Delta, dQ, S,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -410,7 +410,7 @@ def _block_attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY,
+    H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY, GRID_KEY,
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
