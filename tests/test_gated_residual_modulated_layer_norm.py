@@ -227,6 +227,19 @@ def test_gpu_tiling_forced(monkeypatch, triton_device):
     assert_all_close(grads2(fused(11), inputs, dout, dh), grads2(reference(11), inputs, dout, dh), 2e-5, "reference")
 
 
+
+def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device):
+    """The GPU's autotuned backward may run tiles shorter than the row groups are aligned to (1-row tiles
+    in groups sized for 4-row ones), forced here."""
+    from ard_kernels.ops import _rows
+    from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
+
+    monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
+    monkeypatch.setattr(fused_module, "backward_configs", lambda bm, w, device: ((1, 4), (4, 4)))
+    inputs = make_inputs(2, 20, 72, 11, device=triton_device)
+    dout, dh = torch.randn(2, 20, 72, device=triton_device), torch.randn(2, 20, 72, device=triton_device)
+    assert_all_close(grads2(fused(11), inputs, dout, dh), grads2(reference(11), inputs, dout, dh), 2e-5, "reference")
+
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_out_dtype_gives_h_what_autocast_would_cast_to(backend, inplace, triton_device):

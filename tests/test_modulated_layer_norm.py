@@ -162,13 +162,51 @@ def test_many_row_groups(monkeypatch, triton_device):
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
     monkeypatch.setattr(mln, "row_tile", lambda c, bs, device, target: (2, *_rows.row_split(c), 4))
     assert _rows.row_groups(11, 2, 2, triton_device) == (2, 6)  # two groups of 6 rows (3 tiles)
-    inputs = make_inputs(1, 20, 72, 11, device=triton_device)
-    dy = torch.randn(1, 20, 72, device=triton_device)
-    ours = grads(lambda *a: modulated_layer_norm_triton(*a, 11, EPS), inputs, dy)
-    ref = grads(lambda *a: modulated_layer_norm_ref(*a, 11, EPS), inputs, dy)
+    _assert_grads_match_reference(1, 20, 72, 11, triton_device)
+
+
+def _assert_grads_match_reference(b, n, c, block_size, device):
+    inputs = make_inputs(b, n, c, block_size, device=device)
+    dy = torch.randn(b, n, c, device=device)
+    ours = grads(lambda *a: modulated_layer_norm_triton(*a, block_size, EPS), inputs, dy)
+    ref = grads(lambda *a: modulated_layer_norm_ref(*a, block_size, EPS), inputs, dy)
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
 
+
+
+def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device):
+    """On the GPU the backward autotunes over tiles of different heights, its row groups sized for the
+    tallest: the shorter tile's loop must stop at its group's end (here 1-row tiles in 4-row-aligned groups)."""
+    from ard_kernels.ops import _rows
+    from ard_kernels.ops import modulated_layer_norm as mln
+
+    monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
+    monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device: ((1, 4), (4, 4)))
+    assert _rows.row_groups(11, 4, 2, triton_device) == (2, 8)  # two groups of 8 rows: 8 one-row tiles each
+    _assert_grads_match_reference(2, 20, 72, 11, triton_device)
+
+
+def test_backward_autotune_candidates():
+    """GPU: the heuristic tile, then half its rows over 16 warps; the key names arguments of both
+    backward kernels; ARD_KERNELS_AUTOTUNE=0 keeps the heuristic alone."""
+    from ard_kernels.ops import _rows
+    from ard_kernels.ops import gated_residual_modulated_layer_norm as fused
+    from ard_kernels.ops import modulated_layer_norm as mln
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _rows.backward_configs(2, 8, cuda) == ((2, 8), (1, 16))
+    assert _rows.backward_configs(4, 8, cuda) == ((4, 8), (2, 16))
+    assert _rows.backward_configs(1, 8, cuda) == ((1, 8), (1, 16))
+    assert _rows.backward_configs(1, 16, cuda) == ((1, 16),)  # wide rows: already 16 warps
+    assert _rows.backward_configs(2, 8, cpu) == ((2, 8),)
+    for kernel in (mln._modulated_layer_norm_bwd_kernel, fused._gated_residual_modulated_layer_norm_bwd_kernel):
+        _rows.autotuned_backward.cache_clear()
+        tuned = _rows.autotuned_backward(kernel, ((2, 8), (1, 16)))
+        assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in tuned.configs] == [(2, 8), (1, 16)]
+        assert list(tuned.keys) == list(_rows.BACKWARD_AUTOTUNE_KEY)
+        assert set(_rows.BACKWARD_AUTOTUNE_KEY) <= set(tuned.arg_names)
+    _rows.autotuned_backward.cache_clear()
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_eps_is_applied_inside_the_root(backend, triton_device):

@@ -10,11 +10,16 @@ Programs are numbered with the unit inside a block fastest (a row tile in the fo
 group in the backward), then the block, then the sample, so neighbours in launch order stream
 neighbouring rows. The backward reduces over a block's rows (``dshift = Σ_rows dy``...): each
 program owns a fixed row group and writes its partial sum to its own slot, and the slots are
-summed in a fixed order afterwards, so the gradients are bitwise reproducible (no atomics).
+summed in a fixed order afterwards, so the gradients are bitwise reproducible (no atomics) for a
+given tile; on the GPU the modulated LayerNorm backwards autotune theirs (:func:`autotuned_backward`),
+and the chosen tile holds for the rest of the process.
 
 The LayerNorm kernels hold whole rows, as two power-of-two column segments (:func:`row_split`):
 1152 = 1024 + 128 fills every lane, where one power-of-two tile would pad it to 2048.
 """
+
+import functools
+import os
 
 import triton
 import triton.language as tl
@@ -197,3 +202,50 @@ def row_tile(C, block_size, device, target_elems):
     elems = block_m * width
     num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
     return block_m, c0, c1p, num_warps
+
+
+# The backwards keep their row group's per-column sums (dshift, dscale and, fused, dgate) in registers
+# next to the row tiles. At DiT's C = 1152 with the heuristic tile (2 rows, 8 warps) that costs about 160
+# (modulated LayerNorm) and 180 (fused with the gated residual) registers a thread on sm_90: one 8-warp
+# program per SM, and the first H100 run measured those backwards at about half the bandwidth of the
+# compiled reference. Half the rows over 16 warps need about 64 and 105 registers (two 16-warp programs
+# per SM, or one; aot_check, triton 3.6 and 3.7), while the same rows over 16 warps hit the 128-register
+# cap of a 512-thread program and spill at some widths. Which tile is fastest is the GPU's to say: the
+# launch autotunes over the heuristic tile and the 16-warp one (the first stays the choice with
+# ARD_KERNELS_AUTOTUNE=0).
+BACKWARD_AUTOTUNE_KEY = ("N", "C", "block_size", "groups", "rows_per_group")
+
+
+def backward_configs(block_m, num_warps, device) -> tuple:
+    """(BLOCK_M, num_warps) pairs a row backward autotunes over on the GPU: the heuristic tile first, then
+    half its rows (at least one) over 16 warps; the heuristic alone elsewhere (the interpreter)."""
+    configs = [(block_m, num_warps)]
+    if device.type == "cuda" and num_warps < 16:
+        configs.append((max(1, block_m // 2), 16))
+    return tuple(configs)
+
+
+@functools.cache
+def autotuned_backward(kernel, configs: tuple):
+    """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs) on :data:`BACKWARD_AUTOTUNE_KEY`.
+
+    The backwards only write their outputs (gradients and per-group partial sums, every slot of them),
+    so the autotuner's repeated runs are harmless. The chosen tile decides the order of the fp32 row
+    sums: each config is deterministic, two configs may differ in the last bits.
+    """
+    if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
+        configs = configs[:1]
+    return triton.autotune(configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in configs],
+                           key=list(BACKWARD_AUTOTUNE_KEY))(kernel)
+
+
+def launch_backward(kernel, grid, args, configs, device, **constexprs):
+    """Launch a row backward: on the GPU autotuned over ``configs`` (:func:`autotuned_backward`) when
+    there is a choice; else with ``configs[0]`` (the interpreter's tile; num_warps is moot there).
+    The caller's row groups must be a multiple of every config's BLOCK_M (:func:`row_groups` with
+    the largest)."""
+    if device.type == "cuda" and len(configs) > 1:
+        autotuned_backward(kernel, configs)[grid](*args, **constexprs)
+    else:
+        block_m, num_warps = configs[0]
+        kernel[grid](*args, BLOCK_M=block_m, num_warps=num_warps, **constexprs)

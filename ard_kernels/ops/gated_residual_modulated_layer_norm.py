@@ -24,8 +24,10 @@ import triton.language as tl
 
 from . import launch_device
 from ._rows import (
+    backward_configs,
     block_program,
     block_rows,
+    launch_backward,
     load_block_row_pair,
     load_row_tile,
     modulated_norm_backward_tile,
@@ -214,12 +216,13 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=out.device)
         return dx, dy, zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype)
     block_m, c0, c1p, num_warps = _bwd_tile(C, block_size, out.device)
-    groups, rows_per_group = row_groups(block_size, block_m, B * nb, out.device)
+    configs = backward_configs(block_m, num_warps, out.device)
+    groups, rows_per_group = row_groups(block_size, max(bm for bm, _ in configs), B * nb, out.device)
     parts = torch.empty((3, B, nb, groups, C), dtype=torch.float32, device=out.device)
     has_dout = dout is not None
     dout_arg = dout if has_dout else dh  # never read without HAS_DOUT; any tensor fills the slot
     with launch_device(out):
-        _gated_residual_modulated_layer_norm_bwd_kernel[(groups * nb * B,)](
+        launch_backward(_gated_residual_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
             dout_arg, dh, out, y, gate, scale, mean, rstd,
             dx, dy, parts[0], parts[1], parts[2],
             N, C, block_size, nb, groups, rows_per_group,
@@ -231,8 +234,7 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
             dy.stride(0), dy.stride(1),
-            HAS_DOUT=has_dout, BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
-        )
+        ), configs, out.device, HAS_DOUT=has_dout, C0=c0, C1P=c1p)
     # Three separate sums: results that were views of one tensor would alias (custom ops forbid it).
     return (dx, dy, parts[0].sum(dim=2).to(gate.dtype), parts[1].sum(dim=2).to(shift_dtype),
             parts[2].sum(dim=2).to(scale.dtype))
@@ -358,16 +360,20 @@ def aot_specs():
                     continue  # never launched: wider rows take the two separate backwards
                 if kind == "fwd":
                     block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, _FWD_TILE_ELEMS)
-                else:
+                    tiles = ((block_m, num_warps),)
+                else:  # every tile the backward's launch autotunes over
                     block_m, c0, c1p, num_warps = _bwd_tile(C, 256, cuda)
-                constexprs = {"BLOCK_M": block_m, "C0": c0, "C1P": c1p}
+                    tiles = backward_configs(block_m, num_warps, cuda)
+                constexprs = {"C0": c0, "C1P": c1p}
                 if kind == "bwd":
                     constexprs["HAS_DOUT"] = True
-                specs.append({
-                    "name": f"gated_residual_modulated_layer_norm_{kind}_{dtype}_C{C}",
-                    "kernel": kernel,
-                    "signature": make_signature(kernel, dtype, fp32, floats=("eps",)),
-                    "constexprs": constexprs,
-                    "num_warps": num_warps,
-                })
+                name = f"gated_residual_modulated_layer_norm_{kind}_{dtype}_C{C}"
+                for i, (bm, warps) in enumerate(tiles):
+                    specs.append({
+                        "name": name + (f"_{bm}x{warps}" if i else ""),
+                        "kernel": kernel,
+                        "signature": make_signature(kernel, dtype, fp32, floats=("eps",)),
+                        "constexprs": {**constexprs, "BLOCK_M": bm},
+                        "num_warps": warps,
+                    })
     return specs

@@ -18,8 +18,10 @@ import triton.language as tl
 
 from . import launch_device
 from ._rows import (
+    backward_configs,
     block_program,
     block_rows,
+    launch_backward,
     load_block_row_pair,
     load_row_tile,
     modulated_norm_backward_tile,
@@ -142,20 +144,19 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=x.device)
         return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 4096)
-    groups, rows_per_group = row_groups(block_size, block_m, B * nb, x.device)
+    configs = backward_configs(block_m, num_warps, x.device)
+    groups, rows_per_group = row_groups(block_size, max(bm for bm, _ in configs), B * nb, x.device)
     dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
-    grid = (groups * nb * B,)
     with launch_device(x):
-        _modulated_layer_norm_bwd_kernel[grid](
+        launch_backward(_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
             dy, x, scale, mean, rstd, dx, dshift_part, dscale_part,
             N, C, block_size, nb, groups, rows_per_group,
             dy.stride(0), dy.stride(1), dy.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
-            BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
-        )
+        ), configs, x.device, C0=c0, C1P=c1p)
     return dx, dshift_part.sum(dim=2).to(shift_dtype), dscale_part.sum(dim=2).to(scale.dtype)
 
 
@@ -242,13 +243,16 @@ def aot_specs():
             for kind, kernel, target in (("fwd", _modulated_layer_norm_fwd_kernel, 8192),
                                          ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
                 block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, target)
+                # the backward: every tile its launch autotunes over
+                tiles = backward_configs(block_m, num_warps, cuda) if kind == "bwd" else ((block_m, num_warps),)
                 stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
                          "DSCALE_PART_ptr": "*fp32"}
-                specs.append({
-                    "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}",
-                    "kernel": kernel,
-                    "signature": make_signature(kernel, dtype, stats, floats=("eps",)),
-                    "constexprs": {"BLOCK_M": block_m, "C0": c0, "C1P": c1p},
-                    "num_warps": num_warps,
-                })
+                for i, (bm, warps) in enumerate(tiles):
+                    specs.append({
+                        "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}" + (f"_{bm}x{warps}" if i else ""),
+                        "kernel": kernel,
+                        "signature": make_signature(kernel, dtype, stats, floats=("eps",)),
+                        "constexprs": {"BLOCK_M": bm, "C0": c0, "C1P": c1p},
+                        "num_warps": warps,
+                    })
     return specs
