@@ -8,9 +8,9 @@
 #   build        the CUDA extension for sm_90 with ninja, in the BACKGROUND while the attention
 #                benchmark runs (it does not load it; nvcc uses 4 of the 16 cores)      (~60-120 s)
 #   tma_smoke    every tuned attention config (Hopper TMA ones included) once, checked     (≤ 50 s)
-#   bench_attention   run_all: attention (issue 3)                                        (≤ 110 s)
+#   bench_attention   run_all: attention (issue 3)                                        (≤ 105 s)
 #   bench_e2e         run_all: e2e (issues 6, 8; needs the build)                         (≤ 90 s)
-#   bench_kv_mod      run_all: kv_cache (issue 5), modulation (issue 4)                    (≤ 60 s)
+#   bench_kv_mod      run_all: kv_cache (issue 5), modulation (issue 4), host (launch path) (≤ 65 s)
 #   bench_train       run_all: train (issue 7), then the FLOP table (meta device)          (≤ 55 s)
 #   pytest_cuda       pytest -m cuda, in parallel workers (pytest-xdist is on the image)   (≤ 100 s)
 #   memcheck          the KV-cache GPU tests under compute-sanitizer memcheck              (≤ 45 s)
@@ -142,7 +142,7 @@ RUN_ALL=("$PY" benchmarks/run_all.py --gpu --isolate --out "$RES")
 # Reserves: what the later steps are guaranteed (e2e 75, kv+modulation 45, train 45, pytest 70, memcheck 30).
 # (Caps and minimums from the first H100 run, 5d59a2b: the steps took 41, 123, 83, 56, 57 s; pytest needed
 # about 100 s for 147 tests.)
-L=$(limit_for 110 265)
+L=$(limit_for 105 265)
 run_step bench_attention "$L" "${RUN_ALL[@]}" --only attention --no-flops --deadline-s $(( L - 10 ))
 
 wait "$BUILD_PID"
@@ -159,8 +159,8 @@ fi
 
 L=$(limit_for 90 190)
 run_step bench_e2e "$L" "${RUN_ALL[@]}" --merge --only e2e --no-flops --deadline-s $(( L - 10 ))
-L=$(limit_for 60 145)
-run_step bench_kv_mod "$L" "${RUN_ALL[@]}" --merge --only kv_cache,modulation --no-flops --deadline-s $(( L - 10 ))
+L=$(limit_for 65 145)
+run_step bench_kv_mod "$L" "${RUN_ALL[@]}" --merge --only kv_cache,modulation,host --no-flops --deadline-s $(( L - 10 ))
 L=$(limit_for 55 100)
 run_step bench_train "$L" "${RUN_ALL[@]}" --merge --only train --deadline-s $(( L - 10 ))
 
