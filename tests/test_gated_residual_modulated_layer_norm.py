@@ -240,6 +240,27 @@ def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device):
     dout, dh = torch.randn(2, 20, 72, device=triton_device), torch.randn(2, 20, 72, device=triton_device)
     assert_all_close(grads2(fused(11), inputs, dout, dh), grads2(reference(11), inputs, dout, dh), 2e-5, "reference")
 
+
+def test_in_place_forward_asks_the_autotuner_to_restore_x(monkeypatch, triton_device):
+    """In place the forward writes X: on the GPU the autotuner's repeated timing runs would apply the
+    residual again and again, so the launch names OUT (= X) to be restored; out of place nothing is."""
+    from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
+
+    asked = []
+    launch = fused_module.launch_rows
+
+    def recording(kernel, grid, args, configs, device, key, restore=(), **constexprs):
+        if kernel is fused_module._gated_residual_modulated_layer_norm_fwd_kernel:
+            asked.append(restore)
+        return launch(kernel, grid, args, configs, device, key, restore, **constexprs)
+
+    monkeypatch.setattr(fused_module, "launch_rows", recording)
+    x, y, gate, shift, scale = make_inputs(1, 6, 72, 3, device=triton_device, requires_grad=False)
+    ak.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, 3, backend="triton")
+    with torch.no_grad():
+        ak.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, 3, inplace=True, backend="triton")
+    assert asked == [(), ("OUT_ptr",)]
+
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_out_dtype_gives_h_what_autocast_would_cast_to(backend, inplace, triton_device):

@@ -187,9 +187,10 @@ def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device):
     _assert_grads_match_reference(2, 20, 72, 11, triton_device)
 
 
-def test_backward_autotune_candidates():
-    """GPU: the heuristic tile, then half its rows over 16 warps; the key names arguments of both
-    backward kernels; ARD_KERNELS_AUTOTUNE=0 keeps the heuristic alone."""
+def test_autotune_candidates():
+    """GPU: the heuristic tile first; forwards add shorter tiles down to one row (each over the fewest warps
+    giving a thread at most 16 values, 8 for the fused forward), backwards half the rows over 16 warps; the
+    keys name arguments of the kernels; ARD_KERNELS_AUTOTUNE=0 keeps the heuristic alone."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused
     from ard_kernels.ops import modulated_layer_norm as mln
@@ -200,13 +201,24 @@ def test_backward_autotune_candidates():
     assert _rows.backward_configs(1, 8, cuda) == ((1, 8), (1, 16))
     assert _rows.backward_configs(1, 16, cuda) == ((1, 16),)  # wide rows: already 16 warps
     assert _rows.backward_configs(2, 8, cpu) == ((2, 8),)
-    for kernel in (mln._modulated_layer_norm_bwd_kernel, fused._gated_residual_modulated_layer_norm_bwd_kernel):
-        _rows.autotuned_backward.cache_clear()
-        tuned = _rows.autotuned_backward(kernel, ((2, 8), (1, 16)))
+    width = sum(_rows.row_split(1152))  # DiT: 1024 + 128
+    assert _rows.forward_configs(4, 16, width, cuda) == ((4, 16), (2, 8), (1, 4))
+    assert _rows.forward_configs(4, 16, width, cuda, values_per_thread=8) == ((4, 16), (2, 16), (1, 8))
+    assert _rows.forward_configs(1, 16, sum(_rows.row_split(8192)), cuda) == ((1, 16),)
+    assert _rows.forward_configs(4, 16, width, cpu) == ((4, 16),)
+    cases = ((mln._modulated_layer_norm_bwd_kernel, _rows.BACKWARD_AUTOTUNE_KEY, ()),
+             (fused._gated_residual_modulated_layer_norm_bwd_kernel, _rows.BACKWARD_AUTOTUNE_KEY, ()),
+             (mln._modulated_layer_norm_fwd_kernel, _rows.FORWARD_AUTOTUNE_KEY, ()),
+             (fused._gated_residual_modulated_layer_norm_fwd_kernel, _rows.FORWARD_AUTOTUNE_KEY, ("OUT_ptr",)))
+    for kernel, key, restore in cases:
+        _rows.autotuned_rows.cache_clear()
+        tuned = _rows.autotuned_rows(kernel, ((2, 8), (1, 16)), key, restore)
         assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in tuned.configs] == [(2, 8), (1, 16)]
-        assert list(tuned.keys) == list(_rows.BACKWARD_AUTOTUNE_KEY)
-        assert set(_rows.BACKWARD_AUTOTUNE_KEY) <= set(tuned.arg_names)
-    _rows.autotuned_backward.cache_clear()
+        assert list(tuned.keys) == list(key)
+        assert set(key) <= set(tuned.arg_names)
+        assert list(tuned.restore_value) == list(restore)
+    _rows.autotuned_rows.cache_clear()
+
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_eps_is_applied_inside_the_root(backend, triton_device):

@@ -11,8 +11,8 @@ group in the backward), then the block, then the sample, so neighbours in launch
 neighbouring rows. The backward reduces over a block's rows (``dshift = Σ_rows dy``...): each
 program owns a fixed row group and writes its partial sum to its own slot, and the slots are
 summed in a fixed order afterwards, so the gradients are bitwise reproducible (no atomics) for a
-given tile; on the GPU the modulated LayerNorm backwards autotune theirs (:func:`autotuned_backward`),
-and the chosen tile holds for the rest of the process.
+given tile; on the GPU the modulated LayerNorm kernels autotune theirs (:func:`autotuned_rows`), and
+the chosen tile holds for the rest of the process.
 
 The LayerNorm kernels hold whole rows, as two power-of-two column segments (:func:`row_split`):
 1152 = 1024 + 128 fills every lane, where one power-of-two tile would pad it to 2048.
@@ -204,16 +204,38 @@ def row_tile(C, block_size, device, target_elems):
     return block_m, c0, c1p, num_warps
 
 
+# Tiles autotuned on the GPU. The forwards (whole rows, one tile per program) are light, 30-50
+# registers a thread at C = 1152; their heuristic tile (4 rows over 16 warps there) makes few programs
+# at batch 1 (64 for 256 tokens on 132 SMs) and many at batch 64, so the launch also offers shorter
+# tiles (more programs), each over the fewest warps that keep a thread's share of a tile at 16 values
+# or less (8 for the fused forward, which keeps four tiles live), and the key holds the batch.
 # The backwards keep their row group's per-column sums (dshift, dscale and, fused, dgate) in registers
-# next to the row tiles. At DiT's C = 1152 with the heuristic tile (2 rows, 8 warps) that costs about 160
+# next to the row tiles. At C = 1152 with the heuristic tile (2 rows, 8 warps) that costs about 160
 # (modulated LayerNorm) and 180 (fused with the gated residual) registers a thread on sm_90: one 8-warp
 # program per SM, and the first H100 run measured those backwards at about half the bandwidth of the
 # compiled reference. Half the rows over 16 warps need about 64 and 105 registers (two 16-warp programs
 # per SM, or one; aot_check, triton 3.6 and 3.7), while the same rows over 16 warps hit the 128-register
-# cap of a 512-thread program and spill at some widths. Which tile is fastest is the GPU's to say: the
-# launch autotunes over the heuristic tile and the 16-warp one (the first stays the choice with
-# ARD_KERNELS_AUTOTUNE=0).
+# cap of a 512-thread program and spill at some widths.
+# Which tile is fastest is the GPU's to say; the heuristic comes first and stays the only one with
+# ARD_KERNELS_AUTOTUNE=0.
+FORWARD_AUTOTUNE_KEY = ("B", "N", "C", "block_size")
 BACKWARD_AUTOTUNE_KEY = ("N", "C", "block_size", "groups", "rows_per_group")
+
+
+def forward_configs(block_m, num_warps, width, device, values_per_thread=16) -> tuple:
+    """(BLOCK_M, num_warps) pairs a row forward autotunes over on the GPU: the heuristic tile first, then
+    half as many rows down to one, each over the fewest warps (4 to 16) that give a thread at most
+    ``values_per_thread`` values of a tile ``width`` columns wide; the heuristic alone elsewhere (the
+    interpreter)."""
+    configs = [(block_m, num_warps)]
+    rows = block_m // 2
+    while device.type == "cuda" and rows >= 1:
+        warps = 4
+        while warps < 16 and rows * width > values_per_thread * 32 * warps:
+            warps *= 2
+        configs.append((rows, warps))
+        rows //= 2
+    return tuple(dict.fromkeys(configs))
 
 
 def backward_configs(block_m, num_warps, device) -> tuple:
@@ -226,26 +248,29 @@ def backward_configs(block_m, num_warps, device) -> tuple:
 
 
 @functools.cache
-def autotuned_backward(kernel, configs: tuple):
-    """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs) on :data:`BACKWARD_AUTOTUNE_KEY`.
+def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = ()):
+    """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs) on the argument names ``key``.
 
-    The backwards only write their outputs (gradients and per-group partial sums, every slot of them),
-    so the autotuner's repeated runs are harmless. The chosen tile decides the order of the fp32 row
+    The autotuner runs each config several times: fine for kernels that only write their outputs (the
+    backwards write every slot of their partial sums); a kernel that may write its input (the fused
+    forward in place, OUT = X) names the output in ``restore``, which the autotuner saves before and
+    puts back after timing each config. The chosen tile decides the order of the backwards' fp32 row
     sums: each config is deterministic, two configs may differ in the last bits.
     """
     if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
         configs = configs[:1]
     return triton.autotune(configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in configs],
-                           key=list(BACKWARD_AUTOTUNE_KEY))(kernel)
+                           key=list(key), restore_value=list(restore) or None)(kernel)
 
 
-def launch_backward(kernel, grid, args, configs, device, **constexprs):
-    """Launch a row backward: on the GPU autotuned over ``configs`` (:func:`autotuned_backward`) when
-    there is a choice; else with ``configs[0]`` (the interpreter's tile; num_warps is moot there).
-    The caller's row groups must be a multiple of every config's BLOCK_M (:func:`row_groups` with
-    the largest)."""
+def launch_rows(kernel, grid, args, configs, device, key, restore=(), **constexprs):
+    """Launch a row kernel: on the GPU autotuned over ``configs`` (:func:`autotuned_rows`) when there is a
+    choice; else with ``configs[0]`` (the interpreter's tile; num_warps is moot there). ``grid`` is a
+    tuple, or a function of the config's meta-parameters (``{"BLOCK_M": ...}``). A backward's row groups
+    must be a multiple of every config's BLOCK_M (:func:`row_groups` with the largest)."""
     if device.type == "cuda" and len(configs) > 1:
-        autotuned_backward(kernel, configs)[grid](*args, **constexprs)
+        autotuned_rows(kernel, configs, tuple(key), tuple(restore))[grid](*args, **constexprs)
     else:
         block_m, num_warps = configs[0]
-        kernel[grid](*args, BLOCK_M=block_m, num_warps=num_warps, **constexprs)
+        kernel[grid({"BLOCK_M": block_m}) if callable(grid) else grid](*args, BLOCK_M=block_m, num_warps=num_warps,
+                                                                        **constexprs)

@@ -24,10 +24,13 @@ import triton.language as tl
 
 from . import launch_device
 from ._rows import (
+    BACKWARD_AUTOTUNE_KEY,
+    FORWARD_AUTOTUNE_KEY,
     backward_configs,
     block_program,
     block_rows,
-    launch_backward,
+    forward_configs,
+    launch_rows,
     load_block_row_pair,
     load_row_tile,
     modulated_norm_backward_tile,
@@ -41,16 +44,19 @@ from ._rows import (
 
 # Elements per program: the forward keeps x, y, out and h live, the backward seven tiles.
 _FWD_TILE_ELEMS = 8192
+# The shorter forward tiles offered to the autotuner: at most 8 values of a tile per thread (x, y, out and
+# h are live together; 12 spilled at C = 3072 in fp16).
+_FWD_VALUES_PER_THREAD = 8
 _BWD_TILE_ELEMS = 4096
 # Wider rows hold too much for the one-pass backward (seven row tiles and six per-column sums: it
 # spills from C = 4096 on, kilobytes per thread at 8192): above this the two separate backwards run.
 _FUSED_BWD_MAX_C = 3072
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _gated_residual_modulated_layer_norm_fwd_kernel(
     X_ptr, Y_ptr, GATE_ptr, SHIFT_ptr, SCALE_ptr, OUT_ptr, H_ptr, MEAN_ptr, RSTD_ptr,
-    N, C, block_size, num_blocks, tiles_per_block, eps,
+    B, N, C, block_size, num_blocks, eps,
     stride_x_b, stride_x_n, stride_x_c,
     stride_y_b, stride_y_n, stride_y_c,
     stride_g_b, stride_g_n, stride_g_c,
@@ -62,8 +68,8 @@ def _gated_residual_modulated_layer_norm_fwd_kernel(
 ):
     # One program per (sample, block, row tile), row tiles fastest; whole rows (LayerNorm needs them),
     # each in two column segments. In place, OUT is X: every element is read before the same program
-    # overwrites it.
-    b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
+    # overwrites it. B: the batch, an autotuning key only (the grid holds it).
+    b, blk, tile = block_program(tl.program_id(0), tl.cdiv(block_size, BLOCK_M), num_blocks)
     n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
     cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
     mask0 = row_ok[:, None]
@@ -166,11 +172,17 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
     if h.numel() == 0:
         return h, mean, rstd
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, _FWD_TILE_ELEMS)
-    tiles = triton.cdiv(block_size, block_m)
+    configs = forward_configs(block_m, num_warps, c0 + c1p, x.device, _FWD_VALUES_PER_THREAD)
+
+    def grid(meta):  # one program per row tile of every (sample, block)
+        return (triton.cdiv(block_size, meta["BLOCK_M"]) * nb * B,)
+
     with launch_device(x):
-        _gated_residual_modulated_layer_norm_fwd_kernel[(tiles * nb * B,)](
+        # In place (OUT is X) the autotuner puts X back after each timed call (that copy is timed with every
+        # tile alike); out of place nothing needs restoring, and the two tune apart.
+        launch_rows(_gated_residual_modulated_layer_norm_fwd_kernel, grid, (
             x, y, gate, shift, scale, out, h, mean, rstd,
-            N, C, block_size, nb, tiles, eps,
+            B, N, C, block_size, nb, eps,
             x.stride(0), x.stride(1), x.stride(2),
             y.stride(0), y.stride(1), y.stride(2),
             gate.stride(0), gate.stride(1), gate.stride(2),
@@ -178,8 +190,8 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
             scale.stride(0), scale.stride(1), scale.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             h.stride(0), h.stride(1),
-            BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
-        )
+        ), configs, x.device, FORWARD_AUTOTUNE_KEY, restore=("OUT_ptr",) if out.data_ptr() == x.data_ptr() else (),
+            C0=c0, C1P=c1p)
     return h, mean, rstd
 
 
@@ -222,7 +234,7 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
     has_dout = dout is not None
     dout_arg = dout if has_dout else dh  # never read without HAS_DOUT; any tensor fills the slot
     with launch_device(out):
-        launch_backward(_gated_residual_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
+        launch_rows(_gated_residual_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
             dout_arg, dh, out, y, gate, scale, mean, rstd,
             dx, dy, parts[0], parts[1], parts[2],
             N, C, block_size, nb, groups, rows_per_group,
@@ -234,7 +246,7 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
             dy.stride(0), dy.stride(1),
-        ), configs, out.device, HAS_DOUT=has_dout, C0=c0, C1P=c1p)
+        ), configs, out.device, BACKWARD_AUTOTUNE_KEY, HAS_DOUT=has_dout, C0=c0, C1P=c1p)
     # Three separate sums: results that were views of one tensor would alias (custom ops forbid it).
     return (dx, dy, parts[0].sum(dim=2).to(gate.dtype), parts[1].sum(dim=2).to(shift_dtype),
             parts[2].sum(dim=2).to(scale.dtype))
@@ -358,10 +370,10 @@ def aot_specs():
                                  ("bwd", _gated_residual_modulated_layer_norm_bwd_kernel)):
                 if kind == "bwd" and C > _FUSED_BWD_MAX_C:
                     continue  # never launched: wider rows take the two separate backwards
-                if kind == "fwd":
+                if kind == "fwd":  # every tile the launch autotunes over
                     block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, _FWD_TILE_ELEMS)
-                    tiles = ((block_m, num_warps),)
-                else:  # every tile the backward's launch autotunes over
+                    tiles = forward_configs(block_m, num_warps, c0 + c1p, cuda, _FWD_VALUES_PER_THREAD)
+                else:
                     block_m, c0, c1p, num_warps = _bwd_tile(C, 256, cuda)
                     tiles = backward_configs(block_m, num_warps, cuda)
                 constexprs = {"C0": c0, "C1P": c1p}

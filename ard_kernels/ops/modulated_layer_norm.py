@@ -18,10 +18,13 @@ import triton.language as tl
 
 from . import launch_device
 from ._rows import (
+    BACKWARD_AUTOTUNE_KEY,
+    FORWARD_AUTOTUNE_KEY,
     backward_configs,
     block_program,
     block_rows,
-    launch_backward,
+    forward_configs,
+    launch_rows,
     load_block_row_pair,
     load_row_tile,
     modulated_norm_backward_tile,
@@ -34,10 +37,10 @@ from ._rows import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _modulated_layer_norm_fwd_kernel(
     X_ptr, SHIFT_ptr, SCALE_ptr, Y_ptr, MEAN_ptr, RSTD_ptr,
-    N, C, block_size, num_blocks, tiles_per_block, eps,
+    B, N, C, block_size, num_blocks, eps,
     stride_x_b, stride_x_n, stride_x_c,
     stride_sh_b, stride_sh_n, stride_sh_c,
     stride_sc_b, stride_sc_n, stride_sc_c,
@@ -45,7 +48,8 @@ def _modulated_layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
 ):
     # One program per (sample, block, row tile), row tiles fastest; each row in two column segments.
-    b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
+    # B: the batch, an autotuning key only (the grid holds it).
+    b, blk, tile = block_program(tl.program_id(0), tl.cdiv(block_size, BLOCK_M), num_blocks)
     n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
     cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
     mask0 = row_ok[:, None]
@@ -116,18 +120,20 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
     if y.numel() == 0:
         return y, mean, rstd
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 8192)
-    tiles = triton.cdiv(block_size, block_m)
-    grid = (tiles * nb * B,)
+    configs = forward_configs(block_m, num_warps, c0 + c1p, x.device)
+
+    def grid(meta):  # one program per row tile of every (sample, block)
+        return (triton.cdiv(block_size, meta["BLOCK_M"]) * nb * B,)
+
     with launch_device(x):
-        _modulated_layer_norm_fwd_kernel[grid](
+        launch_rows(_modulated_layer_norm_fwd_kernel, grid, (
             x, shift, scale, y, mean, rstd,
-            N, C, block_size, nb, tiles, eps,
+            B, N, C, block_size, nb, eps,
             x.stride(0), x.stride(1), x.stride(2),
             shift.stride(0), shift.stride(1), shift.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
             y.stride(0), y.stride(1),
-            BLOCK_M=block_m, C0=c0, C1P=c1p, num_warps=num_warps,
-        )
+        ), configs, x.device, FORWARD_AUTOTUNE_KEY, C0=c0, C1P=c1p)
     return y, mean, rstd
 
 
@@ -149,14 +155,14 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
     dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     with launch_device(x):
-        launch_backward(_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
+        launch_rows(_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
             dy, x, scale, mean, rstd, dx, dshift_part, dscale_part,
             N, C, block_size, nb, groups, rows_per_group,
             dy.stride(0), dy.stride(1), dy.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
-        ), configs, x.device, C0=c0, C1P=c1p)
+        ), configs, x.device, BACKWARD_AUTOTUNE_KEY, C0=c0, C1P=c1p)
     return dx, dshift_part.sum(dim=2).to(shift_dtype), dscale_part.sum(dim=2).to(scale.dtype)
 
 
@@ -243,8 +249,9 @@ def aot_specs():
             for kind, kernel, target in (("fwd", _modulated_layer_norm_fwd_kernel, 8192),
                                          ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
                 block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, target)
-                # the backward: every tile its launch autotunes over
-                tiles = backward_configs(block_m, num_warps, cuda) if kind == "bwd" else ((block_m, num_warps),)
+                # every tile the launch autotunes over
+                tiles = (backward_configs(block_m, num_warps, cuda) if kind == "bwd"
+                         else forward_configs(block_m, num_warps, c0 + c1p, cuda))
                 stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
                          "DSCALE_PART_ptr": "*fp32"}
                 for i, (bm, warps) in enumerate(tiles):
