@@ -8,15 +8,15 @@
 #   build        the CUDA extension for sm_90 with ninja, in the BACKGROUND while the attention
 #                benchmark runs (it does not load it; nvcc uses 4 of the 16 cores)      (~60-120 s)
 #   tma_smoke    every tuned attention config (Hopper TMA ones included) once, checked     (≤ 50 s)
-#   bench_attention   run_all: attention (issue 3)                                        (≤ 105 s)
-#   bench_e2e         run_all: e2e (issues 6, 8; needs the build)                         (≤ 90 s)
-#   bench_kv_mod      run_all: kv_cache (issue 5), modulation (issue 4), host (launch path) (≤ 65 s)
+#   bench_attention   run_all: attention (issue 3)                                        (≤ 95 s)
+#   bench_e2e         run_all: e2e (issues 6, 8; needs the build)                         (≤ 85 s)
+#   bench_kv_mod      run_all: host (launch path), modulation (issue 4), kv_cache (issue 5) (≤ 70 s)
 #   bench_train       run_all: train (issue 7), then the FLOP table (meta device)          (≤ 55 s)
 #   pytest_cuda       pytest -m cuda, in parallel workers (pytest-xdist is on the image)   (≤ 100 s)
 #   memcheck          the KV-cache GPU tests under compute-sanitizer memcheck              (≤ 45 s)
 # Each step gets min(its cap, the time left minus what the later steps are guaranteed: 75 s e2e,
-# 45 kv+modulation, 45 train, 70 pytest, 30 memcheck), all scaled with GPU_CHECK_BUDGET_S (default
-# 470: under 8 minutes), so a slow step squeezes the next ones' extra time, never their minimum.
+# 50 kv+modulation, 45 train, 70 pytest, 30 memcheck), all scaled with GPU_CHECK_BUDGET_S (default
+# 480: 8 minutes), so a slow step squeezes the next ones' extra time, never their minimum.
 # Every benchmark has its own run_all call: a benchmark overrunning its share (run_all gives each one
 # its budget plus a grace to finish the case in flight) cannot eat another's. run_all's --deadline-s
 # keeps each step inside its limit and keeps the rows of whatever finished (every benchmark rewrites
@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET_S:-470}"
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/ard_gpu_check.XXXXXX)}"
 RES="$WORK/results"
 mkdir -p "$RES"
@@ -59,9 +59,9 @@ log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 elapsed() { echo $(( $(date +%s) - START )); }
 
 # limit_for CAP RESERVE: min(CAP, time left - RESERVE seconds kept for the later steps), both given
-# for the default 470 s budget and scaled with GPU_CHECK_BUDGET_S.
+# for the default 480 s budget and scaled with GPU_CHECK_BUDGET_S.
 limit_for() {
-    local cap=$(( $1 * BUDGET / 470 )) reserve=$(( $2 * BUDGET / 470 ))
+    local cap=$(( $1 * BUDGET / 480 )) reserve=$(( $2 * BUDGET / 480 ))
     local left=$(( BUDGET - $(elapsed) - reserve ))
     (( left > cap )) && left=$cap
     echo "$left"
@@ -132,17 +132,17 @@ BUILD_PID=$!
 # The Hopper TMA attention configs have only been compiled, never run: one forward and backward at
 # DiT's shape through every tuned config first (~20 s). If that fails, the rest of the check runs with
 # ARD_KERNELS_TMA=0 (pointer configs only), so one bad config cannot poison every later step.
-run_step tma_smoke "$(limit_for 50 265)" "$PY" benchmarks/tma_smoke.py
+run_step tma_smoke "$(limit_for 50 270)" "$PY" benchmarks/tma_smoke.py
 if [[ " ${FAILED[*]} " == *" tma_smoke "* ]]; then
     export ARD_KERNELS_TMA=0
     log "WARN  the TMA smoke test failed: continuing with ARD_KERNELS_TMA=0 (pointer configs only)"
 fi
 
 RUN_ALL=("$PY" benchmarks/run_all.py --gpu --isolate --out "$RES")
-# Reserves: what the later steps are guaranteed (e2e 75, kv+modulation 45, train 45, pytest 70, memcheck 30).
+# Reserves: what the later steps are guaranteed (e2e 75, kv+modulation 50, train 45, pytest 70, memcheck 30).
 # (Caps and minimums from the first H100 run, 5d59a2b: the steps took 41, 123, 83, 56, 57 s; pytest needed
 # about 100 s for 147 tests.)
-L=$(limit_for 105 265)
+L=$(limit_for 95 270)
 run_step bench_attention "$L" "${RUN_ALL[@]}" --only attention --no-flops --deadline-s $(( L - 10 ))
 
 wait "$BUILD_PID"
@@ -157,10 +157,10 @@ else
     FAILED+=("build")
 fi
 
-L=$(limit_for 90 190)
+L=$(limit_for 85 195)
 run_step bench_e2e "$L" "${RUN_ALL[@]}" --merge --only e2e --no-flops --deadline-s $(( L - 10 ))
-L=$(limit_for 65 145)
-run_step bench_kv_mod "$L" "${RUN_ALL[@]}" --merge --only kv_cache,modulation,host --no-flops --deadline-s $(( L - 10 ))
+L=$(limit_for 70 145)
+run_step bench_kv_mod "$L" "${RUN_ALL[@]}" --merge --only host,modulation,kv_cache --no-flops --deadline-s $(( L - 10 ))
 L=$(limit_for 55 100)
 run_step bench_train "$L" "${RUN_ALL[@]}" --merge --only train --deadline-s $(( L - 10 ))
 

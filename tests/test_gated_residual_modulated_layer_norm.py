@@ -243,7 +243,8 @@ def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device):
 
 def test_in_place_forward_asks_the_autotuner_to_restore_x(monkeypatch, triton_device):
     """In place the forward writes X: on the GPU the autotuner's repeated timing runs would apply the
-    residual again and again, so the launch names OUT (= X) to be restored; out of place nothing is."""
+    residual again and again, so the launch names OUT (= X) to be restored; out of place it does the same,
+    so that one autotuner (one tile, one rounding) serves both."""
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
 
     asked = []
@@ -259,7 +260,7 @@ def test_in_place_forward_asks_the_autotuner_to_restore_x(monkeypatch, triton_de
     ak.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, 3, backend="triton")
     with torch.no_grad():
         ak.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, 3, inplace=True, backend="triton")
-    assert asked == [(), ("OUT_ptr",)]
+    assert asked == [("OUT_ptr",), ("OUT_ptr",)]
 
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -325,11 +326,15 @@ def test_cuda_dtypes(dtype, b, n, c, block_size):
 
 
 @pytest.mark.cuda
-def test_cuda_matches_separate_kernels_bitwise_forward():
-    """At DiT's size the fused forward gives exactly what the two kernels give (same rounding)."""
+def test_cuda_matches_separate_kernels_forward():
+    """At DiT's size the fused forward gives what the two kernels give: ``out`` bitwise (an elementwise
+    sum), ``h`` to its last bit. Each kernel autotunes its own row tile, which sets the order of the fp32
+    row sums behind the mean and variance, so ``h`` may round the other way now and then."""
     inputs = make_inputs(2, 1024, 1152, 256, dtype=torch.bfloat16, device="cuda", requires_grad=False)
-    for o, s in zip(fused(256)(*inputs), separate(256)(*inputs)):
-        torch.testing.assert_close(o, s, atol=0, rtol=0)
+    (out, h), (out_sep, h_sep) = fused(256)(*inputs), separate(256)(*inputs)
+    torch.testing.assert_close(out, out_sep, atol=0, rtol=0)
+    torch.testing.assert_close(h, h_sep, atol=1e-5, rtol=2 ** -7)  # one bf16 ulp
+    assert (h != h_sep).float().mean() < 0.01
 
 
 @pytest.mark.cuda
