@@ -163,7 +163,7 @@ class ARDiT(DiT):
             mods, silu_c = self.trunk_modulations(c)
             h = run_blocks(self.blocks, tokens, n, mods, self._head_norm(silu_c),
                            [{"pattern": self.layer_pattern(i)} for i in range(len(self.blocks))])
-        return self.unpatchify(self._heads_on_blocks(h)).unflatten(0, (b, self.steps))
+        return self.unpatchify(self._heads_on_blocks(h), (b, self.steps))
 
     def _head_norm(self, silu_c):
         """(shift, scale), (B, K, C) each: head k's LayerNorm modulation of block k, from SiLU(c) (B, K, C)."""

@@ -392,12 +392,13 @@ class DiT(nn.Module):
         """
         return self.pos_embed + self.x_embedder(x)
 
-    def unpatchify(self, x):
-        """Tokens (B, T, p²·C_out) → images (B, C_out, H, W); token n = row·grid + col, patch (p, q, c)."""
+    def unpatchify(self, x, leading=None):
+        """Tokens (B, T, p²·C_out) → images (*leading, C_out, H, W), ``leading`` splitting B (default (B,));
+        token n = row·grid + col, patch (p, q, c). A fresh tensor, never a view (FSDP2 warns on views)."""
         c, p = self.out_channels, self.patch_size
         g = self.x_embedder.grid_size
         x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(*(leading or (x.shape[0],)), c, g * p, g * p)
 
     def trunk_modulations(self, c):
         """Every block's six modulation vectors of conditioning c (B, nb, C), and SiLU(c).
