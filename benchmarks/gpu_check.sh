@@ -29,7 +29,7 @@
 # /tmp/ard_gpu_check.*). The final report is printed last on stdout.
 #
 # Environment: PYTHON (default python3: torch with CUDA, triton, pytest, ninja preinstalled, no
-# venv, no downloads), GPU_CHECK_BUDGET_S, GPU_CHECK_WORK, GPU_CHECK_TEST_WORKERS (default 8),
+# venv, no downloads), GPU_CHECK_BUDGET_S, GPU_CHECK_WORK, GPU_CHECK_TEST_WORKERS (default 12),
 # TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 4), ARD_BENCH_COMMIT (names the commit
 # in the results when the copied tree has no .git). Exit status 1 if any step failed.
 set -uo pipefail
@@ -167,7 +167,7 @@ run_step bench_train "$L" "${RUN_ALL[@]}" --merge --only train --deadline-s $(( 
 # ------------------------------------------------------------------------------- GPU tests
 PYTEST_OPTS=(-m cuda -v -rfE -p no:cacheprovider --durations=15 --junitxml="$WORK/pytest_cuda.xml")
 if "$PY" -c "import xdist" 2>/dev/null; then
-    PYTEST_OPTS+=(-n "${GPU_CHECK_TEST_WORKERS:-8}")  # Triton compiles dominate: spread them over the cores
+    PYTEST_OPTS+=(-n "${GPU_CHECK_TEST_WORKERS:-12}")  # Triton compiles dominate: spread them over the 16 cores
 fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     PYTEST_OPTS+=(--timeout 90)
