@@ -5,7 +5,8 @@ The first H100 run (BENCHMARKS.md) found the small-batch rows host-bound: B1 4×
 its wall time. This benchmark times the launch path alone, on shapes whose GPU work is shorter than
 their launch (so the queue never fills and the loop measures the host), peeling one layer at a time:
 
-  api       ``ard_kernels.<op>(..., backend="triton")``: validation and backend choice on top of
+  api       ``ard_kernels.<op>(..., backend="triton")``: validation and backend choice on top of (without
+            autograd, as timed here, the launcher directly: ``ard_kernels.ops.direct_launch_ok``)
   op        ``torch.ops.ard_kernels.<op>``: the custom op's dispatch (its autograd layer included) on top of
   launcher  the op's launch function: the launch plan, allocations and Triton's own launch, with
   plan      the attention's launch plan alone (schedule lookup, tile configs, TMA eligibility);

@@ -41,7 +41,7 @@ import torch
 import triton
 
 from ..reference import split_qkv
-from . import block_schedule, launch_device, sm_count
+from . import block_schedule, direct_launch_ok, launch_device, sm_count
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
     _block_attention_bwd_dq_kernel,
@@ -409,14 +409,19 @@ _block_attention_fwd_op.register_autograd(_backward, setup_context=_setup_contex
 # are strided views of qkv, O is written token-major and the backward writes dq, dk, dv into one
 # (B, N, 3·H·D) gradient: nothing is copied on either side (the unpacked op's caller would permute O
 # into the projection's input, and autograd would stack dq, dk, dv and permute them back into dqkv).
-@torch.library.custom_op("ard_kernels::block_attention_qkv_fwd", mutates_args=())
-def _block_attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, nb: int, rows: list[int], block_size: int,
-                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_attention_qkv_fwd(qkv, num_heads: int, nb: int, rows, block_size: int, scale: float):
+    """The packed forward: (O (B, N, H·D), lse (B, H, N))."""
     q, k, v = split_qkv(qkv, num_heads)
     b, h, n, d = q.shape
     out = qkv.new_empty((b, n, h * d))
     _, lse = block_attention_fwd(q, k, v, nb, rows, block_size, scale, out=out.view(b, n, h, d).transpose(1, 2))
     return out, lse
+
+
+@torch.library.custom_op("ard_kernels::block_attention_qkv_fwd", mutates_args=())
+def _block_attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, nb: int, rows: list[int], block_size: int,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _block_attention_qkv_fwd(qkv, num_heads, nb, rows, block_size, scale)
 
 
 @_block_attention_qkv_fwd_op.register_fake
@@ -474,6 +479,8 @@ def block_attention_qkv_triton(qkv, num_heads: int, block_size: int, pattern, sc
     """
     nb = -(-qkv.shape[1] // block_size)
     rows = block_schedule.encode_pattern(pattern, nb)
+    if direct_launch_ok(qkv):  # plain eager, no autograd: the launcher without the custom op's dispatch
+        return _block_attention_qkv_fwd(qkv, int(num_heads), nb, rows, int(block_size), float(scale))[0]
     return torch.ops.ard_kernels.block_attention_qkv_fwd(qkv, int(num_heads), nb, rows, int(block_size),
                                                          float(scale))[0]
 
@@ -497,7 +504,10 @@ def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, retu
     """
     nb = -(-k.shape[2] // block_size)
     rows = block_schedule.encode_pattern(pattern, nb)
-    out, lse = torch.ops.ard_kernels.block_attention_fwd(q, k, v, nb, rows, int(block_size), float(scale))
+    if direct_launch_ok(q, k, v):  # plain eager, no autograd: the launcher without the custom op's dispatch
+        out, lse = block_attention_fwd(q, k, v, nb, rows, int(block_size), float(scale))
+    else:
+        out, lse = torch.ops.ard_kernels.block_attention_fwd(q, k, v, nb, rows, int(block_size), float(scale))
     return (out, lse) if return_lse else out
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_device
+from . import direct_launch_ok, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -348,9 +348,17 @@ def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_s
                 "inplace: gated_residual_modulated_layer_norm(inplace=True) is inference-only, but an input "
                 "requires grad (use inplace=False, or run under torch.no_grad())"
             )
+        if direct_launch_ok(x, y, gate, shift, scale):  # plain eager: the launcher without the custom op's dispatch
+            h = _launch_fwd(x, y, gate, shift, scale, x, int(block_size), float(eps), h_dtype)[0]
+            torch.autograd.graph.increment_version(x)  # what the mutating op's dispatch would do for x
+            return x, h
         h = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_inplace(x, y, gate, shift, scale,
                                                                               int(block_size), float(eps), h_dtype)
         return x, h
+    if direct_launch_ok(x, y, gate, shift, scale):  # plain eager, no autograd: the launcher without the custom op
+        out, h, _, _ = gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, int(block_size), float(eps),
+                                                               h_dtype)
+        return out, h
     out, h, _, _ = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale,
                                                                                  int(block_size), float(eps), h_dtype)
     return out, h

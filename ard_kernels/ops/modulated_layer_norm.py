@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_device
+from . import direct_launch_ok, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -234,6 +234,8 @@ def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1
         dshift/dscale reductions are deterministic. Inputs are assumed validated
         (:func:`ard_kernels.modulated_layer_norm` validates).
     """
+    if direct_launch_ok(x, shift, scale):  # plain eager, no autograd: the launcher without the custom op's dispatch
+        return modulated_layer_norm_fwd(x, shift, scale, int(block_size), float(eps), out_dtype or x.dtype)[0]
     return torch.ops.ard_kernels.modulated_layer_norm_fwd(x, shift, scale, int(block_size), float(eps),
                                                           out_dtype or x.dtype)[0]
 

@@ -1,0 +1,79 @@
+"""Plain eager calls that need no autograd launch the kernels directly (ard_kernels.ops.direct_launch_ok);
+everything else goes through the torch custom ops. Both give the same results."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import ard_kernels as ak
+from ard_kernels import ops
+
+
+def test_when_the_custom_op_is_skipped():
+    x = torch.randn(2, 3)
+    assert ops.direct_launch_ok(x)
+    w = torch.randn(2, 3, requires_grad=True)
+    assert not ops.direct_launch_ok(x, w)  # autograd needs the op's registered backward
+    with torch.no_grad():
+        assert ops.direct_launch_ok(x, w)
+    assert not ops.direct_launch_ok(torch.empty(2, 3, device="meta"))
+    with FakeTensorMode():
+        assert not ops.direct_launch_ok(torch.empty(2, 3))
+    with FlopCounterMode(display=False):  # a dispatch mode counts the ops it sees
+        assert not ops.direct_launch_ok(x)
+    seen = []
+    torch.vmap(lambda t: seen.append(ops.direct_launch_ok(t)) or t)(x)
+    assert seen == [False]
+    compiled = torch.compile(lambda t: t + int(ops.direct_launch_ok(t)), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), x)  # traced: the custom op
+
+
+def test_switch_off(monkeypatch):
+    monkeypatch.setattr(ops, "_DIRECT_LAUNCH", False)
+    assert not ops.direct_launch_ok(torch.randn(2))
+
+
+def _calls(device):
+    """(name, fn) of public calls on small inputs; each returns a tuple of tensors."""
+    g = torch.Generator().manual_seed(0)
+    b, h, d, bs, nb, c = 1, 2, 16, 4, 3, 32
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    q, k, v = rnd(b, h, nb * bs, d), rnd(b, h, nb * bs, d), rnd(b, h, nb * bs, d)
+    qkv = rnd(b, nb * bs, 3 * h * d)
+    x, y = rnd(b, nb * bs, c), rnd(b, nb * bs, c)
+    gate, shift, scale = rnd(b, nb, c), rnd(b, nb, c), rnd(b, nb, c)
+    return [
+        ("block_attention", lambda: (ak.block_attention(q, k, v, bs, "causal", backend="triton", return_lse=True))),
+        ("block_attention cached step", lambda: (ak.block_attention(q[:, :, -bs:], k, v, bs, backend="triton"),)),
+        ("block_attention_qkv", lambda: (ak.block_attention_qkv(qkv, h, bs, "causal", backend="triton"),)),
+        ("modulated_layer_norm", lambda: (ak.modulated_layer_norm(x, shift, scale, bs, backend="triton"),)),
+        ("fused residual + LN", lambda: ak.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, bs,
+                                                                                backend="triton")),
+        ("fused residual + LN in place", lambda: (*ak.gated_residual_modulated_layer_norm(
+            x.clone(), y, gate, shift, scale, bs, inplace=True, backend="triton"),)),
+    ]
+
+
+@pytest.mark.parametrize("case", [name for name, _ in _calls("cpu")])
+def test_direct_launch_gives_what_the_custom_op_gives(case, monkeypatch, triton_device):
+    (fn,) = [f for name, f in _calls(triton_device) if name == case]
+    with torch.no_grad():
+        direct = fn()
+        monkeypatch.setattr(ops, "_DIRECT_LAUNCH", False)
+        through_op = fn()
+    for a, b in zip(direct, through_op, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_direct_in_place_bumps_the_version_counter(triton_device):
+    """As the mutating custom op's dispatch does: autograd then notices x changed under a saved tensor."""
+    x, y = torch.randn(1, 8, 32, device=triton_device), torch.randn(1, 8, 32, device=triton_device)
+    gate, shift, scale = (torch.randn(1, 2, 32, device=triton_device) for _ in range(3))
+    before = x._version
+    with torch.no_grad():
+        out, _ = ak.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, 4, inplace=True, backend="triton")
+    assert out is x and x._version == before + 1
