@@ -147,12 +147,11 @@ def check_status(status: torch.Tensor, what: str = "KV cache append") -> None:
 def _check_append_args(k_cache, v_cache, status, offset, **inputs) -> None:
     """Everything the ops' bindings check, checked here first, with errors naming the argument.
 
-    ``inputs``: the other tensors (k and v, or qkv), their shapes checked by the caller. Shapes, dtypes
-    and layouts come before devices (so the CPU tests reach every message). The bindings check again
-    (they are callable directly), but the wrappers never rely on a C++ error path: one crashed a GPU
-    image (csrc/kv_cache_ops.cpp says how).
+    ``inputs``: the other tensors (k and v, or qkv); the caller has checked their shapes and k_cache's
+    rank. Shapes, dtypes and layouts come before devices (so the CPU tests reach every message). The
+    bindings check again (they are callable directly), but the wrappers never rely on a C++ error path:
+    one crashed a GPU image (csrc/kv_cache_ops.cpp says how).
     """
-    check_tensor("k_cache", k_cache, 4)
     check_tensor("v_cache", v_cache, 4)
     check_shape("v_cache", v_cache, tuple(k_cache.shape))
     if k_cache.shape[3] % 8:

@@ -271,6 +271,11 @@ def _tuning_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+def tile_grid(block_size, num_blocks, batch):
+    """A forward's grid as a function of its tile: one program per row tile of every (sample, block)."""
+    return lambda meta: (triton.cdiv(block_size, meta["BLOCK_M"]) * num_blocks * batch,)
+
+
 def launch_rows(kernel, grid, args, configs, device, key, restore=(), **constexprs):
     """Launch a row kernel: on the GPU autotuned over ``configs`` (:func:`autotuned_rows`) when there is a
     choice; else with ``configs[0]`` (the interpreter's tile; num_warps is moot there). ``grid`` is a

@@ -41,7 +41,7 @@ import torch
 import triton
 
 from ..reference import split_qkv
-from . import block_schedule, direct_launch_ok, launch_device, sm_count
+from . import block_schedule, forward_call, launch_device, sm_count
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
     _block_attention_bwd_dq_kernel,
@@ -479,10 +479,8 @@ def block_attention_qkv_triton(qkv, num_heads: int, block_size: int, pattern, sc
     """
     nb = -(-qkv.shape[1] // block_size)
     rows = block_schedule.encode_pattern(pattern, nb)
-    if direct_launch_ok(qkv):  # plain eager, no autograd: the launcher without the custom op's dispatch
-        return _block_attention_qkv_fwd(qkv, int(num_heads), nb, rows, int(block_size), float(scale))[0]
-    return torch.ops.ard_kernels.block_attention_qkv_fwd(qkv, int(num_heads), nb, rows, int(block_size),
-                                                         float(scale))[0]
+    return forward_call(torch.ops.ard_kernels.block_attention_qkv_fwd, _block_attention_qkv_fwd, qkv,
+                        int(num_heads), nb, rows, int(block_size), float(scale))[0]
 
 
 def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, return_lse: bool = False):
@@ -504,10 +502,8 @@ def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, retu
     """
     nb = -(-k.shape[2] // block_size)
     rows = block_schedule.encode_pattern(pattern, nb)
-    if direct_launch_ok(q, k, v):  # plain eager, no autograd: the launcher without the custom op's dispatch
-        out, lse = block_attention_fwd(q, k, v, nb, rows, int(block_size), float(scale))
-    else:
-        out, lse = torch.ops.ard_kernels.block_attention_fwd(q, k, v, nb, rows, int(block_size), float(scale))
+    out, lse = forward_call(torch.ops.ard_kernels.block_attention_fwd, block_attention_fwd, q, k, v, nb, rows,
+                            int(block_size), float(scale))
     return (out, lse) if return_lse else out
 
 

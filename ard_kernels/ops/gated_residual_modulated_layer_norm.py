@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import direct_launch_ok, launch_device
+from . import direct_launch_ok, forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -40,6 +40,7 @@ from ._rows import (
     row_tile,
     store_row_sums,
     store_row_tile,
+    tile_grid,
 )
 
 # Elements per program: the forward keeps x, y, out and h live, the backward seven tiles.
@@ -174,14 +175,11 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, _FWD_TILE_ELEMS)
     configs = forward_configs(block_m, num_warps, c0 + c1p, x.device, _FWD_VALUES_PER_THREAD)
 
-    def grid(meta):  # one program per row tile of every (sample, block)
-        return (triton.cdiv(block_size, meta["BLOCK_M"]) * nb * B,)
-
     with launch_device(x):
         # In place OUT is X: the autotuner puts it back after each timed call (the copy is timed with every
         # tile alike). Out of place too, so that one autotuner serves both and they pick the same tile (the
         # same rounding: inference in place gives what training computes).
-        launch_rows(_gated_residual_modulated_layer_norm_fwd_kernel, grid, (
+        launch_rows(_gated_residual_modulated_layer_norm_fwd_kernel, tile_grid(block_size, nb, B), (
             x, y, gate, shift, scale, out, h, mean, rstd,
             B, N, C, block_size, nb, eps,
             x.stride(0), x.stride(1), x.stride(2),
@@ -355,12 +353,9 @@ def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_s
         h = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_inplace(x, y, gate, shift, scale,
                                                                               int(block_size), float(eps), h_dtype)
         return x, h
-    if direct_launch_ok(x, y, gate, shift, scale):  # plain eager, no autograd: the launcher without the custom op
-        out, h, _, _ = gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, int(block_size), float(eps),
-                                                               h_dtype)
-        return out, h
-    out, h, _, _ = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale,
-                                                                                 int(block_size), float(eps), h_dtype)
+    out, h, _, _ = forward_call(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd,
+                                gated_residual_modulated_layer_norm_fwd, x, y, gate, shift, scale, int(block_size),
+                                float(eps), h_dtype)
     return out, h
 
 

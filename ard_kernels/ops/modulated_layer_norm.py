@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import direct_launch_ok, launch_device
+from . import forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -34,6 +34,7 @@ from ._rows import (
     row_tile,
     store_row_sums,
     store_row_tile,
+    tile_grid,
 )
 
 
@@ -122,11 +123,8 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 8192)
     configs = forward_configs(block_m, num_warps, c0 + c1p, x.device)
 
-    def grid(meta):  # one program per row tile of every (sample, block)
-        return (triton.cdiv(block_size, meta["BLOCK_M"]) * nb * B,)
-
     with launch_device(x):
-        launch_rows(_modulated_layer_norm_fwd_kernel, grid, (
+        launch_rows(_modulated_layer_norm_fwd_kernel, tile_grid(block_size, nb, B), (
             x, shift, scale, y, mean, rstd,
             B, N, C, block_size, nb, eps,
             x.stride(0), x.stride(1), x.stride(2),
@@ -234,10 +232,8 @@ def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1
         dshift/dscale reductions are deterministic. Inputs are assumed validated
         (:func:`ard_kernels.modulated_layer_norm` validates).
     """
-    if direct_launch_ok(x, shift, scale):  # plain eager, no autograd: the launcher without the custom op's dispatch
-        return modulated_layer_norm_fwd(x, shift, scale, int(block_size), float(eps), out_dtype or x.dtype)[0]
-    return torch.ops.ard_kernels.modulated_layer_norm_fwd(x, shift, scale, int(block_size), float(eps),
-                                                          out_dtype or x.dtype)[0]
+    return forward_call(torch.ops.ard_kernels.modulated_layer_norm_fwd, modulated_layer_norm_fwd, x, shift, scale,
+                        int(block_size), float(eps), out_dtype or x.dtype)[0]
 
 
 def aot_specs():
