@@ -11,7 +11,9 @@ compiled kernel looks like: shared memory, registers, spills, and whether Hopper
 A spec is a dict: ``name``, ``kernel`` (a ``@triton.jit`` function, possibly wrapped by
 ``autotune``/``heuristics``), ``signature`` ({arg: "*bf16" | "i32" | "fp32" | "constexpr" or a host
 tensor descriptor as the JIT spells it, ``"tensordesc<bf16[1, 1, 128, 64]>"``}),
-``constexprs`` ({arg: value}), and optional ``num_warps``, ``num_stages``, ``archs``.
+``constexprs`` ({arg: value}), and optional ``num_warps``, ``num_stages``, ``archs``, ``divisible``
+(i32 arguments that are multiples of 16 at the sizes the spec stands for: the JIT tells the compiler so
+at run time, which lets masks and strides keep loads vectorised; :func:`row_divisible` for the row ops).
 
 It must run without TRITON_INTERPRET (the interpreter replaces the kernels by Python
 functions); the tests call it in a subprocess for that reason.
@@ -36,6 +38,7 @@ OP_MODULES = (
     "ard_kernels.ops.gated_residual",
     "ard_kernels.ops.gated_residual_modulated_layer_norm",
     "ard_kernels.ops.timestep_embedding",
+    "ard_kernels.ops.linear",
 )
 
 
@@ -71,6 +74,15 @@ def make_signature(kernel, dtype="bf16", overrides=None, floats=()):
         else:
             sig[name] = "i32"
     return sig
+
+
+def row_divisible(kernel) -> tuple:
+    """The i32 arguments of a row kernel (modulated LayerNorm, gated residual) that are multiples of 16 at
+    DiT's and text-to-image sizes: N, C and every row and sample stride (C, N·C); block_size (256, 4096)
+    too. Counts (blocks, groups, rows per group, the batch) may be anything."""
+    names = jit_function(kernel).arg_names
+    return tuple(n for n in names
+                 if n in ("N", "C", "block_size") or (n.startswith("stride_") and not n.endswith("_c")))
 
 
 def _ptxas() -> str:
@@ -116,7 +128,9 @@ def compile_spec(spec: dict, arch: int) -> dict:
     # stride): it compiles it in. Pointers get the 16-byte alignment the JIT infers for torch's
     # allocations, so loads vectorise as they will at run time.
     signature = {k: ("constexpr" if k in constexprs else v) for k, v in spec["signature"].items()}
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*")}
+    divisible = set(spec.get("divisible", ()))
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
+             if v.startswith("*") or (v == "i32" and k in divisible)}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {k: spec[k] for k in ("num_warps", "num_stages") if k in spec}
     start = time.perf_counter()

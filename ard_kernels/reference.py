@@ -169,3 +169,12 @@ def qkv_split_append_ref(qkv, k_cache, v_cache, offset, num_heads):
     q, k, v = split_qkv(qkv, num_heads)
     kv_append_ref(k_cache, v_cache, k, v, offset)
     return q.contiguous()
+
+
+def linear_ref(x, weight, bias=None, gelu: bool = False):
+    """``y = act(x·Wᵀ + b)``: ``F.linear``, then DiT's tanh-approximate GELU when ``gelu``.
+
+    x: (..., K), weight: (N, K), bias: (N,) or None; returns (..., N).
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    return torch.nn.functional.gelu(y, approximate="tanh") if gelu else y

@@ -160,7 +160,7 @@ fi
 L=$(limit_for 85 195)
 run_step bench_e2e "$L" "${RUN_ALL[@]}" --merge --only e2e --no-flops --deadline-s $(( L - 10 ))
 L=$(limit_for 70 145)
-run_step bench_kv_mod "$L" "${RUN_ALL[@]}" --merge --only host,modulation,kv_cache --no-flops --deadline-s $(( L - 10 ))
+run_step bench_kv_mod "$L" "${RUN_ALL[@]}" --merge --only host,modulation,linear,kv_cache --no-flops --deadline-s $(( L - 10 ))
 L=$(limit_for 55 100)
 run_step bench_train "$L" "${RUN_ALL[@]}" --merge --only train --deadline-s $(( L - 10 ))
 
@@ -177,7 +177,7 @@ fi
 # graph sampler first, then every other file, the KV-cache tests last (memcheck runs them again).
 # Files, not the directory: pytest orders a directory's files by name, whatever order the arguments give.
 PYTEST_FILES=(tests/test_block_attention_triton.py tests/test_sampling.py tests/test_modulated_layer_norm.py
-              tests/test_gated_residual_modulated_layer_norm.py tests/test_gated_residual.py
+              tests/test_linear.py tests/test_gated_residual_modulated_layer_norm.py tests/test_gated_residual.py
               tests/test_timestep_embedding.py tests/test_block_attention_qkv.py tests/test_models.py
               tests/test_adaln.py tests/test_masks.py tests/test_training_gpu_paths.py)
 for f in tests/test_*.py; do

@@ -4,7 +4,7 @@
 [--deadline-s 300] [--isolate] [--merge] [--extra "attention=--shapes all"]`` (``make bench``).
 
 Benchmarks are ``benchmarks/bench_<name>.py``, each with ``main(argv) -> list[dict]``; they run in
-priority order (:data:`PRIORITY`: attention, host, modulation, kv_cache, e2e, train, then any other), and
+priority order (:data:`PRIORITY`: attention, host, modulation, linear, kv_cache, e2e, train, then any other), and
 the FLOP-model table (``flops``, meta device, no GPU) last. The argv a module gets: its ``GPU_ARGV``
 on CUDA, ``CPU_ARGV`` on the CPU, ``QUICK_ARGV`` with ``--quick`` (each defaults to ``[]``), then
 any ``--extra NAME=ARGS``.
@@ -54,7 +54,7 @@ if str(HERE.parent) not in sys.path:  # run as a script (make bench)
 
 # Most wanted first: the kernels the issues set targets for, then the model-level numbers.
 # host (a few seconds) before modulation: the GPU check runs them in one time-boxed step.
-PRIORITY = ("attention", "host", "modulation", "kv_cache", "e2e", "train")
+PRIORITY = ("attention", "host", "modulation", "linear", "kv_cache", "e2e", "train")
 MIN_START_S = 20.0  # a benchmark that cannot get this long is skipped, not started
 DEFAULT_GRACE_S = 25.0  # past its budget: time for the case in flight to end and the process to exit
 DEFAULT_WEIGHT = 30.0  # budget weight of a module without GPU_BUDGET_S / CPU_BUDGET_S

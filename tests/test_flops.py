@@ -170,7 +170,7 @@ def test_run_all_quick_on_cpu(tmp_path):
     assert "## e2e" in (tmp_path / "SUMMARY.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["attention", "modulation", "kv_cache", "e2e", "train"])
+@pytest.mark.parametrize("name", ["attention", "host", "modulation", "linear", "kv_cache", "e2e", "train"])
 def test_gpu_argv_parses(name):
     """A typo in a module's GPU_ARGV would only show on a GPU machine: parse it (and the budget flag) here."""
     import importlib

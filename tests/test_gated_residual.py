@@ -163,13 +163,16 @@ def test_cuda_compile_fullgraph_and_inplace():
     torch.testing.assert_close(xs, gated_residual_triton(x, y, gate, 256), atol=0, rtol=0)
 
 
-def test_gpu_tiling_forced(monkeypatch, triton_device):
-    """The GPU tiling (C-chunks with a masked last chunk, several row groups per block), forced here."""
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_gpu_tiling_forced(monkeypatch, triton_device, prefetch):
+    """The GPU tiling (C-chunks with a masked last chunk, several row groups per block), forced here, with
+    the backward loading each tile ahead of the one being worked on (bf16/fp16 on the GPU) and not (fp32)."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import gated_residual as gr
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
     monkeypatch.setattr(gr, "_tile", lambda c, bs, device: (2, 32, 4))
+    monkeypatch.setattr(gr, "_FORCE_NO_PREFETCH", not prefetch)
     inputs = make_inputs(1, 20, 72, 11, device=triton_device)
     dout = torch.randn(1, 20, 72, device=triton_device)
     ours = grads(lambda *a: gated_residual_triton(*a, 11), inputs, dout)

@@ -215,27 +215,35 @@ def test_opcheck_and_fullgraph_trace(triton_device):
     assert_all_close(grads2(fn, inputs, dout, dh), grads2(reference(2), inputs, dout, dh), 2e-5, "reference")
 
 
-def test_gpu_tiling_forced(monkeypatch, triton_device):
-    """The GPU tiling (2-row tiles, several row groups per block, a partial last block), forced here."""
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("with_dout", [True, False])
+def test_gpu_tiling_forced(monkeypatch, triton_device, prefetch, with_dout):
+    """The GPU tiling (2-row tiles, several row groups per block, a partial last block), forced here, with
+    and without loading each tile ahead of the one being worked on, with and without the stream's own
+    gradient (``out`` also used downstream, or only through h)."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
     monkeypatch.setattr(fused_module, "row_tile", lambda c, bs, device, target: (2, *_rows.row_split(c), 4))
+    monkeypatch.setattr(fused_module, "backward_configs", lambda bm, w, device, **_: ((bm, w, prefetch),))
     inputs = make_inputs(1, 20, 72, 11, device=triton_device)
-    dout, dh = torch.randn(1, 20, 72, device=triton_device), torch.randn(1, 20, 72, device=triton_device)
+    dh = torch.randn(1, 20, 72, device=triton_device)
+    dout = torch.randn(1, 20, 72, device=triton_device) if with_dout else None  # None: HAS_DOUT off
     assert_all_close(grads2(fused(11), inputs, dout, dh), grads2(reference(11), inputs, dout, dh), 2e-5, "reference")
 
 
 
-def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, prefetch):
     """The GPU's autotuned backward may run tiles shorter than the row groups are aligned to (1-row tiles
     in groups sized for 4-row ones), forced here."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
-    monkeypatch.setattr(fused_module, "backward_configs", lambda bm, w, device: ((1, 4), (4, 4)))
+    monkeypatch.setattr(fused_module, "backward_configs",
+                        lambda bm, w, device, **_: ((1, 4, prefetch), (4, 4, prefetch)))
     inputs = make_inputs(2, 20, 72, 11, device=triton_device)
     dout, dh = torch.randn(2, 20, 72, device=triton_device), torch.randn(2, 20, 72, device=triton_device)
     assert_all_close(grads2(fused(11), inputs, dout, dh), grads2(reference(11), inputs, dout, dh), 2e-5, "reference")
@@ -323,6 +331,32 @@ def test_cuda_dtypes(dtype, b, n, c, block_size):
     for name, o, r, t in zip(NAMES, ours, ref32, lowp):
         assert o.dtype == dtype, name
         assert_lowp_close(name, o, r, t)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("with_dout", [True, False])
+def test_cuda_every_backward_config(monkeypatch, with_dout):
+    """Each tile the GPU backward autotunes over at DiT-XL's width (with and without prefetch), pinned in
+    turn: the autotuner keeps one of them, and a wrong one must not hide behind a faster right one."""
+    from ard_kernels.ops import _rows
+    from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
+
+    cuda = torch.device("cuda")
+    tile = fused_module._bwd_tile(1152, 256, cuda)
+    configs = _rows.backward_configs(tile[0], tile[3], cuda)
+    assert len(configs) >= 2
+    b, n, c = 2, 600, 1152  # a partial last block
+    inputs = make_inputs(b, n, c, 256, dtype=torch.bfloat16, device="cuda")
+    dh = torch.randn(b, n, c, device="cuda").to(torch.bfloat16)
+    dout = torch.randn(b, n, c, device="cuda").to(torch.bfloat16) if with_dout else None
+    ref32 = grads2(reference(256), [t.detach().float().requires_grad_() for t in inputs],
+                   None if dout is None else dout.float(), dh.float())
+    lowp = grads2(per_token(256), inputs, dout, dh)
+    for config in configs:
+        monkeypatch.setattr(fused_module, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
+        ours = grads2(fused(256), inputs, dout, dh)
+        for name, o, r, t in zip(NAMES, ours, ref32, lowp):
+            assert_lowp_close(f"{name} {config}", o, r, t)
 
 
 @pytest.mark.cuda

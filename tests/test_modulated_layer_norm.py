@@ -137,6 +137,29 @@ def test_cuda_dtypes(dtype, b, n, c, block_size):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("c", [1152, 2048])
+def test_cuda_every_backward_config(monkeypatch, c):
+    """Each tile the GPU backward autotunes over (with and without prefetch), pinned in turn: the autotuner
+    keeps one of them, and a wrong one must not hide behind a faster right one."""
+    from ard_kernels.ops import _rows
+    from ard_kernels.ops import modulated_layer_norm as mln
+
+    configs = _rows.backward_configs(*[mln.row_tile(c, 256, torch.device("cuda"), 4096)[i] for i in (0, 3)],
+                                     torch.device("cuda"))
+    assert len(configs) >= 2
+    inputs = make_inputs(2, 600, c, 256, dtype=torch.bfloat16, device="cuda")  # a partial last block
+    dy = torch.randn(2, 600, c, device="cuda").to(torch.bfloat16)
+    ref32 = grads32(lambda *a: modulated_layer_norm_ref(*a, 256, EPS), inputs, dy)
+    lowp = grads(lambda a, s, k: F.layer_norm(a, (c,), eps=EPS) * (1 + _per_token(k, 600, 256))
+                 + _per_token(s, 600, 256), inputs, dy)
+    for config in configs:
+        monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
+        ours = grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
+        for name, o, r, t in zip(["y", "dx", "dshift", "dscale"], ours, ref32, lowp):
+            assert_lowp_close(f"{name} {config}", o, r, t)
+
+
+@pytest.mark.cuda
 def test_cuda_compile_fullgraph():
     inputs = make_inputs(2, 1024, 1152, 256, dtype=torch.bfloat16, device="cuda")
     dy = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
@@ -154,13 +177,16 @@ def test_cuda_deterministic_large():
     assert_repeatable(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
 
 
-def test_many_row_groups(monkeypatch, triton_device):
-    """The GPU split of a block's rows over several programs (partial sums per group), forced here."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_many_row_groups(monkeypatch, triton_device, prefetch):
+    """The GPU split of a block's rows over several programs (partial sums per group), forced here, with and
+    without loading each tile ahead of the one being worked on."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import modulated_layer_norm as mln
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
     monkeypatch.setattr(mln, "row_tile", lambda c, bs, device, target: (2, *_rows.row_split(c), 4))
+    monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, **_: ((bm, w, prefetch),))
     assert _rows.row_groups(11, 2, 2, triton_device) == (2, 6)  # two groups of 6 rows (3 tiles)
     _assert_grads_match_reference(1, 20, 72, 11, triton_device)
 
@@ -175,33 +201,40 @@ def _assert_grads_match_reference(b, n, c, block_size, device):
 
 
 
-def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, prefetch):
     """On the GPU the backward autotunes over tiles of different heights, its row groups sized for the
-    tallest: the shorter tile's loop must stop at its group's end (here 1-row tiles in 4-row-aligned groups)."""
+    tallest: the shorter tile's loop must stop at its group's end (here 1-row tiles in 4-row-aligned groups;
+    with prefetch, the load ahead of the group's last tile must load nothing)."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import modulated_layer_norm as mln
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
-    monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device: ((1, 4), (4, 4)))
+    monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, **_: ((1, 4, prefetch), (4, 4, prefetch)))
     assert _rows.row_groups(11, 4, 2, triton_device) == (2, 8)  # two groups of 8 rows: 8 one-row tiles each
     _assert_grads_match_reference(2, 20, 72, 11, triton_device)
 
 
 def test_autotune_candidates():
     """GPU: the heuristic tile first; forwards add shorter tiles down to one row (each over the fewest warps
-    giving a thread at most 16 values, 8 for the fused forward), backwards half the rows over 16 warps; the
-    keys name arguments of the kernels; ARD_KERNELS_AUTOTUNE=0 keeps the heuristic alone."""
+    giving a thread at most 16 values, 8 for the fused forward), backwards the same tile with prefetch and
+    half its rows over half its warps with prefetch; the keys name arguments of the kernels;
+    ARD_KERNELS_AUTOTUNE=0 keeps the heuristic alone."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused
     from ard_kernels.ops import modulated_layer_norm as mln
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _rows.backward_configs(2, 8, cuda) == ((2, 8), (1, 16))
-    assert _rows.backward_configs(4, 8, cuda) == ((4, 8), (2, 16))
-    assert _rows.backward_configs(1, 8, cuda) == ((1, 8), (1, 16))
-    assert _rows.backward_configs(1, 16, cuda) == ((1, 16),)  # wide rows: already 16 warps
-    assert _rows.backward_configs(2, 8, cpu) == ((2, 8),)
     width = sum(_rows.row_split(1152))  # DiT: 1024 + 128
+    assert _rows.backward_configs(2, 8, cuda) == ((2, 8, False), (2, 8, True), (1, 4, True))
+    assert _rows.backward_configs(8, 8, cuda) == ((8, 8, False), (8, 8, True), (4, 4, True))
+    assert _rows.backward_configs(1, 8, cuda) == ((1, 8, False), (1, 8, True))  # one row: nothing to halve
+    assert _rows.backward_configs(2, 4, cuda) == ((2, 4, False), (2, 4, True))  # already the fewest warps
+    assert _rows.backward_configs(2, 8, cuda, prefetch=False) == ((2, 8, False),)
+    assert _rows.prefetch_fits(2, 8, width, 2) and _rows.prefetch_fits(1, 4, width, 2)
+    assert not _rows.prefetch_fits(2, 8, width, 4)  # fp32: twice the registers a value
+    assert not _rows.prefetch_fits(1, 16, sum(_rows.row_split(8192)), 2)  # 16 values a thread
+    assert _rows.backward_configs(2, 8, cpu) == ((2, 8, True),)
     assert _rows.forward_configs(4, 16, width, cuda) == ((4, 16), (2, 8), (1, 4))
     assert _rows.forward_configs(4, 16, width, cuda, values_per_thread=8) == ((4, 16), (2, 16), (1, 8))
     assert _rows.forward_configs(1, 16, sum(_rows.row_split(8192)), cuda) == ((1, 16),)
@@ -212,8 +245,11 @@ def test_autotune_candidates():
              (fused._gated_residual_modulated_layer_norm_fwd_kernel, _rows.FORWARD_AUTOTUNE_KEY, ("OUT_ptr",)))
     for kernel, key, restore in cases:
         _rows.autotuned_rows.cache_clear()
-        tuned = _rows.autotuned_rows(kernel, ((2, 8), (1, 16)), key, restore)
-        assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in tuned.configs] == [(2, 8), (1, 16)]
+        configs = ((2, 8, False), (1, 4, True)) if key == _rows.BACKWARD_AUTOTUNE_KEY else ((2, 8), (1, 16))
+        tuned = _rows.autotuned_rows(kernel, configs, key, restore)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps, *([c.kwargs["PREFETCH"]] if len(cfg) > 2 else []))
+                for c, cfg in zip(tuned.configs, configs)] == list(configs)
+        assert all(set(c.kwargs) <= set(tuned.arg_names) for c in tuned.configs)  # meta-parameters of the kernel
         assert list(tuned.keys) == list(key)
         assert set(key) <= set(tuned.arg_names)
         assert list(tuned.restore_value) == list(restore)

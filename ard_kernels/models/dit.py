@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .. import api
 from ..adaln import NORM_EPS, adaln_modulation
+from ..ops.linear import linear as linear_op
 from .configs import DiTConfig, get_config
 
 FREQUENCY_EMBEDDING_SIZE = 256
@@ -141,12 +142,13 @@ class Attention(nn.Module):
         elsewhere (a KV cache): the n queries are then the last n tokens of the key sequence.
         """
         b, n, c = x.shape
-        qkv = self.qkv(x)
+        qkv = inference_linear(x, self.qkv)
         if kv is None:  # packed: no copy of q, k, v, O or their gradients between the two Linears
-            return self.proj(api.block_attention_qkv(qkv, self.num_heads, block_size, pattern, backend=self.backend))
+            o = api.block_attention_qkv(qkv, self.num_heads, block_size, pattern, backend=self.backend)
+            return inference_linear(o, self.proj)
         q, k, v = kv(qkv)
         o = api.block_attention(q, k, v, block_size, pattern, backend=self.backend)
-        return self.proj(o.transpose(1, 2).reshape(b, n, c))  # a view where O is token-major (Triton)
+        return inference_linear(o.transpose(1, 2).reshape(b, n, c), self.proj)  # a view where O is token-major
 
 
 def linear_input_dtype(x) -> torch.dtype:
@@ -161,7 +163,8 @@ def linear_input_dtype(x) -> torch.dtype:
 
 
 def gelu_epilogue_applies(x, fc1: nn.Linear) -> bool:
-    """Whether ``GELU_tanh(fc1(x))`` can run as one cuBLASLt GEMM with a GELU epilogue.
+    """Whether ``GELU_tanh(fc1(x))`` can run as one GEMM with a GELU epilogue (cuBLASLt's, or the Triton
+    split-K GEMM's: :func:`inference_linear`), and so any of the model's Linears on these terms.
 
     ``torch._addmm_activation(bias, x, Wᵀ, use_gelu=True)`` applies the tanh-approximate GELU (DiT's)
     inside the GEMM on CUDA, saving a pass over the 4·C-wide hidden activations (read and write)
@@ -173,10 +176,22 @@ def gelu_epilogue_applies(x, fc1: nn.Linear) -> bool:
             and not torch.is_autocast_enabled("cuda") and x.dtype == fc1.weight.dtype == fc1.bias.dtype)
 
 
+def inference_linear(x, layer: nn.Linear, gelu: bool = False):
+    """``layer(x)`` (then DiT's tanh GELU with ``gelu``), in CUDA inference through
+    :func:`ard_kernels.ops.linear.linear`: cuBLAS or a Triton split-K GEMM, whichever its first-call timing
+    found faster for this shape (few-row GEMMs, the batch-1 sampler's, leave most SMs idle under cuBLAS),
+    the GELU inside the GEMM either way. Elsewhere (autograd, autocast, mixed dtypes, the CPU) the
+    module itself, then ``F.gelu``."""
+    if gelu_epilogue_applies(x, layer):
+        return linear_op(x, layer.weight, layer.bias, gelu=gelu)
+    y = layer(x)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
 class Mlp(nn.Module):
     """``fc2(GELU_tanh(fc1(x)))``, hidden width ``mlp_ratio·C`` (``mlp.fc1``, ``mlp.fc2``).
 
-    In CUDA inference fc1 and the GELU are one GEMM (:func:`gelu_epilogue_applies`).
+    In CUDA inference fc1 and the GELU are one GEMM (:func:`inference_linear`).
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -187,9 +202,7 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         if gelu_epilogue_applies(x, self.fc1):
-            rows = x.reshape(-1, x.shape[-1])
-            hidden = torch._addmm_activation(self.fc1.bias, rows, self.fc1.weight.t(), use_gelu=True)
-            return self.fc2(hidden.reshape(*x.shape[:-1], hidden.shape[-1]))
+            return inference_linear(inference_linear(x, self.fc1, gelu=True), self.fc2)
         return self.fc2(self.act(self.fc1(x)))
 
 

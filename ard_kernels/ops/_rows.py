@@ -51,10 +51,24 @@ def block_rows(blk, first, block_size, N, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def load_tile_raw(ptr, b, n64, cols, stride_b, stride_n, stride_c, mask):
+    """The (rows ``n64``, columns ``cols``) tile of sample ``b`` of a strided (B, N, C) tensor, in its
+    storage dtype (a prefetched tile waits in registers at half the size of its fp32 copy)."""
+    return tl.load(ptr + b * stride_b + n64[:, None] * stride_n + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
 def load_tile(ptr, b, n64, cols, stride_b, stride_n, stride_c, mask):
     """The (rows ``n64``, columns ``cols``) tile of sample ``b`` of a strided (B, N, C) tensor, as fp32."""
-    return tl.load(ptr + b * stride_b + n64[:, None] * stride_n + cols[None, :] * stride_c,
-                   mask=mask, other=0.0).to(tl.float32)
+    return load_tile_raw(ptr, b, n64, cols, stride_b, stride_n, stride_c, mask).to(tl.float32)
+
+
+@triton.jit
+def group_rows(blk, first, r, rows_per_group, block_size, N, BLOCK_M: tl.constexpr):
+    """:func:`block_rows` of the tile at offset ``r`` of the row group starting at row ``first`` of block
+    ``blk``: rows past the group's end count as absent (the prefetch after a group's last tile loads nothing)."""
+    n64, row_ok = block_rows(blk, first + r, block_size, N, BLOCK_M)
+    return n64, row_ok & (r + tl.arange(0, BLOCK_M) < rows_per_group)
 
 
 @triton.jit
@@ -80,6 +94,20 @@ def load_row_tile(ptr, b, n64, cols0, cols1, stride_b, stride_n, stride_c, mask0
 
 
 @triton.jit
+def load_row_tile_raw(ptr, b, n64, cols0, cols1, stride_b, stride_n, stride_c, mask0, mask1):
+    """:func:`load_row_tile` in the storage dtype."""
+    return (load_tile_raw(ptr, b, n64, cols0, stride_b, stride_n, stride_c, mask0),
+            load_tile_raw(ptr, b, n64, cols1, stride_b, stride_n, stride_c, mask1))
+
+
+@triton.jit
+def load_row_stats(MEAN_ptr, RSTD_ptr, b, N, n64, row_ok):
+    """The saved per-row mean and rstd ((B, N) fp32) of rows ``n64``; zero for absent rows."""
+    return (tl.load(MEAN_ptr + b * N + n64, mask=row_ok, other=0.0),
+            tl.load(RSTD_ptr + b * N + n64, mask=row_ok, other=0.0))
+
+
+@triton.jit
 def store_row_tile(ptr, b, n64, cols0, cols1, stride_b, stride_n, stride_c, v0, v1, mask0, mask1):
     """Store the two column segments of a tile of whole rows, cast to ``ptr``'s dtype."""
     rows = ptr + b * stride_b + n64[:, None] * stride_n
@@ -102,31 +130,26 @@ def store_row_sums(ptr, part, cols0, cols1, col_ok1, acc0, acc1):
 
 
 @triton.jit
-def modulated_norm_tile(x0, x1, mask1, SHIFT_ptr, SCALE_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
-                        stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps):
+def modulated_norm_tile(x0, x1, mask1, shift0, shift1, scale0, scale1, C, eps):
     """``LN(x)·(1 + scale) + shift`` of an fp32 tile of whole rows given as its two column segments
-    (x0, x1; zero outside the rows, x1 also past C, ``mask1``), with the block's shift/scale rows
-    loaded here: returns (y0, y1, per-row mean, per-row rstd)."""
+    (x0, x1; zero outside the rows, x1 also past C, ``mask1``) and the block's shift/scale rows (fp32, two
+    segments each: the kernels load them before the tile, so that their latency overlaps the tile's load
+    instead of following the two row reductions): returns (y0, y1, per-row mean, per-row rstd)."""
     mean = (tl.sum(x0, axis=1) + tl.sum(x1, axis=1)) / C
     xc0 = x0 - mean[:, None]  # rows outside the block are all zero, so are their mean and xc0
     xc1 = tl.where(mask1, x1 - mean[:, None], 0.0)
     rstd = tl.rsqrt((tl.sum(xc0 * xc0, axis=1) + tl.sum(xc1 * xc1, axis=1)) / C + eps)
-    shift0, shift1 = load_block_row_pair(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols0, cols1,
-                                         col_ok1, C)
-    scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
-                                         col_ok1, C)
     y0 = xc0 * rstd[:, None] * (1.0 + scale0[None, :]) + shift0[None, :]
     y1 = xc1 * rstd[:, None] * (1.0 + scale1[None, :]) + shift1[None, :]
     return y0, y1, mean, rstd
 
 
 @triton.jit
-def modulated_norm_backward_tile(x0, x1, dy0, dy1, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, mask1, gain0, gain1, C):
+def modulated_norm_backward_tile(x0, x1, dy0, dy1, mean, rstd, mask1, gain0, gain1, C):
     """One tile of the backward of ``y = x̂·gain + shift``, x̂ = LayerNorm(x) from the saved per-row
-    mean and rstd, the row in two column segments (dy zero outside the tile): returns (x̂0, x̂1: zero
-    outside the tile, for the dscale sums; dx0, dx1: LayerNorm's backward through x̂ of dy·gain)."""
-    mean = tl.load(MEAN_ptr + b * N + n64, mask=row_ok, other=0.0)
-    rstd = tl.load(RSTD_ptr + b * N + n64, mask=row_ok, other=0.0)
+    ``mean`` and ``rstd`` (zero on absent rows), the fp32 row in two column segments (dy zero outside the
+    tile): returns (x̂0, x̂1: zero outside the tile, for the dscale sums; dx0, dx1: LayerNorm's backward
+    through x̂ of dy·gain)."""
     xhat0 = (x0 - mean[:, None]) * rstd[:, None]  # zero on rows outside the block: x, mean, rstd all are
     xhat1 = tl.where(mask1, (x1 - mean[:, None]) * rstd[:, None], 0.0)
     g0 = dy0 * gain0[None, :]
@@ -238,18 +261,47 @@ def forward_configs(block_m, num_warps, width, device, values_per_thread=16) -> 
     return tuple(dict.fromkeys(configs))
 
 
-def backward_configs(block_m, num_warps, device) -> tuple:
-    """(BLOCK_M, num_warps) pairs a row backward autotunes over on the GPU: the heuristic tile first, then
-    half its rows (at least one) over 16 warps; the heuristic alone elsewhere (the interpreter)."""
-    configs = [(block_m, num_warps)]
-    if device.type == "cuda" and num_warps < 16:
-        configs.append((max(1, block_m // 2), 16))
+# A prefetching backward holds a second set of row tiles: past this many values of a tile per thread
+# (one row of 8192 over 16 warps holds 16) or with fp32 rows (twice the registers a value) it spills.
+_PREFETCH_MAX_VALUES = 12
+
+
+def prefetch_fits(block_m, num_warps, width, element_size) -> bool:
+    """Whether a backward tile of ``block_m`` rows ``width`` columns wide over ``num_warps`` warps may also
+    prefetch the next one (:func:`backward_configs`) without spilling."""
+    return element_size < 4 and block_m * width <= _PREFETCH_MAX_VALUES * 32 * num_warps
+
+
+def backward_configs(block_m, num_warps, device, prefetch=True) -> tuple:
+    """(BLOCK_M, num_warps, PREFETCH) configs a row backward autotunes over on the GPU: the heuristic tile
+    without and with prefetching the next tile (which costs registers: 119 and 126 a thread at C = 1152 in
+    the modulated LayerNorm backward, sm_90), then half its rows over half its warps (at least 4) with
+    prefetch when the tile has rows to halve: as many values per thread, twice the programs per SM (one
+    row over half the warps would double a thread's values instead, and spills at C = 2048). The heuristic
+    tile with prefetch alone elsewhere (the interpreter; tests run the other variant too). ``prefetch=False``
+    (:func:`prefetch_fits` says no: fp32 rows, or wide rows over few threads): the heuristic tile alone."""
+    if device.type != "cuda":
+        return ((block_m, num_warps, True),)
+    if not prefetch:
+        return ((block_m, num_warps, False),)
+    configs = [(block_m, num_warps, False), (block_m, num_warps, True)]
+    if block_m > 1 and num_warps > 4:
+        configs.append((block_m // 2, num_warps // 2, True))
     return tuple(configs)
+
+
+def _config_meta(config) -> dict:
+    """The meta-parameters of a (BLOCK_M, num_warps) or (BLOCK_M, num_warps, PREFETCH) config."""
+    meta = {"BLOCK_M": config[0]}
+    if len(config) > 2:
+        meta["PREFETCH"] = config[2]
+    return meta
 
 
 @functools.cache
 def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = ()):
-    """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs) on the argument names ``key``.
+    """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs, or (BLOCK_M, num_warps, PREFETCH)
+    for the backwards) on the argument names ``key``.
 
     The autotuner runs each config several times: fine for kernels that only write their outputs (the
     backwards write every slot of their partial sums); a kernel that may write its input (the fused
@@ -259,7 +311,7 @@ def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = ()):
     """
     if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    return triton.autotune(configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in configs],
+    return triton.autotune(configs=[triton.Config(_config_meta(c), num_warps=c[1]) for c in configs],
                            key=list(key), restore_value=list(restore) or None, do_bench=_tuning_bench)(kernel)
 
 
@@ -284,6 +336,5 @@ def launch_rows(kernel, grid, args, configs, device, key, restore=(), **constexp
     if device.type == "cuda" and len(configs) > 1:
         autotuned_rows(kernel, configs, tuple(key), tuple(restore))[grid](*args, **constexprs)
     else:
-        block_m, num_warps = configs[0]
-        kernel[grid({"BLOCK_M": block_m}) if callable(grid) else grid](*args, BLOCK_M=block_m, num_warps=num_warps,
-                                                                        **constexprs)
+        meta = _config_meta(configs[0])
+        kernel[grid(meta) if callable(grid) else grid](*args, num_warps=configs[0][1], **meta, **constexprs)

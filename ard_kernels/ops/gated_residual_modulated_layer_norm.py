@@ -30,11 +30,15 @@ from ._rows import (
     block_program,
     block_rows,
     forward_configs,
+    group_rows,
     launch_rows,
     load_block_row_pair,
+    load_row_stats,
     load_row_tile,
+    load_row_tile_raw,
     modulated_norm_backward_tile,
     modulated_norm_tile,
+    prefetch_fits,
     row_columns,
     row_groups,
     row_tile,
@@ -79,6 +83,10 @@ def _gated_residual_modulated_layer_norm_fwd_kernel(
 
     gate0, gate1 = load_block_row_pair(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols1,
                                        col_ok1, C)
+    shift0, shift1 = load_block_row_pair(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols0, cols1,
+                                         col_ok1, C)
+    scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
+                                         col_ok1, C)
     x0, x1 = load_row_tile(X_ptr, b, n64, cols0, cols1, stride_x_b, stride_x_n, stride_x_c, mask0, mask1)
     y0, y1 = load_row_tile(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, stride_y_c, mask0, mask1)
     out0 = (x0 + gate0[None, :] * y0).to(OUT_ptr.dtype.element_ty)
@@ -86,12 +94,51 @@ def _gated_residual_modulated_layer_norm_fwd_kernel(
     store_row_tile(OUT_ptr, b, n64, cols0, cols1, stride_o_b, stride_o_n, stride_o_c, out0, out1, mask0, mask1)
 
     # Normalise the stored value, as a separate LayerNorm reading `out` back would.
-    h0, h1, mean, rstd = modulated_norm_tile(out0.to(tl.float32), out1.to(tl.float32), mask1, SHIFT_ptr, SCALE_ptr,
-                                             b, blk64, stride_sh_b, stride_sh_n, stride_sh_c,
-                                             stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps)
+    h0, h1, mean, rstd = modulated_norm_tile(out0.to(tl.float32), out1.to(tl.float32), mask1, shift0, shift1,
+                                             scale0, scale1, C, eps)
     store_row_tile(H_ptr, b, n64, cols0, cols1, stride_h_b, stride_h_n, 1, h0, h1, mask0, mask1)
     tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
     tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
+
+
+@triton.jit
+def _load_bwd_tile(DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, cols1, col_ok1,
+                   stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
+                   stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT: tl.constexpr):
+    """A backward tile's inputs as stored: out, dh, dout (zero without HAS_DOUT) and y (two column segments
+    each), the rows' mean and rstd."""
+    mask0 = row_ok[:, None]
+    mask1 = row_ok[:, None] & col_ok1[None, :]
+    o0, o1 = load_row_tile_raw(OUT_ptr, b, n64, cols0, cols1, stride_o_b, stride_o_n, stride_o_c, mask0, mask1)
+    dh0, dh1 = load_row_tile_raw(DH_ptr, b, n64, cols0, cols1, stride_dh_b, stride_dh_n, stride_dh_c, mask0, mask1)
+    if HAS_DOUT:  # the stream's own gradient: out also feeds the next residual
+        dout0, dout1 = load_row_tile_raw(DOUT_ptr, b, n64, cols0, cols1, stride_do_b, stride_do_n, stride_do_c,
+                                         mask0, mask1)
+    else:
+        dout0, dout1 = tl.zeros_like(dh0), tl.zeros_like(dh1)
+    y0, y1 = load_row_tile_raw(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, stride_y_c, mask0, mask1)
+    mean, rstd = load_row_stats(MEAN_ptr, RSTD_ptr, b, N, n64, row_ok)
+    return o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd
+
+
+@triton.jit
+def _bwd_tile_step(o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, b, n64, row_ok, cols0, cols1,
+                   col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b, stride_dy_n,
+                   acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1):
+    """dx and dy of one loaded tile, stored; returns the (BLOCK_M, C) accumulators of dgate, dshift and dscale
+    with it added."""
+    mask0 = row_ok[:, None]
+    mask1 = row_ok[:, None] & col_ok1[None, :]
+    dh0f, dh1f = dh0.to(tl.float32), dh1.to(tl.float32)
+    xhat0, xhat1, g0, g1 = modulated_norm_backward_tile(o0.to(tl.float32), o1.to(tl.float32), dh0f, dh1f, mean, rstd,
+                                                        mask1, gain0, gain1, C)
+    g0 += dout0.to(tl.float32)
+    g1 += dout1.to(tl.float32)
+    store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, g0, g1, mask0, mask1)
+    store_row_tile(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, 1, g0 * gate0[None, :],
+                   g1 * gate1[None, :], mask0, mask1)
+    return (acc_dgate0 + g0 * y0.to(tl.float32), acc_dgate1 + g1 * y1.to(tl.float32),
+            acc_dshift0 + dh0f, acc_dshift1 + dh1f, acc_dscale0 + dh0f * xhat0, acc_dscale1 + dh1f * xhat1)
 
 
 @triton.jit
@@ -107,54 +154,66 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_dx_b, stride_dx_n,
     stride_dy_b, stride_dy_n,
-    HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
+    HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    # One program per (sample, block, row group): loops over its rows in BLOCK_M tiles, keeping the
-    # three per-block partial sums (per column segment) in registers. rows_per_group is a multiple
-    # of BLOCK_M.
+    # One program per (sample, block, row group): loops over its rows in BLOCK_M tiles (rows_per_group is a
+    # multiple of BLOCK_M), the three per-block sums accumulating as (BLOCK_M, C) tiles reduced over their rows
+    # once at the end; PREFETCH loads the next tile before this one's math, as in the modulated LayerNorm's
+    # backward (ard_kernels/ops/modulated_layer_norm.py, which says why).
     b, blk, grp = block_program(tl.program_id(0), groups, num_blocks)
     blk64 = blk.to(tl.int64)
+    first = grp * rows_per_group
     cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
     gate0, gate1 = load_block_row_pair(GATE_ptr, b, blk64, stride_g_b, stride_g_n, stride_g_c, cols0, cols1,
                                        col_ok1, C)
     scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
                                          col_ok1, C)
     gain0, gain1 = 1.0 + scale0, 1.0 + scale1
-    acc_dgate0 = tl.zeros((C0,), dtype=tl.float32)
-    acc_dshift0 = tl.zeros((C0,), dtype=tl.float32)
-    acc_dscale0 = tl.zeros((C0,), dtype=tl.float32)
-    acc_dgate1 = tl.zeros((C1P,), dtype=tl.float32)
-    acc_dshift1 = tl.zeros((C1P,), dtype=tl.float32)
-    acc_dscale1 = tl.zeros((C1P,), dtype=tl.float32)
+    acc_dgate0 = tl.zeros((BLOCK_M, C0), dtype=tl.float32)
+    acc_dshift0 = tl.zeros((BLOCK_M, C0), dtype=tl.float32)
+    acc_dscale0 = tl.zeros((BLOCK_M, C0), dtype=tl.float32)
+    acc_dgate1 = tl.zeros((BLOCK_M, C1P), dtype=tl.float32)
+    acc_dshift1 = tl.zeros((BLOCK_M, C1P), dtype=tl.float32)
+    acc_dscale1 = tl.zeros((BLOCK_M, C1P), dtype=tl.float32)
 
-    for r in range(0, rows_per_group, BLOCK_M):
-        n64, row_ok = block_rows(blk, grp * rows_per_group + r, block_size, N, BLOCK_M)
-        mask0 = row_ok[:, None]
-        mask1 = row_ok[:, None] & col_ok1[None, :]
-        o0, o1 = load_row_tile(OUT_ptr, b, n64, cols0, cols1, stride_o_b, stride_o_n, stride_o_c, mask0, mask1)
-        dh0, dh1 = load_row_tile(DH_ptr, b, n64, cols0, cols1, stride_dh_b, stride_dh_n, stride_dh_c, mask0, mask1)
-        xhat0, xhat1, g0, g1 = modulated_norm_backward_tile(o0, o1, dh0, dh1, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok,
-                                                            mask1, gain0, gain1, C)
-        acc_dshift0 += tl.sum(dh0, axis=0)
-        acc_dshift1 += tl.sum(dh1, axis=0)
-        acc_dscale0 += tl.sum(dh0 * xhat0, axis=0)
-        acc_dscale1 += tl.sum(dh1 * xhat1, axis=0)
-        if HAS_DOUT:  # the stream's own gradient: out also feeds the next residual
-            dout0, dout1 = load_row_tile(DOUT_ptr, b, n64, cols0, cols1, stride_do_b, stride_do_n, stride_do_c,
-                                         mask0, mask1)
-            g0 += dout0
-            g1 += dout1
-        store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, g0, g1, mask0, mask1)
-        y0, y1 = load_row_tile(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, stride_y_c, mask0, mask1)
-        acc_dgate0 += tl.sum(g0 * y0, axis=0)
-        acc_dgate1 += tl.sum(g1 * y1, axis=0)
-        store_row_tile(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, 1, g0 * gate0[None, :],
-                       g1 * gate1[None, :], mask0, mask1)
+    if PREFETCH:
+        n64, row_ok = group_rows(blk, first, 0, rows_per_group, block_size, N, BLOCK_M)
+        o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd = _load_bwd_tile(
+            DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, cols1, col_ok1,
+            stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
+            stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT)
+        for r in range(0, rows_per_group, BLOCK_M):
+            n64_next, row_ok_next = group_rows(blk, first, r + BLOCK_M, rows_per_group, block_size, N, BLOCK_M)
+            o0_n, o1_n, dh0_n, dh1_n, dout0_n, dout1_n, y0_n, y1_n, mean_n, rstd_n = _load_bwd_tile(
+                DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64_next, row_ok_next, cols0, cols1,
+                col_ok1, stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
+                stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT)
+            acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
+                o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, b, n64, row_ok, cols0, cols1,
+                col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b, stride_dy_n,
+                acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
+            n64, row_ok = n64_next, row_ok_next
+            o0, o1, dh0, dh1, dout0, dout1, y0, y1 = o0_n, o1_n, dh0_n, dh1_n, dout0_n, dout1_n, y0_n, y1_n
+            mean, rstd = mean_n, rstd_n
+    else:
+        for r in range(0, rows_per_group, BLOCK_M):
+            n64, row_ok = group_rows(blk, first, r, rows_per_group, block_size, N, BLOCK_M)
+            o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd = _load_bwd_tile(
+                DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, cols1, col_ok1,
+                stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
+                stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT)
+            acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
+                o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, b, n64, row_ok, cols0, cols1,
+                col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b, stride_dy_n,
+                acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
 
     part = ((b * num_blocks + blk64) * groups + grp) * C
-    store_row_sums(DGATE_PART_ptr, part, cols0, cols1, col_ok1, acc_dgate0, acc_dgate1)
-    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, acc_dshift0, acc_dshift1)
-    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, acc_dscale0, acc_dscale1)
+    store_row_sums(DGATE_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dgate0, axis=0),
+                   tl.sum(acc_dgate1, axis=0))
+    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dshift0, axis=0),
+                   tl.sum(acc_dshift1, axis=0))
+    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dscale0, axis=0),
+                   tl.sum(acc_dscale1, axis=0))
 
 
 def _bwd_tile(C, block_size, device):
@@ -226,8 +285,9 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=out.device)
         return dx, dy, zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype)
     block_m, c0, c1p, num_warps = _bwd_tile(C, block_size, out.device)
-    configs = backward_configs(block_m, num_warps, out.device)
-    groups, rows_per_group = row_groups(block_size, max(bm for bm, _ in configs), B * nb, out.device)
+    configs = backward_configs(block_m, num_warps, out.device,
+                               prefetch=prefetch_fits(block_m, num_warps, c0 + c1p, out.element_size()))
+    groups, rows_per_group = row_groups(block_size, max(c[0] for c in configs), B * nb, out.device)
     parts = torch.empty((3, B, nb, groups, C), dtype=torch.float32, device=out.device)
     has_dout = dout is not None
     dout_arg = dout if has_dout else dh  # never read without HAS_DOUT; any tensor fills the slot
@@ -361,7 +421,7 @@ def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_s
 
 def aot_specs():
     """GPU configurations for ``python -m ard_kernels.aot_check``: DiT and text-to-image widths."""
-    from ..aot_check import make_signature
+    from ..aot_check import make_signature, row_divisible
 
     cuda = torch.device("cuda")
     fp32 = {name: "*fp32" for name in ("MEAN_ptr", "RSTD_ptr", "DGATE_PART_ptr", "DSHIFT_PART_ptr",
@@ -378,17 +438,29 @@ def aot_specs():
                     tiles = forward_configs(block_m, num_warps, c0 + c1p, cuda, _FWD_VALUES_PER_THREAD)
                 else:
                     block_m, c0, c1p, num_warps = _bwd_tile(C, 256, cuda)
-                    tiles = backward_configs(block_m, num_warps, cuda)
-                constexprs = {"C0": c0, "C1P": c1p}
+                    fits = prefetch_fits(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2)
+                    tiles = backward_configs(block_m, num_warps, cuda, prefetch=fits)
+                # Column strides are 1 at run time, and the JIT compiles a unit stride in: so do these specs.
+                unit = (("stride_do_c", "stride_dh_c", "stride_o_c", "stride_y_c", "stride_g_c", "stride_sc_c")
+                        if kind == "bwd" else
+                        ("stride_x_c", "stride_y_c", "stride_g_c", "stride_sh_c", "stride_sc_c", "stride_o_c"))
+                constexprs = {"C0": c0, "C1P": c1p, **dict.fromkeys(unit, 1)}
                 if kind == "bwd":
                     constexprs["HAS_DOUT"] = True
                 name = f"gated_residual_modulated_layer_norm_{kind}_{dtype}_C{C}"
-                for i, (bm, warps) in enumerate(tiles):
+                for i, config in enumerate(tiles):
+                    bm, warps = config[:2]
+                    meta = {**constexprs, "BLOCK_M": bm}
+                    suffix = f"_{bm}x{warps}"
+                    if kind == "bwd":
+                        meta["PREFETCH"] = config[2]
+                        suffix += "_prefetch" if config[2] else ""
                     specs.append({
-                        "name": name + (f"_{bm}x{warps}" if i else ""),
+                        "name": name + (suffix if i else ""),
                         "kernel": kernel,
                         "signature": make_signature(kernel, dtype, fp32, floats=("eps",)),
-                        "constexprs": {**constexprs, "BLOCK_M": bm},
-                        "num_warps": warps,
+                        "constexprs": meta,
+                        "divisible": row_divisible(kernel),
+                    "num_warps": warps,
                     })
     return specs

@@ -24,11 +24,15 @@ from ._rows import (
     block_program,
     block_rows,
     forward_configs,
+    group_rows,
     launch_rows,
     load_block_row_pair,
+    load_row_stats,
     load_row_tile,
+    load_row_tile_raw,
     modulated_norm_backward_tile,
     modulated_norm_tile,
+    prefetch_fits,
     row_columns,
     row_groups,
     row_tile,
@@ -56,13 +60,40 @@ def _modulated_layer_norm_fwd_kernel(
     mask0 = row_ok[:, None]
     mask1 = row_ok[:, None] & col_ok1[None, :]
 
+    blk64 = blk.to(tl.int64)
+    shift0, shift1 = load_block_row_pair(SHIFT_ptr, b, blk64, stride_sh_b, stride_sh_n, stride_sh_c, cols0, cols1,
+                                         col_ok1, C)
+    scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
+                                         col_ok1, C)
     x0, x1 = load_row_tile(X_ptr, b, n64, cols0, cols1, stride_x_b, stride_x_n, stride_x_c, mask0, mask1)
-    y0, y1, mean, rstd = modulated_norm_tile(x0, x1, mask1, SHIFT_ptr, SCALE_ptr, b, blk.to(tl.int64),
-                                             stride_sh_b, stride_sh_n, stride_sh_c,
-                                             stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1, col_ok1, C, eps)
+    y0, y1, mean, rstd = modulated_norm_tile(x0, x1, mask1, shift0, shift1, scale0, scale1, C, eps)
     store_row_tile(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, 1, y0, y1, mask0, mask1)
     tl.store(MEAN_ptr + b * N + n64, mean, mask=row_ok)
     tl.store(RSTD_ptr + b * N + n64, rstd, mask=row_ok)
+
+
+@triton.jit
+def _load_bwd_tile(X_ptr, DY_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, cols1, col_ok1,
+                   stride_x_b, stride_x_n, stride_x_c, stride_dy_b, stride_dy_n, stride_dy_c):
+    """A backward tile's inputs as stored: x and dy (two column segments each), the rows' mean and rstd."""
+    mask0 = row_ok[:, None]
+    mask1 = row_ok[:, None] & col_ok1[None, :]
+    x0, x1 = load_row_tile_raw(X_ptr, b, n64, cols0, cols1, stride_x_b, stride_x_n, stride_x_c, mask0, mask1)
+    dy0, dy1 = load_row_tile_raw(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, stride_dy_c, mask0, mask1)
+    mean, rstd = load_row_stats(MEAN_ptr, RSTD_ptr, b, N, n64, row_ok)
+    return x0, x1, dy0, dy1, mean, rstd
+
+
+@triton.jit
+def _bwd_tile_step(x0, x1, dy0, dy1, mean, rstd, DX_ptr, b, n64, row_ok, cols0, cols1, col_ok1, gain0, gain1, C,
+                   stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1):
+    """dx of one loaded tile, stored; returns the (BLOCK_M, C) accumulators of dshift and dscale with it added."""
+    mask1 = row_ok[:, None] & col_ok1[None, :]
+    dy0f, dy1f = dy0.to(tl.float32), dy1.to(tl.float32)
+    xhat0, xhat1, dx0, dx1 = modulated_norm_backward_tile(x0.to(tl.float32), x1.to(tl.float32), dy0f, dy1f,
+                                                          mean, rstd, mask1, gain0, gain1, C)
+    store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, dx0, dx1, row_ok[:, None], mask1)
+    return acc_dshift0 + dy0f, acc_dshift1 + dy1f, acc_dscale0 + dy0f * xhat0, acc_dscale1 + dy1f * xhat1
 
 
 @triton.jit
@@ -73,39 +104,58 @@ def _modulated_layer_norm_bwd_kernel(
     stride_x_b, stride_x_n, stride_x_c,
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_dx_b, stride_dx_n,
-    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
+    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    # One program per (sample, block, row group); it loops over its rows in BLOCK_M tiles and
-    # keeps the dshift/dscale partial sums in registers. rows_per_group is a multiple of BLOCK_M.
+    # One program per (sample, block, row group); it loops over its rows in BLOCK_M tiles (rows_per_group is a
+    # multiple of BLOCK_M). dshift/dscale accumulate as (BLOCK_M, C) tiles, summed over their rows once at the
+    # end: inside the loop the only cross-thread reductions are LayerNorm's two per row. PREFETCH: the next
+    # tile's loads are issued before this tile's math and stores (software pipelining by hand), so a
+    # program keeps two tiles of loads in flight instead of waiting on each: the first H100 run measured
+    # this loop latency-bound (one load, reduce, store after another). It costs registers; the autotuner
+    # weighs the two.
     b, blk, g = block_program(tl.program_id(0), groups, num_blocks)
     blk64 = blk.to(tl.int64)
+    first = g * rows_per_group
 
     cols0, cols1, col_ok1 = row_columns(C, C0, C1P)
     scale0, scale1 = load_block_row_pair(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols0, cols1,
                                          col_ok1, C)
     gain0, gain1 = 1.0 + scale0, 1.0 + scale1
-    acc_dshift0 = tl.zeros((C0,), dtype=tl.float32)
-    acc_dscale0 = tl.zeros((C0,), dtype=tl.float32)
-    acc_dshift1 = tl.zeros((C1P,), dtype=tl.float32)
-    acc_dscale1 = tl.zeros((C1P,), dtype=tl.float32)
+    acc_dshift0 = tl.zeros((BLOCK_M, C0), dtype=tl.float32)
+    acc_dscale0 = tl.zeros((BLOCK_M, C0), dtype=tl.float32)
+    acc_dshift1 = tl.zeros((BLOCK_M, C1P), dtype=tl.float32)
+    acc_dscale1 = tl.zeros((BLOCK_M, C1P), dtype=tl.float32)
 
-    for r in range(0, rows_per_group, BLOCK_M):
-        n64, row_ok = block_rows(blk, g * rows_per_group + r, block_size, N, BLOCK_M)
-        mask0 = row_ok[:, None]
-        mask1 = row_ok[:, None] & col_ok1[None, :]
-        x0, x1 = load_row_tile(X_ptr, b, n64, cols0, cols1, stride_x_b, stride_x_n, stride_x_c, mask0, mask1)
-        dy0, dy1 = load_row_tile(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, stride_dy_c, mask0, mask1)
-        xhat0, xhat1, dx0, dx1 = modulated_norm_backward_tile(x0, x1, dy0, dy1, MEAN_ptr, RSTD_ptr, b, N, n64,
-                                                              row_ok, mask1, gain0, gain1, C)
-        acc_dshift0 += tl.sum(dy0, axis=0)
-        acc_dshift1 += tl.sum(dy1, axis=0)
-        acc_dscale0 += tl.sum(dy0 * xhat0, axis=0)
-        acc_dscale1 += tl.sum(dy1 * xhat1, axis=0)
-        store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, dx0, dx1, mask0, mask1)
+    if PREFETCH:
+        n64, row_ok = group_rows(blk, first, 0, rows_per_group, block_size, N, BLOCK_M)
+        x0, x1, dy0, dy1, mean, rstd = _load_bwd_tile(X_ptr, DY_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0,
+                                                      cols1, col_ok1, stride_x_b, stride_x_n, stride_x_c,
+                                                      stride_dy_b, stride_dy_n, stride_dy_c)
+        for r in range(0, rows_per_group, BLOCK_M):
+            n64_next, row_ok_next = group_rows(blk, first, r + BLOCK_M, rows_per_group, block_size, N, BLOCK_M)
+            x0_next, x1_next, dy0_next, dy1_next, mean_next, rstd_next = _load_bwd_tile(
+                X_ptr, DY_ptr, MEAN_ptr, RSTD_ptr, b, N, n64_next, row_ok_next, cols0, cols1, col_ok1,
+                stride_x_b, stride_x_n, stride_x_c, stride_dy_b, stride_dy_n, stride_dy_c)
+            acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
+                x0, x1, dy0, dy1, mean, rstd, DX_ptr, b, n64, row_ok, cols0, cols1, col_ok1, gain0, gain1, C,
+                stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
+            n64, row_ok = n64_next, row_ok_next
+            x0, x1, dy0, dy1, mean, rstd = x0_next, x1_next, dy0_next, dy1_next, mean_next, rstd_next
+    else:
+        for r in range(0, rows_per_group, BLOCK_M):
+            n64, row_ok = group_rows(blk, first, r, rows_per_group, block_size, N, BLOCK_M)
+            x0, x1, dy0, dy1, mean, rstd = _load_bwd_tile(X_ptr, DY_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok,
+                                                          cols0, cols1, col_ok1, stride_x_b, stride_x_n, stride_x_c,
+                                                          stride_dy_b, stride_dy_n, stride_dy_c)
+            acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
+                x0, x1, dy0, dy1, mean, rstd, DX_ptr, b, n64, row_ok, cols0, cols1, col_ok1, gain0, gain1, C,
+                stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
 
     part = ((b * num_blocks + blk64) * groups + g) * C
-    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, acc_dshift0, acc_dshift1)
-    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, acc_dscale0, acc_dscale1)
+    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dshift0, axis=0),
+                   tl.sum(acc_dshift1, axis=0))
+    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dscale0, axis=0),
+                   tl.sum(acc_dscale1, axis=0))
 
 
 def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
@@ -148,8 +198,9 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=x.device)
         return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 4096)
-    configs = backward_configs(block_m, num_warps, x.device)
-    groups, rows_per_group = row_groups(block_size, max(bm for bm, _ in configs), B * nb, x.device)
+    configs = backward_configs(block_m, num_warps, x.device,
+                               prefetch=prefetch_fits(block_m, num_warps, c0 + c1p, x.element_size()))
+    groups, rows_per_group = row_groups(block_size, max(c[0] for c in configs), B * nb, x.device)
     dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
     with launch_device(x):
@@ -238,7 +289,7 @@ def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1
 
 def aot_specs():
     """GPU configurations for ``python -m ard_kernels.aot_check``: DiT and text-to-image widths."""
-    from ..aot_check import make_signature
+    from ..aot_check import make_signature, row_divisible
 
     cuda = torch.device("cuda")
     specs = []
@@ -248,16 +299,27 @@ def aot_specs():
                                          ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
                 block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, target)
                 # every tile the launch autotunes over
-                tiles = (backward_configs(block_m, num_warps, cuda) if kind == "bwd"
+                fits = prefetch_fits(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2)
+                tiles = (backward_configs(block_m, num_warps, cuda, prefetch=fits) if kind == "bwd"
                          else forward_configs(block_m, num_warps, c0 + c1p, cuda))
                 stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
                          "DSCALE_PART_ptr": "*fp32"}
-                for i, (bm, warps) in enumerate(tiles):
+                # Column strides are 1 at run time, and the JIT compiles a unit stride in: so do these specs.
+                unit = (("stride_x_c", "stride_dy_c", "stride_sc_c") if kind == "bwd"
+                        else ("stride_x_c", "stride_sh_c", "stride_sc_c"))
+                for i, config in enumerate(tiles):
+                    bm, warps = config[:2]
+                    meta = {"BLOCK_M": bm, "C0": c0, "C1P": c1p, **dict.fromkeys(unit, 1)}
+                    suffix = f"_{bm}x{warps}"
+                    if kind == "bwd":
+                        meta["PREFETCH"] = config[2]
+                        suffix += "_prefetch" if config[2] else ""
                     specs.append({
-                        "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}" + (f"_{bm}x{warps}" if i else ""),
+                        "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}" + (suffix if i else ""),
                         "kernel": kernel,
                         "signature": make_signature(kernel, dtype, stats, floats=("eps",)),
-                        "constexprs": {"BLOCK_M": bm, "C0": c0, "C1P": c1p},
-                        "num_warps": warps,
+                        "constexprs": meta,
+                        "divisible": row_divisible(kernel),
+                    "num_warps": warps,
                     })
     return specs
