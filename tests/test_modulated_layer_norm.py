@@ -160,6 +160,25 @@ def test_cuda_every_backward_config(monkeypatch, c):
 
 
 @pytest.mark.cuda
+def test_cuda_every_forward_config(monkeypatch):
+    """Each forward config the GPU autotunes over at DiT-XL's width (one tile per program, shorter tiles, a
+    run of prefetched tiles), pinned in turn, against the fp32 reference by PyTorch's own bf16 error."""
+    from ard_kernels.ops import modulated_layer_norm as mln
+
+    cuda = torch.device("cuda")
+    block_m, c0, c1p, warps = mln.row_tile(1152, 256, cuda, 8192)
+    configs = mln.forward_configs_with_runs(block_m, warps, c0 + c1p, 256, cuda)
+    assert any(c[2] > 1 for c in configs)
+    inputs = make_inputs(2, 600, 1152, 256, dtype=torch.bfloat16, device="cuda", requires_grad=False)
+    ref32 = modulated_layer_norm_ref(*[t.float() for t in inputs], 256, EPS)
+    lowp = F.layer_norm(inputs[0], (1152,), eps=EPS) * (1 + _per_token(inputs[2], 600, 256)) + _per_token(
+        inputs[1], 600, 256)
+    for config in configs:
+        monkeypatch.setattr(mln, "forward_configs_with_runs", lambda *a, config=config: (config,))
+        assert_lowp_close(f"y {config}", modulated_layer_norm_triton(*inputs, 256, EPS), ref32, lowp)
+
+
+@pytest.mark.cuda
 def test_cuda_compile_fullgraph():
     inputs = make_inputs(2, 1024, 1152, 256, dtype=torch.bfloat16, device="cuda")
     dy = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
@@ -201,6 +220,17 @@ def _assert_grads_match_reference(b, n, c, block_size, device):
 
 
 
+@pytest.mark.parametrize("tiles", [3, 4])
+def test_forward_runs_of_tiles(monkeypatch, triton_device, tiles):
+    """The GPU forward's run configs (several row tiles per program, each loaded ahead of the previous
+    one's math), forced here: 2-row tiles, blocks of 11 rows (6 tiles: runs of 3 fit, runs of 4 overhang
+    the block), a partial last block."""
+    from ard_kernels.ops import modulated_layer_norm as mln
+
+    monkeypatch.setattr(mln, "forward_configs_with_runs", lambda bm, w, width, bs, device: ((2, 4, tiles),))
+    _assert_grads_match_reference(2, 20, 72, 11, triton_device)
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, prefetch):
     """On the GPU the backward autotunes over tiles of different heights, its row groups sized for the
@@ -239,16 +269,24 @@ def test_autotune_candidates():
     assert _rows.forward_configs(4, 16, width, cuda, values_per_thread=8) == ((4, 16), (2, 16), (1, 8))
     assert _rows.forward_configs(1, 16, sum(_rows.row_split(8192)), cuda) == ((1, 16),)
     assert _rows.forward_configs(4, 16, width, cpu) == ((4, 16),)
+    assert mln.forward_configs_with_runs(4, 16, width, 256, cuda) == ((4, 16, 1), (2, 8, 1), (1, 4, 1), (2, 8, 4))
+    assert mln.forward_configs_with_runs(4, 16, width, 6, cuda) == ((4, 16, 1), (2, 8, 1), (1, 4, 1))  # 3 tiles
+    assert mln.forward_configs_with_runs(4, 16, width, 256, cpu) == ((4, 16, 1),)
     cases = ((mln._modulated_layer_norm_bwd_kernel, _rows.BACKWARD_AUTOTUNE_KEY, ()),
              (fused._gated_residual_modulated_layer_norm_bwd_kernel, _rows.BACKWARD_AUTOTUNE_KEY, ()),
              (mln._modulated_layer_norm_fwd_kernel, _rows.FORWARD_AUTOTUNE_KEY, ()),
              (fused._gated_residual_modulated_layer_norm_fwd_kernel, _rows.FORWARD_AUTOTUNE_KEY, ("OUT_ptr",)))
     for kernel, key, restore in cases:
         _rows.autotuned_rows.cache_clear()
-        configs = ((2, 8, False), (1, 4, True)) if key == _rows.BACKWARD_AUTOTUNE_KEY else ((2, 8), (1, 16))
-        tuned = _rows.autotuned_rows(kernel, configs, key, restore)
-        assert [(c.kwargs["BLOCK_M"], c.num_warps, *([c.kwargs["PREFETCH"]] if len(cfg) > 2 else []))
-                for c, cfg in zip(tuned.configs, configs)] == list(configs)
+        if key == _rows.BACKWARD_AUTOTUNE_KEY:
+            configs, names = ((2, 8, False), (1, 4, True)), ("PREFETCH",)
+        elif kernel is mln._modulated_layer_norm_fwd_kernel:
+            configs, names = ((2, 8, 1), (4, 16, 4)), ("TILES",)
+        else:
+            configs, names = ((2, 8), (1, 16)), ()
+        tuned = _rows.autotuned_rows(kernel, configs, key, restore, names)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps, *[c.kwargs[n] for n in names])
+                for c in tuned.configs] == list(configs)
         assert all(set(c.kwargs) <= set(tuned.arg_names) for c in tuned.configs)  # meta-parameters of the kernel
         assert list(tuned.keys) == list(key)
         assert set(key) <= set(tuned.arg_names)

@@ -290,18 +290,16 @@ def backward_configs(block_m, num_warps, device, prefetch=True) -> tuple:
     return tuple(configs)
 
 
-def _config_meta(config) -> dict:
-    """The meta-parameters of a (BLOCK_M, num_warps) or (BLOCK_M, num_warps, PREFETCH) config."""
-    meta = {"BLOCK_M": config[0]}
-    if len(config) > 2:
-        meta["PREFETCH"] = config[2]
-    return meta
+def _config_meta(config, names=("PREFETCH",)) -> dict:
+    """The meta-parameters of a (BLOCK_M, num_warps, *more) config: BLOCK_M, then ``names`` for the more
+    (PREFETCH for the backwards, TILES for the modulated LayerNorm's forward)."""
+    return {"BLOCK_M": config[0], **dict(zip(names, config[2:]))}
 
 
 @functools.cache
-def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = ()):
-    """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs, or (BLOCK_M, num_warps, PREFETCH)
-    for the backwards) on the argument names ``key``.
+def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = (), names: tuple = ("PREFETCH",)):
+    """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs, or (BLOCK_M, num_warps, *more), the
+    more named by ``names``: :func:`_config_meta`) on the argument names ``key``.
 
     The autotuner runs each config several times: fine for kernels that only write their outputs (the
     backwards write every slot of their partial sums); a kernel that may write its input (the fused
@@ -311,7 +309,7 @@ def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = ()):
     """
     if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    return triton.autotune(configs=[triton.Config(_config_meta(c), num_warps=c[1]) for c in configs],
+    return triton.autotune(configs=[triton.Config(_config_meta(c, names), num_warps=c[1]) for c in configs],
                            key=list(key), restore_value=list(restore) or None, do_bench=_tuning_bench)(kernel)
 
 
@@ -328,13 +326,14 @@ def tile_grid(block_size, num_blocks, batch):
     return lambda meta: (triton.cdiv(block_size, meta["BLOCK_M"]) * num_blocks * batch,)
 
 
-def launch_rows(kernel, grid, args, configs, device, key, restore=(), **constexprs):
+def launch_rows(kernel, grid, args, configs, device, key, restore=(), names=("PREFETCH",), **constexprs):
     """Launch a row kernel: on the GPU autotuned over ``configs`` (:func:`autotuned_rows`) when there is a
     choice; else with ``configs[0]`` (the interpreter's tile; num_warps is moot there). ``grid`` is a
-    tuple, or a function of the config's meta-parameters (``{"BLOCK_M": ...}``). A backward's row groups
+    tuple, or a function of the config's meta-parameters (``{"BLOCK_M": ...}``); ``names``: those of a
+    config's elements past num_warps (:func:`_config_meta`). A backward's row groups
     must be a multiple of every config's BLOCK_M (:func:`row_groups` with the largest)."""
     if device.type == "cuda" and len(configs) > 1:
-        autotuned_rows(kernel, configs, tuple(key), tuple(restore))[grid](*args, **constexprs)
+        autotuned_rows(kernel, configs, tuple(key), tuple(restore), tuple(names))[grid](*args, **constexprs)
     else:
-        meta = _config_meta(configs[0])
+        meta = _config_meta(configs[0], names)
         kernel[grid(meta) if callable(grid) else grid](*args, num_warps=configs[0][1], **meta, **constexprs)
