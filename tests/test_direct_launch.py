@@ -77,3 +77,66 @@ def test_direct_in_place_bumps_the_version_counter(triton_device):
     with torch.no_grad():
         out, _ = ak.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, 4, inplace=True, backend="triton")
     assert out is x and x._version == before + 1
+
+
+def test_attention_launch_memo(monkeypatch):
+    """After an autotuned attention launch, the same launch plan reuses the chosen config straight on the JIT
+    function (no autotuner on the call path; a pointer config gets no TMA descriptors), compiling that variant
+    at once by one more launch; inside a CUDA-graph capture, or with the memo off, the autotuned path runs.
+    Simulated (the interpreter has no autotuner): a stand-in autotuner records what reaches it."""
+    from types import SimpleNamespace
+
+    import triton
+
+    from ard_kernels.ops import block_attention as ba
+
+    calls = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, args, kwargs))
+
+    class Tuned(Launcher):
+        fn = Launcher("jit")
+        best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "SLOT": 1, "USE_TMA": False}, num_warps=4,
+                                    num_stages=2)
+
+    L = SimpleNamespace(kernel=Tuned("tuned"), interp=False, Lq=256, Lk=1024, pat_key=7, grid_key=0, d0=64, d1=8,
+                        dot_prec="tf32", align=8, tma=True, constexprs=lambda: {"D0": 64, "ALIGN": 8})
+
+    def descriptors(config):
+        if config is None:
+            return ("desc",) * 6  # the autotuned path: every config gets descriptors
+        return ("desc",) * 6 if config["USE_TMA"] else (None,) * 6
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(ba, "_CHOSEN", {})
+    q = torch.zeros(1)
+
+    def launch():
+        calls.clear()
+        ba._launch(L, None, ("head",), ("tail",), q, descriptors)
+        return calls[:]
+
+    first = launch()
+    assert [c[0] for c in first] == ["tuned", "jit"]  # autotuned, then the memo variant compiled at once
+    assert first[0][1] == ("head", *("desc",) * 6, "tail") and first[0][2] == {"D0": 64, "ALIGN": 8}
+    assert first[1][1] == ("head", *(None,) * 6, "tail")  # a pointer config won: no descriptors
+    assert first[1][2] == {"D0": 64, "ALIGN": 8, **Tuned.best_config.all_kwargs()}
+    assert {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2}.items() <= first[1][2].items()
+    assert [c[0] for c in launch()] == ["jit"]  # from now on the memo path alone
+    capturing[0] = True
+    assert [c[0] for c in launch()] == ["tuned"]  # a capture sees only what the warm-up compiled
+    capturing[0] = False
+    L.align = 1  # another specialisation of the same autotuning key: its own entry
+    assert [c[0] for c in launch()] == ["tuned", "jit"]
+    monkeypatch.setattr(ba, "_LAUNCH_MEMO", False)
+    assert [c[0] for c in launch()] == ["tuned"]
+    L.kernel.best_config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "SLOT": 0, "USE_TMA": True}, num_warps=8)
+    monkeypatch.setattr(ba, "_LAUNCH_MEMO", True)
+    monkeypatch.setattr(ba, "_CHOSEN", {})
+    assert launch()[1][1] == ("head", *("desc",) * 6, "tail")  # a TMA config keeps its descriptors

@@ -247,13 +247,15 @@ class _Launch:
         self.kind = kind
         self.scale = float(scale)
         self.dot_prec = "ieee" if (q.dtype == torch.float32 or self.interp) else "tf32"
+        self.align = 1  # the launch sets it (:func:`_row_align` of its tensors)
 
     def scalars(self):
         return (self.H, self.Lq, self.Lk, self.block_size, self.nb, self.scale * _LOG2E)
 
     def constexprs(self):
         meta = dict(D0=self.d0, D1=self.d1, DP1=self.dp1, HAS_D1=self.d1 > 0, D1_MASK=self.dp1 != self.d1,
-                    UPCAST=self.interp, DOT_PREC=self.dot_prec, SMALL_NB=self.nb <= block_schedule.SMALL_NB)
+                    UPCAST=self.interp, DOT_PREC=self.dot_prec, SMALL_NB=self.nb <= block_schedule.SMALL_NB,
+                    ALIGN=self.align)
         if self.interp:
             (bm, bn), = _INTERPRETER_PAIRS
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)
@@ -265,12 +267,58 @@ class _Launch:
         """The TMA configs this launch offers the autotuner (none without :attr:`tma`)."""
         return _tma_configs(self.width) if self.tma else ()
 
-    def fwd_descriptors(self, q, k, v):
-        """The forward's six descriptor arguments: TMA descriptors when :attr:`tma`, else None."""
-        if not self.tma:
+    def fwd_descriptors(self, q, k, v, config=None):
+        """The forward's six descriptor arguments: TMA descriptors when :attr:`tma`, else None. ``config``
+        (the meta-parameters of one chosen config, :func:`_launch`): None for a pointer config, else
+        descriptors with that config's block shapes; without it, the first TMA config's (the autotune
+        pre-hook resets them per config)."""
+        if not self.tma or (config is not None and not config["USE_TMA"]):
             return (None,) * len(_FWD_DESCS)
-        bm, bn = _INTERPRETER_PAIRS[0] if self.interp else self.tma_configs()[0][:2]
+        if config is not None:
+            bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+        else:
+            bm, bn = _INTERPRETER_PAIRS[0] if self.interp else self.tma_configs()[0][:2]
         return _fwd_descriptors(q, k, v, self.d0, self.dp1, self.d1 > 0, bm, bn)
+
+
+# The config each autotuned launch chose, per (kernel, autotuning key, dtype, TMA offered): later eager calls
+# launch the JIT function with it directly. That skips the autotuner's per-call work (dicts over ~50
+# arguments, the key, the pre-hook) and, when a pointer config won, the TMA descriptors: Triton's launcher
+# turns every descriptor argument into a CUtensorMap at every call, even for a kernel that ignores it. The
+# small-batch rows of the first H100 run were host-bound (B1 forward 0.435 ms for ~20 µs of GPU work).
+# Inside a CUDA-graph capture the autotuned path runs as before (the memo path's first call compiles a
+# variant without descriptors, which a capture must not see). ARD_KERNELS_LAUNCH_MEMO=0: never.
+_CHOSEN: dict = {}
+_LAUNCH_MEMO = os.environ.get("ARD_KERNELS_LAUNCH_MEMO", "1") != "0"
+
+
+def _launch(L, grid, head, tail, q, descriptors=None):
+    """Launch ``L.kernel`` on ``(*head, *descriptors, *tail)`` with ``L``'s constexprs; ``descriptors(config)``
+    gives the forward's six TMA descriptor arguments for a config (None: the dK/dV and dQ kernels)."""
+    meta = L.constexprs()
+    if L.interp:
+        L.kernel[grid](*head, *(descriptors(None) if descriptors else ()), *tail, **meta)
+        return
+    key = (L.kernel, L.Lq, L.Lk, L.pat_key, L.grid_key, L.d0, L.d1, L.dot_prec, L.align, q.dtype, L.tma, q.device)
+    config = _CHOSEN.get(key) if _LAUNCH_MEMO else None
+    if config is None or torch.cuda.is_current_stream_capturing():
+        L.kernel[grid](*head, *(descriptors(None) if descriptors else ()), *tail, **meta)
+        if _LAUNCH_MEMO and config is None and not torch.cuda.is_current_stream_capturing():
+            config = getattr(L.kernel, "best_config", None)
+            if config is not None:
+                # The same launch once more by the memo path: it compiles its variant now (identical
+                # outputs, written again), not inside a later call that may be timed or captured.
+                _launch_chosen(L, grid, head, tail, meta, config, descriptors)
+                _CHOSEN[key] = config
+        return
+    _launch_chosen(L, grid, head, tail, meta, config, descriptors)
+
+
+def _launch_chosen(L, grid, head, tail, meta, config, descriptors):
+    """``L.kernel``'s JIT function launched with ``config`` (a triton.Config the autotuner chose)."""
+    kwargs = config.all_kwargs()
+    descs = descriptors(kwargs) if descriptors else ()
+    L.kernel.fn[grid](*head, *descs, *tail, **meta, **kwargs)
 
 
 def _row_align(*tensors) -> int:
@@ -307,11 +355,11 @@ def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float, o
     out = _token_major_like(q) if out is None else out
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     a = _row_align(q, k, v, out)
+    L.align = a
     with launch_device(q):
-        L.kernel[_grid(L.Lq, "BLOCK_M", L.B * L.H)](
-            q, k, v, out, lse, L.sched, *L.fwd_descriptors(q, k, v), *_strides(q, a), *_strides(k, a),
-            *_strides(v, a), *_strides(out, a),
-            *L.scalars(), L.pat_key, L.grid_key, **L.constexprs(), ALIGN=a)
+        _launch(L, _grid(L.Lq, "BLOCK_M", L.B * L.H), (q, k, v, out, lse, L.sched),
+                (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(out, a), *L.scalars(), L.pat_key,
+                 L.grid_key), q, descriptors=lambda config: L.fwd_descriptors(q, k, v, config))
     return out, lse
 
 
@@ -342,13 +390,13 @@ def _block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size:
     a = _row_align(q, k, v, do, dq, dk, dv)
     st = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a))
     L = _Launch(q, k, nb, rows, block_size, scale, "dkdv")
-    L.kernel[_grid(L.Lk, "BLOCK_N", B * H)](
-        q, k, v, do, lse, delta, dk, dv, L.sched, *st, *_strides(dk, a), *_strides(dv, a), *L.scalars(), L.scale,
-        L.pat_key, L.grid_key, **L.constexprs(), ALIGN=a)
+    L.align = a
+    _launch(L, _grid(L.Lk, "BLOCK_N", B * H), (q, k, v, do, lse, delta, dk, dv, L.sched),
+            (*st, *_strides(dk, a), *_strides(dv, a), *L.scalars(), L.scale, L.pat_key, L.grid_key), q)
     L = _Launch(q, k, nb, rows, block_size, scale, "dq")
-    L.kernel[_grid(L.Lq, "BLOCK_M", B * H)](
-        q, k, v, do, lse, delta, dq, L.sched, *st, *_strides(dq, a), *L.scalars(), L.scale, L.pat_key, L.grid_key,
-        **L.constexprs(), ALIGN=a)
+    L.align = a
+    _launch(L, _grid(L.Lq, "BLOCK_M", B * H), (q, k, v, do, lse, delta, dq, L.sched),
+            (*st, *_strides(dq, a), *L.scalars(), L.scale, L.pat_key, L.grid_key), q)
     return dq, dk, dv
 
 
