@@ -98,6 +98,10 @@ def test_dispatch(triton_device):
         lin.linear(x, w, b[:4])
     with pytest.raises(RuntimeError, match="inference-only"):
         lin.linear(x, w.requires_grad_(), b, backend="triton")
+    # auto with autograd on: PyTorch's differentiable ops (never the GELU epilogue, which has no derivative)
+    y = lin.linear(x, w, b, gelu=True)
+    y.sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
 
 
 def test_benchmark_runs_on_the_cpu(triton_device):

@@ -176,8 +176,10 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _cublas(x, weight, bias, gelu):
-    """cuBLAS(Lt): the GELU as the GEMM's epilogue where it can (a bias, one dtype), else after it."""
-    if gelu and bias is not None and x.is_cuda and x.dtype == weight.dtype == bias.dtype:
+    """cuBLAS(Lt): the GELU as the GEMM's epilogue where it can (CUDA, a bias, one dtype, nothing for
+    autograd to track: the epilogue op has no derivative), else after it."""
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias) if t is not None)
+    if gelu and bias is not None and x.is_cuda and x.dtype == weight.dtype == bias.dtype and not tracked:
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     return linear_ref(x, weight, bias, gelu)
 
@@ -195,7 +197,7 @@ def split_candidates(M: int, N: int, K: int, sms: int) -> tuple:
 
 
 # Per (M, N, K, dtype, gelu, has_bias, device): the plan the first call's timing chose, 0 = cuBLAS, s >= 1 =
-# Triton with s K-slices.
+# Triton with s K-slices (backend="triton" keys start with "triton": cuBLAS was not a candidate there).
 _PLANS: dict = {}
 _MAX_ROWS = int(os.environ.get("ARD_KERNELS_LINEAR_MAX_ROWS", "4096"))
 
@@ -251,7 +253,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
             raise RuntimeError("backend: 'triton' linear is inference-only (no autograd); run under torch.no_grad()")
         if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-            key = (M, weight.shape[0], K, x.dtype, gelu, bias is not None, x.device)
+            key = ("triton", M, weight.shape[0], K, x.dtype, gelu, bias is not None, x.device)
             if key not in _PLANS:
                 _PLANS[key] = max(1, _choose_triton_only(rows, weight, bias, gelu))
             split = _PLANS[key]
