@@ -301,9 +301,10 @@ def _launch(L, grid, head, tail, q, descriptors=None):
         return
     key = (L.kernel, L.Lq, L.Lk, L.pat_key, L.grid_key, L.d0, L.d1, L.dot_prec, L.align, q.dtype, L.tma, q.device)
     config = _CHOSEN.get(key) if _LAUNCH_MEMO else None
-    if config is None or torch.cuda.is_current_stream_capturing():
+    capturing = torch.cuda.is_current_stream_capturing()
+    if config is None or capturing:
         L.kernel[grid](*head, *(descriptors(None) if descriptors else ()), *tail, **meta)
-        if _LAUNCH_MEMO and config is None and not torch.cuda.is_current_stream_capturing():
+        if _LAUNCH_MEMO and config is None and not capturing:
             config = getattr(L.kernel, "best_config", None)
             if config is not None:
                 # The same launch once more by the memo path: it compiles its variant now (identical

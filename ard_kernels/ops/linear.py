@@ -202,21 +202,24 @@ _PLANS: dict = {}
 _MAX_ROWS = int(os.environ.get("ARD_KERNELS_LINEAR_MAX_ROWS", "4096"))
 
 
-def _choose(x, weight, bias, gelu) -> int:
-    """Time cuBLAS and each split-K plan on these arguments (warm, median of triton's do_bench) and return the
-    fastest; the Triton plans' own tile autotuning runs in their first call, before the timing."""
+def _choose(x, weight, bias, gelu, with_cublas: bool = True) -> int:
+    """Time cuBLAS (unless ``with_cublas`` is False) and each split-K plan on these arguments (warm, median of
+    triton's do_bench) and return the fastest; the Triton plans' own tile autotuning runs in their first
+    call, before the timing."""
     import triton.testing
 
     M, K = x.shape
     N = weight.shape[0]
-    times = {0: triton.testing.do_bench(lambda: _cublas(x, weight, bias, gelu), warmup=5, rep=25)}
+    times = {}
+    if with_cublas:
+        times[0] = triton.testing.do_bench(lambda: _cublas(x, weight, bias, gelu), warmup=5, rep=25)
     for split in split_candidates(M, N, K, sm_count(x.device)):
         linear_triton(x, weight, bias, gelu, split)  # compile and tune its tiles
         times[split] = triton.testing.do_bench(lambda s=split: linear_triton(x, weight, bias, gelu, s), warmup=5,
                                                rep=25)
     best = min(times, key=times.get)
     us = {("cublas" if s == 0 else f"split{s}"): round(t * 1e3, 2) for s, t in times.items()}
-    log_once(f"linear-plan-{M}-{N}-{K}-{x.dtype}-{gelu}",
+    log_once(f"linear-plan-{M}-{N}-{K}-{x.dtype}-{gelu}-{with_cublas}",
              f"ard_kernels.linear: (M={M}, N={N}, K={K}, {x.dtype}{', gelu' if gelu else ''}) runs "
              f"{'cuBLAS' if best == 0 else f'Triton split-K {best}'} (us: {us})", logging.INFO)
     return best
@@ -255,7 +258,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.is_cuda and not torch.cuda.is_current_stream_capturing():
             key = ("triton", M, weight.shape[0], K, x.dtype, gelu, bias is not None, x.device)
             if key not in _PLANS:
-                _PLANS[key] = max(1, _choose_triton_only(rows, weight, bias, gelu))
+                _PLANS[key] = _choose(rows, weight, bias, gelu, with_cublas=False)
             split = _PLANS[key]
         else:
             split = 1
@@ -280,19 +283,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if plan == 0:
         return _cublas(rows, weight, bias, gelu).reshape(*lead, -1)
     return linear_triton(rows, weight, bias, gelu, plan).reshape(*lead, -1)
-
-
-def _choose_triton_only(x, weight, bias, gelu) -> int:
-    """The fastest split-K plan (backend="triton": cuBLAS not a candidate)."""
-    import triton.testing
-
-    M, K = x.shape
-    times = {}
-    for split in split_candidates(M, weight.shape[0], K, sm_count(x.device)):
-        linear_triton(x, weight, bias, gelu, split)
-        times[split] = triton.testing.do_bench(lambda s=split: linear_triton(x, weight, bias, gelu, s), warmup=5,
-                                               rep=25)
-    return min(times, key=times.get)
 
 
 def aot_specs():
