@@ -90,3 +90,17 @@ def test_hopper_dit_forward_has_clean_tma_configs(report):
     rows = [r for r in report["compiled"] if r["arch"] == 90
             and r["name"].startswith("block_attention_fwd_bf16_D72_") and r["name"].endswith("_tma")]
     assert rows and all(r["wgmma"] and not r.get("spill_bytes") for r in rows), rows
+
+
+def test_dit_forward_without_its_masked_loop_is_lighter(report):
+    """ARD's 256-token blocks launch the forward with its masked loop compiled out (``..._fullonly``): on sm_90
+    each such config holds no more registers or shared memory than with it, so at least as many programs share
+    an SM (block_schedule.has_masked_tiles)."""
+    rows = {r["name"]: r for r in report["compiled"]
+            if r["arch"] == 90 and r["name"].startswith("block_attention_fwd_bf16_D72_")}
+    pairs = [(rows[n[:-len("_fullonly")]], r) for n, r in rows.items() if n.endswith("_fullonly")]
+    assert pairs and len(pairs) * 2 == len(rows), sorted(rows)
+    for masked, full in pairs:
+        assert full["registers"] <= masked["registers"] and full["shared_bytes"] <= masked["shared_bytes"], \
+            (masked, full)
+    assert any(full["registers"] < masked["registers"] for masked, full in pairs)

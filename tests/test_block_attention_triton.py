@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from _attention_helpers import attention_in_dtype, flash_rule
 
 import ard_kernels
@@ -208,6 +209,28 @@ def test_work_scales_with_allowed_block_pairs(pattern, nb, bm, bn):
     full, masked = block_schedule.classify_tiles(table, 256, nb * 256, 256, bm, bn)  # the last block's step
     assert not masked.any()
     assert full.sum() == table[-1].sum() * per_pair
+
+
+@pytest.mark.parametrize("nb,lq,lk,bs,pairs,expected", [
+    (4, 1024, 1024, 256, ((128, 64), (64, 64), (128, 128)), False),  # ARD training: tiles inside blocks
+    (4, 256, 1024, 256, ((128, 64), (64, 64)), False),               # the cached step's last block
+    (3, 300, 300, 100, ((16, 16),), True),                            # odd blocks straddle tiles
+    (4, 1000, 1024, 256, ((128, 64),), True),                         # queries start mid-tile
+    (2, 64, 64, 32, ((16, 16), (64, 64)), True),                      # one tiling straddles: all compile it
+])
+def test_masked_loop_is_compiled_only_where_a_tile_straddles(nb, lq, lk, bs, pairs, expected, triton_device):
+    rows = tuple(block_schedule.encode_pattern("causal", nb))
+    assert block_schedule.has_masked_tiles(rows, nb, lq, lk, bs, pairs) is expected
+    q, k = torch.empty(1, 1, lq, 16, device=triton_device), torch.empty(1, 1, lk, 16, device=triton_device)
+    launch = ba._Launch(q, k, nb, rows, bs, 1.0, "fwd")
+    assert launch.constexprs()["MASKED_TILES"] is block_schedule.has_masked_tiles(rows, nb, lq, lk, bs,
+                                                                                  launch_pairs(launch))
+
+
+def launch_pairs(launch):
+    """The (BLOCK_M, BLOCK_N) tilings a launch's schedule holds."""
+    return ba._INTERPRETER_PAIRS if launch.interp else ba._tuned(launch.kind, launch.width > 128, False,
+                                                                   launch.tma_configs())[1]
 
 
 def test_schedule_is_cached_and_small():
@@ -471,9 +494,10 @@ def test_tma_descriptors_and_pre_hook():
 
 @pytest.mark.parametrize("width", [16, 80, 96, 128])
 def test_tma_configs_join_the_pointer_configs(width):
-    """At most 3 extra forward configs, all with the pre-hook; the pointer configs stay, first."""
+    """At most 4 extra forward configs (first-call compile time), all with the pre-hook; the pointer configs
+    stay, first."""
     tma = ba._tma_configs(width)
-    assert 0 < len(tma) <= 3
+    assert 0 < len(tma) <= 4
     pointer = ba._CONFIGS[("fwd", False)]
     kernel, pairs = ba._tuned("fwd", False, False, tma)
     flags = [c.kwargs["USE_TMA"] for c in kernel.configs]
@@ -576,6 +600,43 @@ def test_cuda_flash_rule(b, h, bs, nb, lq_blocks, d, pattern, dtype):
     for name, got, lo, want in zip(("out", "dq", "dk", "dv"), ours, low, ref):
         assert got.dtype == dtype
         flash_rule(name, got, lo, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bs,nb", [(256, 4), (100, 3)])
+def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, monkeypatch):
+    """Each config the autotuner may choose, pinned in turn (the autotuner alone would only ever run its
+    winner), forward and backward on DiT's shape: bf16, head dim 72, four 256-token blocks (the masked
+    loop compiled out) and one odd block size (with it)."""
+    real_tuned = ba._tuned
+    choice = {}
+
+    def pinned(kind, wide, fp32, tma=()):
+        kernel, pairs = real_tuned(kind, wide, fp32, tma)
+        config = kernel.configs[choice["i"] % len(kernel.configs)]
+        return triton.autotune(configs=[config], key=ba._AUTOTUNE_KEY)(kernel.fn), pairs
+
+    monkeypatch.setattr(ba, "_tuned", pinned)
+    lq = lk = bs * nb
+    q, k, v = _inputs(2, 16, lq, lk, 72, "cuda", dtype=torch.bfloat16, bnhd=True)
+    g = torch.randn(2, 16, lq, 72, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, *inputs):
+        out = fn(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, g.to(out.dtype)))
+
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = run(lambda *a: block_attention_ref(*a, bs, "causal"), *f32)
+    mask = masks.dense_mask("causal", lq, lk, bs, device="cuda")
+    low = run(lambda *a: attention_in_dtype(*a, mask), q, k, v)
+    counts = [len(real_tuned(kind, False, False, ba._tma_configs(80) if kind == "fwd" else ())[0].configs)
+              for kind in ("fwd", "dkdv", "dq")]
+    for i in range(max(counts)):
+        choice["i"] = i
+        monkeypatch.setattr(ba, "_CHOSEN", {})  # no memo of an earlier pin
+        ours = run(lambda *a: ard_kernels.block_attention(*a, bs, "causal", backend="triton"), q, k, v)
+        for name, got, lo, want in zip(("out", "dq", "dk", "dv"), ours, low, ref):
+            flash_rule(f"{name} (config {i})", got, lo, want)
 
 
 @pytest.mark.cuda

@@ -34,6 +34,7 @@ the host side: tile configs, the Hopper TMA path, launchers, custom ops and :fun
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import Optional
 
@@ -86,9 +87,13 @@ _FP32_CONFIGS = {
 # arrive by TMA (descriptor loads the pipeliner turns into async bulk copies with mbarriers: no
 # address arithmetic, no masks) and the products run on wgmma straight from shared memory. Added
 # to, never replacing, the pointer configs above: the autotuner on the GPU picks the faster.
-# Per head width (D0 + DP1): up to 96 (DiT's 72 = 64 + 16) a 3-stage 128×128 ring fits in registers;
-# at 128 it needs 225 KiB of shared memory and spills, so a 3-stage 128×64 takes its place.
-_TMA_CONFIGS = {96: ((128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)),
+# Per head width (D0 + DP1): up to 96 (DiT's 72 = 64 + 16) the small tiles that let several programs
+# share an SM once the masked loop is compiled out (ARD's 256-token blocks: block_schedule.has_masked_tiles;
+# sm_90, triton 3.6: 64×64 by 4 warps 114 registers and 51 KB, four programs per SM; 128×64 by 4 warps, the
+# tile of the pointer config the first H100 run chose, two; 2 stages, since 3 spill with the masked loop
+# under triton 3.7), and a 3-stage 128×128 ring, which fits in registers;
+# at 128 that ring needs 225 KiB of shared memory and spills, so a 3-stage 128×64 takes its place.
+_TMA_CONFIGS = {96: ((128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 3)),
                 128: ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2))}
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
@@ -243,6 +248,7 @@ class _Launch:
             self.kernel, pairs = _tuned(kind, self.width > 128, q.dtype == torch.float32, self.tma_configs())
         self.sched = block_schedule.schedule_on(rows, self.nb, self.Lq, self.Lk, block_size, pairs,
                                                 str(q.device))
+        self.masked_tiles = block_schedule.has_masked_tiles(rows, self.nb, self.Lq, self.Lk, block_size, pairs)
         self.block_size = block_size
         self.kind = kind
         self.scale = float(scale)
@@ -255,7 +261,7 @@ class _Launch:
     def constexprs(self):
         meta = dict(D0=self.d0, D1=self.d1, DP1=self.dp1, HAS_D1=self.d1 > 0, D1_MASK=self.dp1 != self.d1,
                     UPCAST=self.interp, DOT_PREC=self.dot_prec, SMALL_NB=self.nb <= block_schedule.SMALL_NB,
-                    ALIGN=self.align)
+                    ALIGN=self.align, MASKED_TILES=self.masked_tiles)
         if self.interp:
             (bm, bn), = _INTERPRETER_PAIRS
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)
@@ -562,7 +568,9 @@ def aot_specs():
     Head dims 72 (DiT, split 64 + 16), 128 (text-to-image) and 256 (the widest), contiguous
     (unit head-dim stride, rows aligned), at the precision each config list is meant for. On sm_90
     the bf16/fp16 forward compiles as it launches there: with descriptor arguments for every config
-    (the pointer configs ignore theirs) plus the TMA configs, named ``..._tma``.
+    (the pointer configs ignore theirs) plus the TMA configs, named ``..._tma``. Every kernel compiles
+    with its masked loop (any block size); DiT's bf16 kernels also without it, named ``..._fullonly``,
+    as ARD's 256-token blocks launch them (:func:`block_schedule.has_masked_tiles`).
     """
     from ..aot_check import jit_function, make_signature
 
@@ -594,11 +602,12 @@ def aot_specs():
             for group_archs, group, descs in groups:
                 if not group_archs:
                     continue
-                for bm, bn, warps, stages, use_tma in group:
+                masked_variants = (True, False) if (d, dtype) == (72, "bf16") else (True,)
+                for (bm, bn, warps, stages, use_tma), masked in itertools.product(group, masked_variants):
                     meta = dict(unit, D0=d0, D1=d1, DP1=dp1, HAS_D1=d1 > 0, D1_MASK=dp1 != d1, BLOCK_M=bm,
                                 BLOCK_N=bn, SLOT=list(dict.fromkeys(c[:2] for c in group)).index((bm, bn)),
-                                UPCAST=False,
-                                DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True, ALIGN=8)
+                                UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True,
+                                ALIGN=8, MASKED_TILES=masked)
                     sig = dict(signature)
                     if kind == "fwd":
                         meta["USE_TMA"] = use_tma
@@ -610,7 +619,7 @@ def aot_specs():
                                 meta[name] = None
                     specs.append({
                         "name": f"block_attention_{kind}_{dtype}_D{d}_{bm}x{bn}_w{warps}s{stages}"
-                                + ("_tma" if use_tma else ""),
+                                + ("_tma" if use_tma else "") + ("" if masked else "_fullonly"),
                         "kernel": kernel,
                         "signature": sig,
                         "constexprs": meta,

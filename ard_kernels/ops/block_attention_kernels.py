@@ -128,14 +128,15 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, st
             else:
                 k1 = _load_rows(K1, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, MASKED, D1_MASK, UPCAST)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
-        s = s * qk_scale
         if MASKED:
             allowed = _allowed(S, tab_off, nb, block_size, q_off, offs_m[:, None], offs_n[None, :], Lq, Lk, SMALL_NB)
             s = tl.where(allowed, s, float("-inf"))
-        # m_i starts finite (-1e30), so a row that is fully masked in this tile gives p = 0, not NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # The scale (> 0) commutes with the max, so it is applied to the row maxima and then inside the
+        # exponent, where scale·s − m is one fused multiply-add per element instead of a multiply and a
+        # subtraction. m_i starts finite (-1e30), so a row fully masked in this tile gives p = 0, not NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
             v0 = _load_tile(desc_v0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
@@ -163,7 +164,7 @@ def _block_attention_fwd_kernel(
     H, Lq, Lk, block_size, nb, qk_scale, PAT_KEY, GRID_KEY,
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
+    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr, MASKED_TILES: tl.constexpr,
 ):
     # desc_*: TMA descriptors over (B, H, L, D), columns [0, D0) ("0") and [D0, D0 + DP1) ("1"), when
     # USE_TMA (Hopper configs; the launcher's pre-hook sets their block shapes), else None.
@@ -213,11 +214,12 @@ def _block_attention_fwd_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
         block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
         BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
-    acc0, acc1, l_i, m_i = _fwd_inner(
-        acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, mask_lo, mask_hi,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
-        block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
-        BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
+    if MASKED_TILES:
+        acc0, acc1, l_i, m_i = _fwd_inner(
+            acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, mask_lo, mask_hi,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
+            block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
+            BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
 
     # Rows past Lq never see a key in masked tiles; keep their (unstored) values finite.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -308,7 +310,7 @@ def _block_attention_bwd_dkdv_kernel(
     H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY, GRID_KEY,
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
+    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, MASKED_TILES: tl.constexpr,
 ):
     # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
     stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
@@ -351,10 +353,11 @@ def _block_attention_bwd_dkdv_kernel(
         dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, full_lo, mask_lo, stride_qm, stride_qd,
         stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
         D0, D1, HAS_D1, D1_MASK, BLOCK_M, False, UPCAST, DOT_PREC, SMALL_NB)
-    dk0, dk1, dv0, dv1 = _dkdv_inner(
-        dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, mask_lo, mask_hi, stride_qm, stride_qd,
-        stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
-        D0, D1, HAS_D1, D1_MASK, BLOCK_M, True, UPCAST, DOT_PREC, SMALL_NB)
+    if MASKED_TILES:
+        dk0, dk1, dv0, dv1 = _dkdv_inner(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, mask_lo, mask_hi, stride_qm, stride_qd,
+            stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+            D0, D1, HAS_D1, D1_MASK, BLOCK_M, True, UPCAST, DOT_PREC, SMALL_NB)
 
     dKb = dK + b * stride_dkb + h * stride_dkh
     dVb = dV + b * stride_dvb + h * stride_dvh
@@ -413,7 +416,7 @@ def _block_attention_bwd_dq_kernel(
     H, Lq, Lk, block_size, nb, qk_scale, scale, PAT_KEY, GRID_KEY,
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr,
+    SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, MASKED_TILES: tl.constexpr,
 ):
     # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
     stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
@@ -454,10 +457,11 @@ def _block_attention_bwd_dq_kernel(
         dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, full_lo, mask_lo, stride_kn, stride_kd, stride_vn,
         stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
         D0, D1, HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB)
-    dq0, dq1 = _dq_inner(
-        dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, mask_lo, mask_hi, stride_kn, stride_kd, stride_vn,
-        stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
-        D0, D1, HAS_D1, D1_MASK, BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB)
+    if MASKED_TILES:
+        dq0, dq1 = _dq_inner(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, mask_lo, mask_hi, stride_kn, stride_kd, stride_vn,
+            stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+            D0, D1, HAS_D1, D1_MASK, BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB)
 
     dQb = dQ + b * stride_dqb + h * stride_dqh
     tl.store(dQb + offs_m[:, None] * stride_dqm + offs_d0[None, :] * stride_dqd,

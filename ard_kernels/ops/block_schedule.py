@@ -169,6 +169,22 @@ def schedule_host(rows: tuple, nb: int, lq: int, lk: int, block_size: int, pairs
     return torch.tensor(out, dtype=torch.int32, device="cpu")  # host data, whatever default device is set
 
 
+@functools.lru_cache(maxsize=256)
+def has_masked_tiles(rows: tuple, nb: int, lq: int, lk: int, block_size: int, pairs: tuple) -> bool:
+    """Whether any (BLOCK_M, BLOCK_N) tiling in ``pairs`` has a masked tile (one straddling a block boundary
+    or the sequence end).
+
+    The kernels compile their masked loop only where this is True (their ``MASKED_TILES``): with blocks a
+    multiple of every tile and Lq, Lk multiples of the blocks, as in ARD's 256-token blocks, every tile is
+    full or skipped, and a kernel without that loop holds fewer registers and less shared memory (DiT's
+    head dim 72 on sm_90: 230 instead of 255 registers and a spill for the 128×64 forward tile, 114 instead
+    of 160 for 64×64 by TMA: ``python -m ard_kernels.aot_check --filter fwd_bf16_D72``), so more programs
+    share an SM. One flag for all of ``pairs`` because the autotuner picks the tiling after the launch.
+    """
+    table = decode_pattern(nb, rows)
+    return any(classify_tiles(table, lq, lk, block_size, bm, bn)[1].any() for bm, bn in pairs)
+
+
 # Never evicted: a captured CUDA graph reads a schedule by address, so freeing one (as an LRU bound
 # would after enough other shapes) would let a later replay read reused memory. A schedule is a few
 # KB and there is one per (pattern, shape, tile pair, device) a process has run.
