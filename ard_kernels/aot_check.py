@@ -116,6 +116,29 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": max(spills, default=0)}
 
 
+def dot_in_flight_at_exp(ttgir: str) -> bool:
+    """Whether, in the kernel's first loop, a wgmma product is still running when the first tile-wide
+    exponential starts: the last wgmma event before that ``math.exp2`` is an issue, not a wait.
+
+    The attention forward's overlapped loop is written for this (the next tile's scores on the tensor cores
+    while this tile's exponentials run); Triton places the waits, so only the compiled IR can tell.
+    """
+    last = None
+    in_loop = False
+    for line in ttgir.splitlines():
+        if "scf.for" in line:
+            in_loop = True
+        if not in_loop:
+            continue
+        if "ttng.warp_group_dot_wait" in line:
+            last = "wait"
+        elif "ttng.warp_group_dot " in line:
+            last = "issue"
+        elif "math.exp2" in line and re.search(r"tensor<\d+x\d+x", line):
+            return last == "issue"
+    return False
+
+
 def compile_spec(spec: dict, arch: int) -> dict:
     """Compile one spec for ``sm_<arch>``; returns a row describing the compiled kernel."""
     import triton
@@ -144,6 +167,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
         "shared_bytes": int(compiled.metadata.shared),
         "wgmma": "warp_group_dot" in ttgir,
         "mma": ("warp_group_dot" in ttgir) or ("nvidia_mma" in ttgir) or ("#mma" in ttgir),
+        "dot_in_flight_at_exp": dot_in_flight_at_exp(ttgir),
     }
     row.update(_ptxas_report(compiled.asm["ptx"], arch))
     return row

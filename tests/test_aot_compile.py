@@ -104,3 +104,13 @@ def test_dit_forward_without_its_masked_loop_is_lighter(report):
         assert full["registers"] <= masked["registers"] and full["shared_bytes"] <= masked["shared_bytes"], \
             (masked, full)
     assert any(full["registers"] < masked["registers"] for masked, full in pairs)
+
+
+def test_overlapped_forward_keeps_a_product_running_through_the_exponentials(report):
+    """The ``_overlap`` configs issue the next tile's scores before this tile's softmax; in the compiled IR a
+    wgmma is still in flight at the first tile-wide exponential of the loop (aot_check.dot_in_flight_at_exp),
+    which is not so in the plain loop (Triton waits for the scores right after issuing them)."""
+    rows = [r for r in report["compiled"] if r["arch"] == 90 and r["name"].startswith("block_attention_fwd_bf16_D72_")]
+    overlapped = [r for r in rows if "_overlap" in r["name"]]
+    assert overlapped and all(r["dot_in_flight_at_exp"] for r in overlapped), overlapped
+    assert not any(r["dot_in_flight_at_exp"] for r in rows if "_overlap" not in r["name"])

@@ -455,6 +455,37 @@ def test_tma_path_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, monkeypa
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+# The overlapped full-tile loop (one key tile ahead): pointer and TMA loads, with and without a remainder, masked
+# tiles after it, a query tile with a single full tile (the loop body never runs), keys past Lk.
+OVERLAP_CASES = [
+    (1, 2, 7, 21, 21, 72, "causal", False),
+    (1, 1, 16, 48, 48, 16, "causal", False),  # no masked tile, no remainder
+    (2, 1, 13, 39, 13, 24, "causal", True),   # the cached step, (B, N, H, D) strides
+    (1, 2, 6, 24, 19, 72, "random", False),
+    (1, 1, 100, 300, 300, 72, "causal", False),
+]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="forces the overlapped loop in the interpreter")
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("b,h,bs,lk,lq,d,pattern,bnhd", OVERLAP_CASES)
+def test_overlapped_loop_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, use_tma, monkeypatch):
+    monkeypatch.setattr(ba, "_INTERPRETER_OVERLAP", True)
+    monkeypatch.setattr(ba, "_INTERPRETER_TMA", use_tma)
+    if pattern == "random":
+        pattern = _random_table(masks.num_blocks(lk, bs), torch.Generator().manual_seed(lk))
+    q, k, v = _inputs(b, h, lq, lk, d, "cpu", bnhd=bnhd)
+    table = masks.pattern_table(pattern, masks.num_blocks(lk, bs))
+    launch = ba._Launch(q, k, table.shape[0], block_schedule.encode_pattern(table, table.shape[0]), bs, 1.0, "fwd", v)
+    assert launch.constexprs()["OVERLAP"] and launch.tma == use_tma
+    out, lse, grads = _run(lambda *a: ba.block_attention_triton(*a, bs, table, 1.0 / math.sqrt(d), True), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, pattern, return_lse=True), q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_tma_eligibility():
     """Hopper, half precision, widths <= 128 and TMA-legal strides only; everything else keeps pointers."""
     q = torch.empty(2, 3, 40, 72, dtype=torch.bfloat16)
@@ -494,14 +525,16 @@ def test_tma_descriptors_and_pre_hook():
 
 @pytest.mark.parametrize("width", [16, 80, 96, 128])
 def test_tma_configs_join_the_pointer_configs(width):
-    """At most 4 extra forward configs (first-call compile time), all with the pre-hook; the pointer configs
-    stay, first."""
-    tma = ba._tma_configs(width)
-    assert 0 < len(tma) <= 4
+    """At most 6 extra forward configs (first-call compile time), all with the pre-hook, overlapped ones only
+    with a head-dim remainder; the pointer configs stay, first, none overlapped."""
+    tma = ba._tma_configs(width, remainder=True)
+    assert 0 < len(tma) <= 6
+    assert not any(c[4] for c in ba._tma_configs(width))
     pointer = ba._CONFIGS[("fwd", False)]
     kernel, pairs = ba._tuned("fwd", False, False, tma)
     flags = [c.kwargs["USE_TMA"] for c in kernel.configs]
     assert flags == [False] * len(pointer) + [True] * len(tma)
+    assert [c.kwargs["OVERLAP"] for c in kernel.configs] == [False] * len(pointer) + [c[4] for c in tma]
     assert all(c.pre_hook is ba._set_fwd_desc_blocks for c in kernel.configs)
     for c in kernel.configs:
         assert pairs[c.kwargs["SLOT"]] == (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
@@ -629,7 +662,7 @@ def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, monkeypatch):
     ref = run(lambda *a: block_attention_ref(*a, bs, "causal"), *f32)
     mask = masks.dense_mask("causal", lq, lk, bs, device="cuda")
     low = run(lambda *a: attention_in_dtype(*a, mask), q, k, v)
-    counts = [len(real_tuned(kind, False, False, ba._tma_configs(80) if kind == "fwd" else ())[0].configs)
+    counts = [len(real_tuned(kind, False, False, ba._tma_configs(80, True) if kind == "fwd" else ())[0].configs)
               for kind in ("fwd", "dkdv", "dq")]
     for i in range(max(counts)):
         choice["i"] = i

@@ -11,6 +11,11 @@
   loaded, so the time scales with the number of allowed block pairs;
 * the transpose (per key tile, the query tiles that see it) for the dK/dV pass.
 
+Where no tile straddles a block (ARD's 256-token blocks), the kernels are compiled without their masked
+loop (``MASKED_TILES``), which frees registers and shared memory. On Hopper, some forward configs run the
+full-tile loop one tile ahead (``OVERLAP``): the next tile's Q·Kᵀ is on the tensor cores while this
+tile's exponentials run.
+
 Schedules are cached per (pattern, Lq, Lk, block_size, tiles) and copied to the device once, so a
 launch never reads device memory on the host (no syncs; capturable in a CUDA graph once warm).
 The ops take the pattern as plain ints (``nb`` and ``rows``, the row bit masks of
@@ -95,10 +100,18 @@ _FP32_CONFIGS = {
 # at 128 that ring needs 225 KiB of shared memory and spills, so a 3-stage 128×64 takes its place.
 _TMA_CONFIGS = {96: ((128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 3)),
                 128: ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2))}
+# TMA configs whose full-tile loop runs one key tile ahead (OVERLAP: the scores of the next tile on the tensor
+# cores while this one's exponentials run, :func:`.block_attention_kernels._fwd_inner_overlapped`), for head
+# dims with a remainder up to width 96 (DiT's 72). The second score tile costs registers (sm_90, triton 3.6,
+# without the masked loop: 64×64 114 -> 134, still three programs per SM; 128×128 by 8 warps 162 -> 204, one
+# as before), so they join the plain ones rather than replace them.
+_TMA_OVERLAP_CONFIGS = {96: ((64, 64, 4, 3), (128, 128, 8, 3))}
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
 _INTERPRETER_TMA = False
+# Tests set this to run the forward's overlapped full-tile loop through the interpreter.
+_INTERPRETER_OVERLAP = False
 # GRID_KEY (an occupancy class, :func:`_occupancy_class`): a config tuned on a full grid (B64) is not the one
 # a grid of fewer programs than SMs wants (B1's KV-cached step: 32 query tiles of 128 rows on 132 SMs), and the
 # other keys ignore the batch and head count.
@@ -131,9 +144,12 @@ def _set_fwd_desc_blocks(nargs: dict):
             desc.block_shape = [1, 1, rows, nargs["D0"] if name.endswith("0") else nargs["DP1"]]
 
 
-def _tma_configs(width: int) -> tuple:
-    """The forward's TMA configs for head width ``width`` = D0 + DP1 (<= 128)."""
-    return _TMA_CONFIGS[96 if width <= 96 else 128]
+def _tma_configs(width: int, remainder: bool = False) -> tuple:
+    """The forward's TMA configs, (BLOCK_M, BLOCK_N, warps, stages, OVERLAP), for head width ``width`` =
+    D0 + DP1 (<= 128); with a ``remainder`` (D1 > 0) also the overlapped ones of that width."""
+    bucket = 96 if width <= 96 else 128
+    overlapped = _TMA_OVERLAP_CONFIGS.get(bucket, ()) if remainder else ()
+    return tuple((*c, False) for c in _TMA_CONFIGS[bucket]) + tuple((*c, True) for c in overlapped)
 
 
 @functools.cache
@@ -146,16 +162,17 @@ def _tuned(kind: str, wide: bool, fp32: bool, tma: tuple = ()):
     """
     kernel = {"fwd": _block_attention_fwd_kernel, "dkdv": _block_attention_bwd_dkdv_kernel,
               "dq": _block_attention_bwd_dq_kernel}[kind]
-    configs = [(*c, False) for c in (_FP32_CONFIGS if fp32 else _CONFIGS)[(kind, wide)]]
-    configs += [(*c, True) for c in tma]
+    # (BLOCK_M, BLOCK_N, warps, stages, USE_TMA, OVERLAP)
+    configs = [(*c, False, False) for c in (_FP32_CONFIGS if fp32 else _CONFIGS)[(kind, wide)]]
+    configs += [(*c[:4], True, c[4]) for c in tma]
     if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    pairs = tuple(dict.fromkeys((bm, bn) for bm, bn, _, _, _ in configs))
+    pairs = tuple(dict.fromkeys(c[:2] for c in configs))
     tconfigs = []
-    for bm, bn, w, st, use_tma in configs:
+    for bm, bn, w, st, use_tma, overlap in configs:
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "SLOT": pairs.index((bm, bn))}
         if kind == "fwd":
-            meta["USE_TMA"] = use_tma
+            meta.update(USE_TMA=use_tma, OVERLAP=overlap)
         tconfigs.append(triton.Config(meta, num_warps=w, num_stages=st,
                                       pre_hook=_set_fwd_desc_blocks if tma else None))
     return triton.autotune(configs=tconfigs, key=_AUTOTUNE_KEY)(kernel), pairs
@@ -266,12 +283,12 @@ class _Launch:
             (bm, bn), = _INTERPRETER_PAIRS
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)
             if self.kind == "fwd":
-                meta.update(USE_TMA=self.tma)
+                meta.update(USE_TMA=self.tma, OVERLAP=_INTERPRETER_OVERLAP)
         return meta
 
     def tma_configs(self) -> tuple:
         """The TMA configs this launch offers the autotuner (none without :attr:`tma`)."""
-        return _tma_configs(self.width) if self.tma else ()
+        return _tma_configs(self.width, self.d1 > 0) if self.tma else ()
 
     def fwd_descriptors(self, q, k, v, config=None):
         """The forward's six descriptor arguments: TMA descriptors when :attr:`tma`, else None. ``config``
@@ -592,25 +609,25 @@ def aot_specs():
             signature = make_signature(kernel, dtype, {n: t for n, t in pointers.items() if n in fn.arg_names},
                                        floats=("qk_scale", "scale"))
             unit = {name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("d")}
-            tuned = [(*c, False) for c in (configs[(kind, wide)] if every else configs[(kind, wide)][:1])]
+            tuned = [(*c, False, False) for c in (configs[(kind, wide)] if every else configs[(kind, wide)][:1])]
             tma = kind == "fwd" and dtype != "fp32" and not wide and 90 in archs
             # (archs, configs, descriptor arguments?): the launch passes descriptors to every forward
             # config where it offers the TMA ones, None elsewhere.
-            tma_configs = _tma_configs(d0 + (dp1 if d1 else 0))
-            groups = [((90,), tuned + [(*c, True) for c in tma_configs], True),
+            tma_configs = _tma_configs(d0 + (dp1 if d1 else 0), d1 > 0)
+            groups = [((90,), tuned + [(*c[:4], True, c[4]) for c in tma_configs], True),
                       (tuple(a for a in archs if a != 90), tuned, False)] if tma else [(archs, tuned, False)]
             for group_archs, group, descs in groups:
                 if not group_archs:
                     continue
                 masked_variants = (True, False) if (d, dtype) == (72, "bf16") else (True,)
-                for (bm, bn, warps, stages, use_tma), masked in itertools.product(group, masked_variants):
+                for (bm, bn, warps, stages, use_tma, overlap), masked in itertools.product(group, masked_variants):
                     meta = dict(unit, D0=d0, D1=d1, DP1=dp1, HAS_D1=d1 > 0, D1_MASK=dp1 != d1, BLOCK_M=bm,
                                 BLOCK_N=bn, SLOT=list(dict.fromkeys(c[:2] for c in group)).index((bm, bn)),
                                 UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True,
                                 ALIGN=8, MASKED_TILES=masked)
                     sig = dict(signature)
                     if kind == "fwd":
-                        meta["USE_TMA"] = use_tma
+                        meta.update(USE_TMA=use_tma, OVERLAP=overlap)
                         for name in _FWD_DESCS:
                             if descs and (d1 or name.endswith("0")):
                                 rows = bm if name.startswith("desc_q") else bn
@@ -619,7 +636,8 @@ def aot_specs():
                                 meta[name] = None
                     specs.append({
                         "name": f"block_attention_{kind}_{dtype}_D{d}_{bm}x{bn}_w{warps}s{stages}"
-                                + ("_tma" if use_tma else "") + ("" if masked else "_fullonly"),
+                                + ("_tma" if use_tma else "") + ("_overlap" if overlap else "")
+                                + ("" if masked else "_fullonly"),
                         "kernel": kernel,
                         "signature": sig,
                         "constexprs": meta,
