@@ -431,6 +431,17 @@ def test_compile_user_table_matches(triton_device):
 # (eligibility, descriptors, pre-hook, config lists) directly; the GPU compile is test_aot_compile's.
 # ---------------------------------------------------------------------------------------------
 
+def _assert_triton_matches_reference(q, k, v, bs, table, pattern):
+    """Output, lse and gradients of the Triton path against the reference, fp32 tolerances."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse, grads = _run(lambda *a: ba.block_attention_triton(*a, bs, table, scale, True), q, k, v)
+    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, pattern, return_lse=True), q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 TMA_CASES = [
     (1, 2, 7, 21, 21, 72, "causal", False),   # 72 = 64 + 16: the "1" descriptors zero-fill columns 72..79
     (2, 2, 5, 13, 8, 24, "window", True),     # (B, N, H, D) strides, Lq < Lk, tiles overhanging both ends
@@ -447,12 +458,7 @@ def test_tma_path_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, monkeypa
     table = masks.pattern_table(pattern, masks.num_blocks(lk, bs))
     nb = masks.num_blocks(lk, bs)
     assert ba._Launch(q, k, nb, block_schedule.encode_pattern(table, nb), bs, 1.0, "fwd", v).tma
-    out, lse, grads = _run(lambda *a: ba.block_attention_triton(*a, bs, table, 1.0 / math.sqrt(d), True), q, k, v)
-    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, pattern, return_lse=True), q, k, v)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    _assert_triton_matches_reference(q, k, v, bs, table, pattern)
 
 
 # The overlapped full-tile loop (one key tile ahead): pointer and TMA loads, with and without a remainder, masked
@@ -478,12 +484,7 @@ def test_overlapped_loop_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, u
     table = masks.pattern_table(pattern, masks.num_blocks(lk, bs))
     launch = ba._Launch(q, k, table.shape[0], block_schedule.encode_pattern(table, table.shape[0]), bs, 1.0, "fwd", v)
     assert launch.constexprs()["OVERLAP"] and launch.tma == use_tma
-    out, lse, grads = _run(lambda *a: ba.block_attention_triton(*a, bs, table, 1.0 / math.sqrt(d), True), q, k, v)
-    ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, bs, pattern, return_lse=True), q, k, v)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    _assert_triton_matches_reference(q, k, v, bs, table, pattern)
 
 
 def test_tma_eligibility():

@@ -106,88 +106,51 @@ def _load_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, UPC
 
 
 @triton.jit
-def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, stride_kn, stride_kd, stride_vn,
-               stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
-               desc_k0, desc_k1, desc_v0, desc_v1, b32, h32,
-               D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-               SMALL_NB: tl.constexpr, USE_TMA: tl.constexpr):
-    for it in range(it_lo, it_hi):
-        n = tl.load(S + it)
-        offs_n = n * BLOCK_N + offs_n0
-        n_valid = offs_n < Lk
-        # TMA zero-fills keys past Lk; masked tiles (every tile that overhangs Lk) still drop them by -inf.
-        if USE_TMA:
-            k0 = _load_tile(desc_k0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
-        else:
-            k0 = _load_rows(K0, offs_n, stride_kn, offs_d0, stride_kd, n_valid, 0, MASKED, False, UPCAST)
-        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
-        if HAS_D1:
-            if USE_TMA:
-                k1 = _load_tile(desc_k1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
-            else:
-                k1 = _load_rows(K1, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, MASKED, D1_MASK, UPCAST)
-            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
-        if MASKED:
-            allowed = _allowed(S, tab_off, nb, block_size, q_off, offs_m[:, None], offs_n[None, :], Lq, Lk, SMALL_NB)
-            s = tl.where(allowed, s, float("-inf"))
-        # The scale (> 0) commutes with the max, so it is applied to the row maxima and then inside the
-        # exponent, where scale·s − m is one fused multiply-add per element instead of a multiply and a
-        # subtraction. m_i starts finite (-1e30), so a row fully masked in this tile gives p = 0, not NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:
-            v0 = _load_tile(desc_v0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
-        else:
-            v0 = _load_rows(V0, offs_n, stride_vn, offs_d0, stride_vd, n_valid, 0, MASKED, False, UPCAST)
-        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
-        if HAS_D1:
-            if USE_TMA:
-                v1 = _load_tile(desc_v1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
-            else:
-                v1 = _load_rows(V1, offs_n, stride_vn, offs_d1, stride_vd, n_valid, D1, MASKED, D1_MASK, UPCAST)
-            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
-    return acc0, acc1, l_i, m_i
+def _tile_scores(q0, q1, K0, K1, S, n, stride_kn, stride_kd, offs_m, offs_n0, offs_d0, offs_d1, Lq, Lk, q_off,
+                 block_size, nb, tab_off, desc_k0, desc_k1, b32, h32, D0: tl.constexpr, D1: tl.constexpr,
+                 DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_NB: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """``Q·Kᵀ`` (unscaled) of key tile ``n``, -inf where a masked tile's pair is not allowed.
 
-
-@triton.jit
-def _full_tile_scores(q0, q1, K0, K1, n, stride_kn, stride_kd, offs_n0, offs_d0, offs_d1, Lk, desc_k0, desc_k1, b32,
-                      h32, D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr,
-                      D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                      USE_TMA: tl.constexpr):
-    """``Q·Kᵀ`` (unscaled) of full key tile ``n``: the remainder's product first, then the main one onto it.
-
-    That order is what lets :func:`_fwd_inner_overlapped` overlap: Triton waits for a wgmma product where
-    its result is next used, and the first product is used at once (as the second one's accumulator), so
-    the wait lands before the second, wide product is issued, which then runs while the caller works.
+    The remainder's product is issued first and the main one accumulates onto it. That order is what lets
+    :func:`_fwd_inner_overlapped` overlap: Triton waits for a wgmma product where its result is next used,
+    and the first product is used at once (as the second one's accumulator), so the wait lands before the
+    wide product is issued, which then runs on while the caller works.
     """
     offs_n = n * BLOCK_N + offs_n0
+    n_valid = offs_n < Lk
+    # TMA zero-fills keys past Lk; masked tiles (every tile that overhangs Lk) still drop them by -inf.
     if USE_TMA:
         k0 = _load_tile(desc_k0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
     else:
-        k0 = _load_rows(K0, offs_n, stride_kn, offs_d0, stride_kd, offs_n < Lk, 0, False, False, UPCAST)
+        k0 = _load_rows(K0, offs_n, stride_kn, offs_d0, stride_kd, n_valid, 0, MASKED, False, UPCAST)
     if HAS_D1:
         if USE_TMA:
             k1 = _load_tile(desc_k1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
         else:
-            k1 = _load_rows(K1, offs_n, stride_kn, offs_d1, stride_kd, offs_n < Lk, D1, False, D1_MASK, UPCAST)
+            k1 = _load_rows(K1, offs_n, stride_kn, offs_d1, stride_kd, n_valid, D1, MASKED, D1_MASK, UPCAST)
         s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         s = tl.dot(q0, tl.trans(k0), s, input_precision=DOT_PREC)
     else:
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    if MASKED:
+        allowed = _allowed(S, tab_off, nb, block_size, q_off, offs_m[:, None], offs_n[None, :], Lq, Lk, SMALL_NB)
+        s = tl.where(allowed, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _full_tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd, offs_n0, offs_d0, offs_d1, qk_scale,
-                      Lk, desc_v0, desc_v1, b32, h32, D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr,
-                      HAS_D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                      DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
-    """The online-softmax step of :func:`_fwd_inner` for the scores ``s`` of full key tile ``n``."""
+def _tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd, offs_n0, offs_d0, offs_d1, qk_scale, Lk,
+                 desc_v0, desc_v1, b32, h32, D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr,
+                 HAS_D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    """The online-softmax step: (acc, l, m) updated by the scores ``s`` of key tile ``n`` and its values."""
     offs_n = n * BLOCK_N + offs_n0
+    n_valid = offs_n < Lk
+    # The scale (> 0) commutes with the max, so it is applied to the row maxima and then inside the
+    # exponent, where scale·s − m is one fused multiply-add per element instead of a multiply and a
+    # subtraction. m_i starts finite (-1e30), so a row fully masked in this tile gives p = 0, not NaN.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -195,47 +158,67 @@ def _full_tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd, 
     if USE_TMA:
         v0 = _load_tile(desc_v0, b32, h32, n * BLOCK_N, 0, BLOCK_N, D0, UPCAST)
     else:
-        v0 = _load_rows(V0, offs_n, stride_vn, offs_d0, stride_vd, offs_n < Lk, 0, False, False, UPCAST)
+        v0 = _load_rows(V0, offs_n, stride_vn, offs_d0, stride_vd, n_valid, 0, MASKED, False, UPCAST)
     acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
     if HAS_D1:
         if USE_TMA:
             v1 = _load_tile(desc_v1, b32, h32, n * BLOCK_N, D0, BLOCK_N, DP1, UPCAST)
         else:
-            v1 = _load_rows(V1, offs_n, stride_vn, offs_d1, stride_vd, offs_n < Lk, D1, False, D1_MASK, UPCAST)
+            v1 = _load_rows(V1, offs_n, stride_vn, offs_d1, stride_vd, n_valid, D1, MASKED, D1_MASK, UPCAST)
         acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
     return acc0, acc1, l_i, m_new
 
 
 @triton.jit
+def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, stride_kn, stride_kd, stride_vn,
+               stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+               desc_k0, desc_k1, desc_v0, desc_v1, b32, h32,
+               D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+               SMALL_NB: tl.constexpr, USE_TMA: tl.constexpr):
+    """The forward over key tiles ``S[it_lo:it_hi]``, all full or all masked (``MASKED``), one after another."""
+    for it in range(it_lo, it_hi):
+        n = tl.load(S + it)
+        s = _tile_scores(q0, q1, K0, K1, S, n, stride_kn, stride_kd, offs_m, offs_n0, offs_d0, offs_d1, Lq, Lk, q_off,
+                         block_size, nb, tab_off, desc_k0, desc_k1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK, BLOCK_N,
+                         MASKED, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
+        acc0, acc1, l_i, m_i = _tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd, offs_n0,
+                                            offs_d0, offs_d1, qk_scale, Lk, desc_v0, desc_v1, b32, h32, D0, D1, DP1,
+                                            HAS_D1, D1_MASK, BLOCK_N, MASKED, UPCAST, DOT_PREC, USE_TMA)
+    return acc0, acc1, l_i, m_i
+
+
+@triton.jit
 def _fwd_inner_overlapped(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo, it_hi, stride_kn, stride_kd,
-                          stride_vn, stride_vd, offs_n0, offs_d0, offs_d1, qk_scale, Lk, desc_k0, desc_k1, desc_v0,
-                          desc_v1, b32, h32, D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr,
-                          HAS_D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                          DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+                          stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
+                          block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0: tl.constexpr,
+                          D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
+                          BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                          SMALL_NB: tl.constexpr, USE_TMA: tl.constexpr):
     """:func:`_fwd_inner` over full tiles, one tile ahead: the scores of tile i + 1 are issued before the
     softmax of tile i, so the tensor cores compute them while the same warps exponentiate (FlashAttention-3's
     intra-warpgroup overlap, written in the source). At head dim 72 the exponentials (16 per clock per SM)
     take about as long as the products, which otherwise wait for each other. Costs a second score tile in
     registers; offered as separate autotune configs (``OVERLAP``), for head dims with a remainder (see
-    :func:`_full_tile_scores` for why)."""
+    :func:`_tile_scores` for why)."""
     if it_hi > it_lo:
         n = tl.load(S + it_lo)
-        s = _full_tile_scores(q0, q1, K0, K1, n, stride_kn, stride_kd, offs_n0, offs_d0, offs_d1, Lk, desc_k0,
-                              desc_k1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC, USE_TMA)
+        s = _tile_scores(q0, q1, K0, K1, S, n, stride_kn, stride_kd, offs_m, offs_n0, offs_d0, offs_d1, Lq, Lk, q_off,
+                         block_size, nb, tab_off, desc_k0, desc_k1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK, BLOCK_N,
+                         False, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
         for it in range(it_lo + 1, it_hi):
             n_next = tl.load(S + it)
-            s_next = _full_tile_scores(q0, q1, K0, K1, n_next, stride_kn, stride_kd, offs_n0, offs_d0, offs_d1, Lk,
-                                       desc_k0, desc_k1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK, BLOCK_N, UPCAST,
-                                       DOT_PREC, USE_TMA)
-            acc0, acc1, l_i, m_i = _full_tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd,
-                                                     offs_n0, offs_d0, offs_d1, qk_scale, Lk, desc_v0, desc_v1, b32,
-                                                     h32, D0, D1, DP1, HAS_D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC,
-                                                     USE_TMA)
+            s_next = _tile_scores(q0, q1, K0, K1, S, n_next, stride_kn, stride_kd, offs_m, offs_n0, offs_d0, offs_d1,
+                                  Lq, Lk, q_off, block_size, nb, tab_off, desc_k0, desc_k1, b32, h32, D0, D1, DP1,
+                                  HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
+            acc0, acc1, l_i, m_i = _tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd, offs_n0,
+                                                offs_d0, offs_d1, qk_scale, Lk, desc_v0, desc_v1, b32, h32, D0, D1,
+                                                DP1, HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, USE_TMA)
             s = s_next
             n = n_next
-        acc0, acc1, l_i, m_i = _full_tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd, offs_n0,
-                                                 offs_d0, offs_d1, qk_scale, Lk, desc_v0, desc_v1, b32, h32, D0, D1,
-                                                 DP1, HAS_D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC, USE_TMA)
+        acc0, acc1, l_i, m_i = _tile_update(acc0, acc1, l_i, m_i, s, V0, V1, n, stride_vn, stride_vd, offs_n0,
+                                            offs_d0, offs_d1, qk_scale, Lk, desc_v0, desc_v1, b32, h32, D0, D1, DP1,
+                                            HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, USE_TMA)
     return acc0, acc1, l_i, m_i
 
 
@@ -299,8 +282,9 @@ def _block_attention_fwd_kernel(
     if OVERLAP:
         acc0, acc1, l_i, m_i = _fwd_inner_overlapped(
             acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, full_lo, mask_lo,
-            stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, offs_d0, offs_d1, qk_scale, Lk, desc_k0, desc_k1,
-            desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC, USE_TMA)
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
+            block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
+            BLOCK_N, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
     else:
         acc0, acc1, l_i, m_i = _fwd_inner(
             acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, full_lo, mask_lo,
