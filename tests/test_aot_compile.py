@@ -106,11 +106,14 @@ def test_dit_forward_without_its_masked_loop_is_lighter(report):
     assert any(full["registers"] < masked["registers"] for masked, full in pairs)
 
 
-def test_overlapped_forward_keeps_a_product_running_through_the_exponentials(report):
-    """The ``_overlap`` configs issue the next tile's scores before this tile's softmax; in the compiled IR a
-    wgmma is still in flight at the first tile-wide exponential of the loop (aot_check.dot_in_flight_at_exp),
-    which is not so in the plain loop (Triton waits for the scores right after issuing them)."""
-    rows = [r for r in report["compiled"] if r["arch"] == 90 and r["name"].startswith("block_attention_fwd_bf16_D72_")]
+@pytest.mark.parametrize("kind", ["fwd", "dq"])
+def test_overlapped_loops_keep_a_product_running_through_the_exponentials(report, kind):
+    """The ``_overlap`` configs (forward, dQ) issue the next tile's products before this tile's exponentials;
+    in the compiled IR a wgmma is still in flight at the first tile-wide exponential of the loop
+    (aot_check.dot_in_flight_at_exp), which is not so in the plain loops (Triton waits for a product used in
+    the same iteration right after issuing it)."""
+    prefix = f"block_attention_{kind}_bf16_D72_"
+    rows = [r for r in report["compiled"] if r["arch"] == 90 and r["name"].startswith(prefix)]
     overlapped = [r for r in rows if "_overlap" in r["name"]]
     assert overlapped and all(r["dot_in_flight_at_exp"] for r in overlapped), overlapped
     assert not any(r["dot_in_flight_at_exp"] for r in rows if "_overlap" not in r["name"])

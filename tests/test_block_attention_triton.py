@@ -230,7 +230,7 @@ def test_masked_loop_is_compiled_only_where_a_tile_straddles(nb, lq, lk, bs, pai
 def launch_pairs(launch):
     """The (BLOCK_M, BLOCK_N) tilings a launch's schedule holds."""
     return ba._INTERPRETER_PAIRS if launch.interp else ba._tuned(launch.kind, launch.width > 128, False,
-                                                                   launch.tma_configs())[1]
+                                                                   launch.extra_configs())[1]
 
 
 def test_schedule_is_cached_and_small():
@@ -461,8 +461,9 @@ def test_tma_path_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, monkeypa
     _assert_triton_matches_reference(q, k, v, bs, table, pattern)
 
 
-# The overlapped full-tile loop (one key tile ahead): pointer and TMA loads, with and without a remainder, masked
-# tiles after it, a query tile with a single full tile (the loop body never runs), keys past Lk.
+# The overlapped full-tile loops of the forward and dQ (one key tile ahead): pointer and TMA loads, with and
+# without a remainder, masked tiles after it, a query tile with a single full tile (the loop body never runs),
+# keys past Lk.
 OVERLAP_CASES = [
     (1, 2, 7, 21, 21, 72, "causal", False),
     (1, 1, 16, 48, 48, 16, "causal", False),  # no masked tile, no remainder
@@ -532,7 +533,10 @@ def test_tma_configs_join_the_pointer_configs(width):
     assert 0 < len(tma) <= 6
     assert not any(c[4] for c in ba._tma_configs(width))
     pointer = ba._CONFIGS[("fwd", False)]
-    kernel, pairs = ba._tuned("fwd", False, False, tma)
+    extra = ba._extra_configs("fwd", width, True, True, True)
+    assert extra == tuple((*c[:4], True, c[4]) for c in tma)
+    assert ba._extra_configs("fwd", width, True, False, True) == ()
+    kernel, pairs = ba._tuned("fwd", False, False, extra)
     flags = [c.kwargs["USE_TMA"] for c in kernel.configs]
     assert flags == [False] * len(pointer) + [True] * len(tma)
     assert [c.kwargs["OVERLAP"] for c in kernel.configs] == [False] * len(pointer) + [c[4] for c in tma]
@@ -544,6 +548,19 @@ def test_tma_configs_join_the_pointer_configs(width):
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in plain.configs] == \
         list(pointer)
 
+
+
+def test_overlapped_dq_configs_only_on_hopper_in_half_precision_with_a_remainder():
+    dq = ba._extra_configs("dq", 80, True, False, True)
+    assert dq and all(c[4] is False and c[5] is True for c in dq)  # pointer loads, overlapped
+    assert ba._extra_configs("dq", 80, True, False, False) == ()   # Ampere, or fp32
+    assert ba._extra_configs("dq", 64, False, False, True) == ()   # no remainder: nothing to overlap with
+    assert ba._extra_configs("dq", 144, True, False, True) == ()   # wide heads: not tuned
+    assert ba._extra_configs("dkdv", 80, True, False, True) == ()
+    kernel, _ = ba._tuned("dq", False, False, dq)
+    pointer = ba._CONFIGS[("dq", False)]
+    assert [c.kwargs["OVERLAP"] for c in kernel.configs] == [False] * len(pointer) + [True] * len(dq)
+    assert not any(c.pre_hook for c in kernel.configs)
 
 
 @pytest.mark.parametrize("rows,bh,sms,expected", [
@@ -663,7 +680,7 @@ def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, monkeypatch):
     ref = run(lambda *a: block_attention_ref(*a, bs, "causal"), *f32)
     mask = masks.dense_mask("causal", lq, lk, bs, device="cuda")
     low = run(lambda *a: attention_in_dtype(*a, mask), q, k, v)
-    counts = [len(real_tuned(kind, False, False, ba._tma_configs(80, True) if kind == "fwd" else ())[0].configs)
+    counts = [len(real_tuned(kind, False, False, ba._extra_configs(kind, 80, True, True, True))[0].configs)
               for kind in ("fwd", "dkdv", "dq")]
     for i in range(max(counts)):
         choice["i"] = i

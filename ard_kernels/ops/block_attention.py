@@ -106,6 +106,12 @@ _TMA_CONFIGS = {96: ((128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 4, 2), (128, 128
 # without the masked loop: 64×64 114 -> 134, still three programs per SM; 128×128 by 8 warps 162 -> 204, one
 # as before), so they join the plain ones rather than replace them.
 _TMA_OVERLAP_CONFIGS = {96: ((64, 64, 4, 3), (128, 128, 8, 3))}
+# dQ configs whose full-tile loop runs one key tile ahead (S and dP of the next tile on the tensor cores while
+# this one's exponentials and dS run: block_attention_kernels._dq_inner_overlapped), Hopper, half precision,
+# head dims with a remainder up to width 96. Two score-sized tiles more in registers, so narrower key tiles
+# (sm_90, triton 3.6, without the masked loop: 64×32 by 4 warps 166 registers and 58 KB, three programs per
+# SM as the plain 64×64 at 156; 128×32 by 8 warps 136).
+_DQ_OVERLAP_CONFIGS = ((64, 32, 4, 2), (128, 32, 8, 2))
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
@@ -144,6 +150,17 @@ def _set_fwd_desc_blocks(nargs: dict):
             desc.block_shape = [1, 1, rows, nargs["D0"] if name.endswith("0") else nargs["DP1"]]
 
 
+def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_half: bool) -> tuple:
+    """The configs a launch adds to the pointer list, as (BLOCK_M, BLOCK_N, warps, stages, USE_TMA, OVERLAP):
+    the forward's TMA ones where ``tma`` (:func:`_tma_configs`), the overlapped dQ ones on Hopper in half
+    precision for head dims with a remainder up to width 96."""
+    if kind == "fwd":
+        return tuple((*c[:4], True, c[4]) for c in _tma_configs(width, remainder)) if tma else ()
+    if kind == "dq" and hopper_half and remainder and width <= 96:
+        return tuple((*c, False, True) for c in _DQ_OVERLAP_CONFIGS)
+    return ()
+
+
 def _tma_configs(width: int, remainder: bool = False) -> tuple:
     """The forward's TMA configs, (BLOCK_M, BLOCK_N, warps, stages, OVERLAP), for head width ``width`` =
     D0 + DP1 (<= 128); with a ``remainder`` (D1 > 0) also the overlapped ones of that width."""
@@ -153,18 +170,18 @@ def _tma_configs(width: int, remainder: bool = False) -> tuple:
 
 
 @functools.cache
-def _tuned(kind: str, wide: bool, fp32: bool, tma: tuple = ()):
+def _tuned(kind: str, wide: bool, fp32: bool, extra: tuple = ()):
     """The autotuned launcher of ``kind`` and its (BLOCK_M, BLOCK_N) slots, built on first use.
 
-    ``tma`` (forward only): TMA configs appended to the list (:func:`_tma_configs`); every config then
-    gets the descriptor pre-hook, since the launch passes descriptors to all of them (the pointer
-    configs ignore theirs).
+    ``extra``: configs appended to the pointer list (:func:`_extra_configs`). With TMA ones (forward only)
+    every config gets the descriptor pre-hook, since the launch passes descriptors to all of them (the
+    pointer configs ignore theirs).
     """
     kernel = {"fwd": _block_attention_fwd_kernel, "dkdv": _block_attention_bwd_dkdv_kernel,
               "dq": _block_attention_bwd_dq_kernel}[kind]
     # (BLOCK_M, BLOCK_N, warps, stages, USE_TMA, OVERLAP)
-    configs = [(*c, False, False) for c in (_FP32_CONFIGS if fp32 else _CONFIGS)[(kind, wide)]]
-    configs += [(*c[:4], True, c[4]) for c in tma]
+    configs = [(*c, False, False) for c in (_FP32_CONFIGS if fp32 else _CONFIGS)[(kind, wide)]] + list(extra)
+    tma = any(c[4] for c in extra)
     if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
         configs = configs[:1]
     pairs = tuple(dict.fromkeys(c[:2] for c in configs))
@@ -173,6 +190,8 @@ def _tuned(kind: str, wide: bool, fp32: bool, tma: tuple = ()):
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "SLOT": pairs.index((bm, bn))}
         if kind == "fwd":
             meta.update(USE_TMA=use_tma, OVERLAP=overlap)
+        elif kind == "dq":
+            meta.update(OVERLAP=overlap)
         tconfigs.append(triton.Config(meta, num_warps=w, num_stages=st,
                                       pre_hook=_set_fwd_desc_blocks if tma else None))
     return triton.autotune(configs=tconfigs, key=_AUTOTUNE_KEY)(kernel), pairs
@@ -256,13 +275,17 @@ class _Launch:
         self.interp = _interpreting()
         self.tma = v is not None and kind == "fwd" and _use_tma(q, k, v, self.width)
         rows_axis = self.Lk if kind == "dkdv" else self.Lq  # the dK/dV kernel's programs walk key tiles
+        # Hopper in half precision (the overlapped dQ configs): the GPU's, never the interpreter's.
+        self.hopper_half = (not self.interp and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+                            and _capability(q.device.index if q.device.index is not None
+                                            else torch.cuda.current_device())[0] >= 9)
         self.grid_key = 0 if self.interp else _occupancy_class(rows_axis, self.B * self.H, sm_count(q.device))
         if self.interp:
             self.kernel = {"fwd": _block_attention_fwd_kernel, "dkdv": _block_attention_bwd_dkdv_kernel,
                            "dq": _block_attention_bwd_dq_kernel}[kind]
             pairs = _INTERPRETER_PAIRS
         else:
-            self.kernel, pairs = _tuned(kind, self.width > 128, q.dtype == torch.float32, self.tma_configs())
+            self.kernel, pairs = _tuned(kind, self.width > 128, q.dtype == torch.float32, self.extra_configs())
         self.sched = block_schedule.schedule_on(rows, self.nb, self.Lq, self.Lk, block_size, pairs,
                                                 str(q.device))
         self.masked_tiles = block_schedule.has_masked_tiles(rows, self.nb, self.Lq, self.Lk, block_size, pairs)
@@ -284,7 +307,13 @@ class _Launch:
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)
             if self.kind == "fwd":
                 meta.update(USE_TMA=self.tma, OVERLAP=_INTERPRETER_OVERLAP)
+            elif self.kind == "dq":
+                meta.update(OVERLAP=_INTERPRETER_OVERLAP)
         return meta
+
+    def extra_configs(self) -> tuple:
+        """The configs this launch adds to the pointer list (:func:`_extra_configs`)."""
+        return _extra_configs(self.kind, self.width, self.d1 > 0, self.tma, self.hopper_half)
 
     def tma_configs(self) -> tuple:
         """The TMA configs this launch offers the autotuner (none without :attr:`tma`)."""
@@ -610,12 +639,12 @@ def aot_specs():
                                        floats=("qk_scale", "scale"))
             unit = {name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("d")}
             tuned = [(*c, False, False) for c in (configs[(kind, wide)] if every else configs[(kind, wide)][:1])]
-            tma = kind == "fwd" and dtype != "fp32" and not wide and 90 in archs
             # (archs, configs, descriptor arguments?): the launch passes descriptors to every forward
             # config where it offers the TMA ones, None elsewhere.
-            tma_configs = _tma_configs(d0 + (dp1 if d1 else 0), d1 > 0)
-            groups = [((90,), tuned + [(*c[:4], True, c[4]) for c in tma_configs], True),
-                      (tuple(a for a in archs if a != 90), tuned, False)] if tma else [(archs, tuned, False)]
+            tma = kind == "fwd" and dtype != "fp32" and not wide
+            extra = _extra_configs(kind, d0 + (dp1 if d1 else 0), d1 > 0, tma, dtype != "fp32") if 90 in archs else ()
+            groups = [((90,), tuned + list(extra), tma),
+                      (tuple(a for a in archs if a != 90), tuned, False)] if extra else [(archs, tuned, False)]
             for group_archs, group, descs in groups:
                 if not group_archs:
                     continue
@@ -626,6 +655,8 @@ def aot_specs():
                                 UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True,
                                 ALIGN=8, MASKED_TILES=masked)
                     sig = dict(signature)
+                    if kind == "dq":
+                        meta.update(OVERLAP=overlap)
                     if kind == "fwd":
                         meta.update(USE_TMA=use_tma, OVERLAP=overlap)
                         for name in _FWD_DESCS:

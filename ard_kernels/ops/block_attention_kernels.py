@@ -482,6 +482,70 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, it_lo, it_hi, 
     return dq0, dq1
 
 
+@triton.jit
+def _dq_tile_products(q0, q1, do0, do1, Kb, Vb, n, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, offs_d0,
+                      offs_d1, Lk, D0: tl.constexpr, D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """S = Q·Kᵀ and dP = dO·Vᵀ of full key tile ``n`` (head dim with a remainder): both remainder products first,
+    then both main ones, so that Triton's waits (right after each product used within the iteration) land
+    before the main products are issued, which a caller that carries S and dP into its next iteration then
+    finds still running."""
+    offs_n = n * BLOCK_N + offs_n0
+    k0 = _load_rows(Kb, offs_n, stride_kn, offs_d0, stride_kd, offs_n < Lk, 0, False, False, UPCAST)
+    v0 = _load_rows(Vb, offs_n, stride_vn, offs_d0, stride_vd, offs_n < Lk, 0, False, False, UPCAST)
+    k1 = _load_rows(Kb + D0 * stride_kd, offs_n, stride_kn, offs_d1, stride_kd, offs_n < Lk, D1, False, D1_MASK,
+                    UPCAST)
+    v1 = _load_rows(Vb + D0 * stride_vd, offs_n, stride_vn, offs_d1, stride_vd, offs_n < Lk, D1, False, D1_MASK,
+                    UPCAST)
+    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+    dp = tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+    s = tl.dot(q0, tl.trans(k0), s, input_precision=DOT_PREC)
+    dp = tl.dot(do0, tl.trans(v0), dp, input_precision=DOT_PREC)
+    return s, dp
+
+
+@triton.jit
+def _dq_tile_update(dq0, dq1, s, dp, lse2, delta, Kb, n, stride_kn, stride_kd, offs_n0, offs_d0, offs_d1, qk_scale, Lk,
+                    D0: tl.constexpr, D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ += dS·K for full key tile ``n``, dS = P∘(dP − delta), P = exp(S·scale − lse)."""
+    offs_n = n * BLOCK_N + offs_n0
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    ds = p * (dp - delta[:, None])
+    k0 = _load_rows(Kb, offs_n, stride_kn, offs_d0, stride_kd, offs_n < Lk, 0, False, False, UPCAST)
+    k1 = _load_rows(Kb + D0 * stride_kd, offs_n, stride_kn, offs_d1, stride_kd, offs_n < Lk, D1, False, D1_MASK,
+                    UPCAST)
+    dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PREC)
+    dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _dq_inner_overlapped(dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, it_lo, it_hi, stride_kn, stride_kd,
+                         stride_vn, stride_vd, offs_n0, offs_d0, offs_d1, qk_scale, Lk, D0: tl.constexpr,
+                         D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    """:func:`_dq_inner` over full tiles, one tile ahead: S and dP of tile i + 1 are on the tensor cores while
+    tile i's exponentials and dS are computed (as :func:`_fwd_inner_overlapped`; head dims with a remainder)."""
+    if it_hi > it_lo:
+        n = tl.load(S + it_lo)
+        s, dp = _dq_tile_products(q0, q1, do0, do1, Kb, Vb, n, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0,
+                                  offs_d0, offs_d1, Lk, D0, D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC)
+        for it in range(it_lo + 1, it_hi):
+            n_next = tl.load(S + it)
+            s_next, dp_next = _dq_tile_products(q0, q1, do0, do1, Kb, Vb, n_next, stride_kn, stride_kd, stride_vn,
+                                                stride_vd, offs_n0, offs_d0, offs_d1, Lk, D0, D1, D1_MASK, BLOCK_N,
+                                                UPCAST, DOT_PREC)
+            dq0, dq1 = _dq_tile_update(dq0, dq1, s, dp, lse2, delta, Kb, n, stride_kn, stride_kd, offs_n0, offs_d0,
+                                       offs_d1, qk_scale, Lk, D0, D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC)
+            s = s_next
+            dp = dp_next
+            n = n_next
+        dq0, dq1 = _dq_tile_update(dq0, dq1, s, dp, lse2, delta, Kb, n, stride_kn, stride_kd, offs_n0, offs_d0,
+                                   offs_d1, qk_scale, Lk, D0, D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC)
+    return dq0, dq1
+
+
 @triton.jit(do_not_specialize=["PAT_KEY", "GRID_KEY"])
 def _block_attention_bwd_dq_kernel(
     Q, K, V, dO, Lse, Delta, dQ, S,
@@ -494,6 +558,7 @@ def _block_attention_bwd_dq_kernel(
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, MASKED_TILES: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
     stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
@@ -530,10 +595,15 @@ def _block_attention_bwd_dq_kernel(
     Kb = K + b * stride_kb + h * stride_kh
     Vb = V + b * stride_vb + h * stride_vh
     tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, m, 0, SLOT)
-    dq0, dq1 = _dq_inner(
-        dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, full_lo, mask_lo, stride_kn, stride_kd, stride_vn,
-        stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
-        D0, D1, HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB)
+    if OVERLAP and HAS_D1:
+        dq0, dq1 = _dq_inner_overlapped(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, full_lo, mask_lo, stride_kn, stride_kd, stride_vn,
+            stride_vd, offs_n0, offs_d0, offs_d1, qk_scale, Lk, D0, D1, D1_MASK, BLOCK_N, UPCAST, DOT_PREC)
+    else:
+        dq0, dq1 = _dq_inner(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, full_lo, mask_lo, stride_kn, stride_kd, stride_vn,
+            stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
+            D0, D1, HAS_D1, D1_MASK, BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB)
     if MASKED_TILES:
         dq0, dq1 = _dq_inner(
             dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, mask_lo, mask_hi, stride_kn, stride_kd, stride_vn,
