@@ -106,9 +106,9 @@ def test_dit_forward_without_its_masked_loop_is_lighter(report):
     assert any(full["registers"] < masked["registers"] for masked, full in pairs)
 
 
-@pytest.mark.parametrize("kind", ["fwd", "dq"])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
 def test_overlapped_loops_keep_a_product_running_through_the_exponentials(report, kind):
-    """The ``_overlap`` configs (forward, dQ) issue the next tile's products before this tile's exponentials;
+    """The ``_overlap`` configs (forward, dQ, dK/dV) issue the next tile's products before this tile's exponentials;
     in the compiled IR a wgmma is still in flight at the first tile-wide exponential of the loop
     (aot_check.dot_in_flight_at_exp), which is not so in the plain loops (Triton waits for a product used in
     the same iteration right after issuing it)."""

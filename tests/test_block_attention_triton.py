@@ -461,9 +461,9 @@ def test_tma_path_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, monkeypa
     _assert_triton_matches_reference(q, k, v, bs, table, pattern)
 
 
-# The overlapped full-tile loops of the forward and dQ (one key tile ahead): pointer and TMA loads, with and
-# without a remainder, masked tiles after it, a query tile with a single full tile (the loop body never runs),
-# keys past Lk.
+# The overlapped full-tile loops of the forward, dQ and dK/dV (one tile ahead): pointer and TMA loads, with and
+# without a remainder, masked tiles after them, a tile with a single full tile (the loop body never runs),
+# keys past Lk, query tiles past Lq.
 OVERLAP_CASES = [
     (1, 2, 7, 21, 21, 72, "causal", False),
     (1, 1, 16, 48, 48, 16, "causal", False),  # no masked tile, no remainder
@@ -550,16 +550,16 @@ def test_tma_configs_join_the_pointer_configs(width):
 
 
 
-def test_overlapped_dq_configs_only_on_hopper_in_half_precision_with_a_remainder():
-    dq = ba._extra_configs("dq", 80, True, False, True)
-    assert dq and all(c[4] is False and c[5] is True for c in dq)  # pointer loads, overlapped
-    assert ba._extra_configs("dq", 80, True, False, False) == ()   # Ampere, or fp32
-    assert ba._extra_configs("dq", 64, False, False, True) == ()   # no remainder: nothing to overlap with
-    assert ba._extra_configs("dq", 144, True, False, True) == ()   # wide heads: not tuned
-    assert ba._extra_configs("dkdv", 80, True, False, True) == ()
-    kernel, _ = ba._tuned("dq", False, False, dq)
-    pointer = ba._CONFIGS[("dq", False)]
-    assert [c.kwargs["OVERLAP"] for c in kernel.configs] == [False] * len(pointer) + [True] * len(dq)
+@pytest.mark.parametrize("kind", ["dq", "dkdv"])
+def test_overlapped_backward_configs_only_on_hopper_in_half_precision_with_a_remainder(kind):
+    extra = ba._extra_configs(kind, 80, True, False, True)
+    assert extra and all(c[4] is False and c[5] is True for c in extra)  # pointer loads, overlapped
+    assert ba._extra_configs(kind, 80, True, False, False) == ()   # Ampere, or fp32
+    assert ba._extra_configs(kind, 64, False, False, True) == ()   # no remainder: nothing to overlap with
+    assert ba._extra_configs(kind, 144, True, False, True) == ()   # wide heads: not tuned
+    kernel, _ = ba._tuned(kind, False, False, extra)
+    pointer = ba._CONFIGS[(kind, False)]
+    assert [c.kwargs["OVERLAP"] for c in kernel.configs] == [False] * len(pointer) + [True] * len(extra)
     assert not any(c.pre_hook for c in kernel.configs)
 
 
@@ -654,17 +654,18 @@ def test_cuda_flash_rule(b, h, bs, nb, lq_blocks, d, pattern, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
 @pytest.mark.parametrize("bs,nb", [(256, 4), (100, 3)])
-def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, monkeypatch):
-    """Each config the autotuner may choose, pinned in turn (the autotuner alone would only ever run its
-    winner), forward and backward on DiT's shape: bf16, head dim 72, four 256-token blocks (the masked
-    loop compiled out) and one odd block size (with it)."""
+def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, kind, monkeypatch):
+    """Each config the autotuner may choose for ``kind``, pinned in turn (the autotuner alone would only ever run
+    its winner; the other kernels pinned to their first config), forward and backward on DiT's shape: bf16, head
+    dim 72, four 256-token blocks (the masked loop compiled out) and one odd block size (with it)."""
     real_tuned = ba._tuned
-    choice = {}
+    choice = {"fwd": 0, "dkdv": 0, "dq": 0}
 
-    def pinned(kind, wide, fp32, tma=()):
-        kernel, pairs = real_tuned(kind, wide, fp32, tma)
-        config = kernel.configs[choice["i"] % len(kernel.configs)]
+    def pinned(kind_, wide, fp32, extra=()):
+        kernel, pairs = real_tuned(kind_, wide, fp32, extra)
+        config = kernel.configs[choice[kind_] % len(kernel.configs)]
         return triton.autotune(configs=[config], key=ba._AUTOTUNE_KEY)(kernel.fn), pairs
 
     monkeypatch.setattr(ba, "_tuned", pinned)
@@ -680,14 +681,14 @@ def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, monkeypatch):
     ref = run(lambda *a: block_attention_ref(*a, bs, "causal"), *f32)
     mask = masks.dense_mask("causal", lq, lk, bs, device="cuda")
     low = run(lambda *a: attention_in_dtype(*a, mask), q, k, v)
-    counts = [len(real_tuned(kind, False, False, ba._extra_configs(kind, 80, True, True, True))[0].configs)
-              for kind in ("fwd", "dkdv", "dq")]
-    for i in range(max(counts)):
-        choice["i"] = i
+    launch = ba._Launch(q, k, nb, block_schedule.encode_pattern("causal", nb), bs, 1.0, kind, v)
+    count = len(real_tuned(kind, False, False, launch.extra_configs())[0].configs)
+    for i in range(count):
+        choice[kind] = i
         monkeypatch.setattr(ba, "_CHOSEN", {})  # no memo of an earlier pin
         ours = run(lambda *a: ard_kernels.block_attention(*a, bs, "causal", backend="triton"), q, k, v)
         for name, got, lo, want in zip(("out", "dq", "dk", "dv"), ours, low, ref):
-            flash_rule(f"{name} (config {i})", got, lo, want)
+            flash_rule(f"{name} ({kind} config {i})", got, lo, want)
 
 
 @pytest.mark.cuda

@@ -112,6 +112,9 @@ _TMA_OVERLAP_CONFIGS = {96: ((64, 64, 4, 3), (128, 128, 8, 3))}
 # (sm_90, triton 3.6, without the masked loop: 64×32 by 4 warps 166 registers and 58 KB, three programs per
 # SM as the plain 64×64 at 156; 128×32 by 8 warps 136).
 _DQ_OVERLAP_CONFIGS = ((64, 32, 4, 2), (128, 32, 8, 2))
+# The same for dK/dV (Sᵀ and dPᵀ of the next query tile: _dkdv_inner_overlapped): 32×128 by 8 warps 218
+# registers, one program per SM as the plain 32×128 at 181; 32×64 by 4 warps 227, two as the plain 64×64 at 239.
+_DKDV_OVERLAP_CONFIGS = ((32, 128, 8, 2), (32, 64, 4, 2))
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
@@ -152,12 +155,12 @@ def _set_fwd_desc_blocks(nargs: dict):
 
 def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_half: bool) -> tuple:
     """The configs a launch adds to the pointer list, as (BLOCK_M, BLOCK_N, warps, stages, USE_TMA, OVERLAP):
-    the forward's TMA ones where ``tma`` (:func:`_tma_configs`), the overlapped dQ ones on Hopper in half
-    precision for head dims with a remainder up to width 96."""
+    the forward's TMA ones where ``tma`` (:func:`_tma_configs`), the overlapped dQ and dK/dV ones on Hopper
+    in half precision for head dims with a remainder up to width 96."""
     if kind == "fwd":
         return tuple((*c[:4], True, c[4]) for c in _tma_configs(width, remainder)) if tma else ()
-    if kind == "dq" and hopper_half and remainder and width <= 96:
-        return tuple((*c, False, True) for c in _DQ_OVERLAP_CONFIGS)
+    if hopper_half and remainder and width <= 96:
+        return tuple((*c, False, True) for c in {"dq": _DQ_OVERLAP_CONFIGS, "dkdv": _DKDV_OVERLAP_CONFIGS}[kind])
     return ()
 
 
@@ -190,7 +193,7 @@ def _tuned(kind: str, wide: bool, fp32: bool, extra: tuple = ()):
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "SLOT": pairs.index((bm, bn))}
         if kind == "fwd":
             meta.update(USE_TMA=use_tma, OVERLAP=overlap)
-        elif kind == "dq":
+        else:
             meta.update(OVERLAP=overlap)
         tconfigs.append(triton.Config(meta, num_warps=w, num_stages=st,
                                       pre_hook=_set_fwd_desc_blocks if tma else None))
@@ -307,7 +310,7 @@ class _Launch:
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)
             if self.kind == "fwd":
                 meta.update(USE_TMA=self.tma, OVERLAP=_INTERPRETER_OVERLAP)
-            elif self.kind == "dq":
+            else:
                 meta.update(OVERLAP=_INTERPRETER_OVERLAP)
         return meta
 
@@ -655,10 +658,9 @@ def aot_specs():
                                 UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True,
                                 ALIGN=8, MASKED_TILES=masked)
                     sig = dict(signature)
-                    if kind == "dq":
-                        meta.update(OVERLAP=overlap)
+                    meta["OVERLAP"] = overlap
                     if kind == "fwd":
-                        meta.update(USE_TMA=use_tma, OVERLAP=overlap)
+                        meta["USE_TMA"] = use_tma
                         for name in _FWD_DESCS:
                             if descs and (d1 or name.endswith("0")):
                                 rows = bm if name.startswith("desc_q") else bn

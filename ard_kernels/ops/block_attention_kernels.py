@@ -375,6 +375,76 @@ def _dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, it
     return dk0, dk1, dv0, dv1
 
 
+@triton.jit
+def _dkdv_tile_products(k0, k1, v0, v1, Qb, dOb, m, stride_qm, stride_qd, stride_gm, stride_gd, offs_m0, offs_d0,
+                        offs_d1, Lq, D0: tl.constexpr, D1: tl.constexpr, D1_MASK: tl.constexpr,
+                        BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ of query tile ``m`` (head dim with a remainder), ordered as in
+    :func:`_dq_tile_products`: both remainder products, then both main ones."""
+    offs_m = m * BLOCK_M + offs_m0
+    m_valid = offs_m < Lq
+    q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
+    do0 = _load_rows(dOb, offs_m, stride_gm, offs_d0, stride_gd, m_valid, 0, True, False, UPCAST)
+    q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK, UPCAST)
+    do1 = _load_rows(dOb + D0 * stride_gd, offs_m, stride_gm, offs_d1, stride_gd, m_valid, D1, True, D1_MASK,
+                     UPCAST)
+    sT = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+    dpT = tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
+    sT = tl.dot(k0, tl.trans(q0), sT, input_precision=DOT_PREC)
+    dpT = tl.dot(v0, tl.trans(do0), dpT, input_precision=DOT_PREC)
+    return sT, dpT
+
+
+@triton.jit
+def _dkdv_tile_update(dk0, dk1, dv0, dv1, sT, dpT, Qb, dOb, LseB, DeltaB, m, stride_qm, stride_qd, stride_gm,
+                      stride_gd, offs_m0, offs_d0, offs_d1, qk_scale, Lq, D0: tl.constexpr, D1: tl.constexpr,
+                      D1_MASK: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dV += Pᵀ·dO and dK += dSᵀ·Q for full query tile ``m``, from its Sᵀ and dPᵀ."""
+    offs_m = m * BLOCK_M + offs_m0
+    m_valid = offs_m < Lq
+    lse2 = tl.load(LseB + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DeltaB + offs_m, mask=m_valid, other=0.0)
+    pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+    dsT = pT * (dpT - delta[None, :])
+    q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
+    do0 = _load_rows(dOb, offs_m, stride_gm, offs_d0, stride_gd, m_valid, 0, True, False, UPCAST)
+    q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK, UPCAST)
+    do1 = _load_rows(dOb + D0 * stride_gd, offs_m, stride_gm, offs_d1, stride_gd, m_valid, D1, True, D1_MASK,
+                     UPCAST)
+    dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
+    dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
+    dk0 = tl.dot(dsT.to(q0.dtype), q0, dk0, input_precision=DOT_PREC)
+    dk1 = tl.dot(dsT.to(q1.dtype), q1, dk1, input_precision=DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _dkdv_inner_overlapped(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, it_lo, it_hi, stride_qm,
+                           stride_qd, stride_gm, stride_gd, offs_m0, offs_d0, offs_d1, qk_scale, Lq,
+                           D0: tl.constexpr, D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                           UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """:func:`_dkdv_inner` over full tiles, one query tile ahead (as :func:`_dq_inner_overlapped`)."""
+    if it_hi > it_lo:
+        m = tl.load(S + it_lo)
+        sT, dpT = _dkdv_tile_products(k0, k1, v0, v1, Qb, dOb, m, stride_qm, stride_qd, stride_gm, stride_gd,
+                                      offs_m0, offs_d0, offs_d1, Lq, D0, D1, D1_MASK, BLOCK_M, UPCAST, DOT_PREC)
+        for it in range(it_lo + 1, it_hi):
+            m_next = tl.load(S + it)
+            sT_next, dpT_next = _dkdv_tile_products(k0, k1, v0, v1, Qb, dOb, m_next, stride_qm, stride_qd,
+                                                    stride_gm, stride_gd, offs_m0, offs_d0, offs_d1, Lq, D0, D1,
+                                                    D1_MASK, BLOCK_M, UPCAST, DOT_PREC)
+            dk0, dk1, dv0, dv1 = _dkdv_tile_update(dk0, dk1, dv0, dv1, sT, dpT, Qb, dOb, LseB, DeltaB, m, stride_qm,
+                                                   stride_qd, stride_gm, stride_gd, offs_m0, offs_d0, offs_d1,
+                                                   qk_scale, Lq, D0, D1, D1_MASK, BLOCK_M, UPCAST, DOT_PREC)
+            sT = sT_next
+            dpT = dpT_next
+            m = m_next
+        dk0, dk1, dv0, dv1 = _dkdv_tile_update(dk0, dk1, dv0, dv1, sT, dpT, Qb, dOb, LseB, DeltaB, m, stride_qm,
+                                               stride_qd, stride_gm, stride_gd, offs_m0, offs_d0, offs_d1, qk_scale,
+                                               Lq, D0, D1, D1_MASK, BLOCK_M, UPCAST, DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
 @triton.jit(do_not_specialize=["PAT_KEY", "GRID_KEY"])
 def _block_attention_bwd_dkdv_kernel(
     Q, K, V, dO, Lse, Delta, dK, dV, S,
@@ -388,6 +458,7 @@ def _block_attention_bwd_dkdv_kernel(
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, MASKED_TILES: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     # Strides arrive divided by ALIGN: see _block_attention_fwd_kernel.
     stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
@@ -426,10 +497,16 @@ def _block_attention_bwd_dkdv_kernel(
     LseB = Lse + bh.to(tl.int64) * Lq
     DeltaB = Delta + bh.to(tl.int64) * Lq
     tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, n, 1, SLOT)
-    dk0, dk1, dv0, dv1 = _dkdv_inner(
-        dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, full_lo, mask_lo, stride_qm, stride_qd,
-        stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb, tab_off,
-        D0, D1, HAS_D1, D1_MASK, BLOCK_M, False, UPCAST, DOT_PREC, SMALL_NB)
+    if OVERLAP and HAS_D1:
+        dk0, dk1, dv0, dv1 = _dkdv_inner_overlapped(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, full_lo, mask_lo, stride_qm, stride_qd,
+            stride_gm, stride_gd, offs_m0, offs_d0, offs_d1, qk_scale, Lq, D0, D1, D1_MASK, BLOCK_M, UPCAST,
+            DOT_PREC)
+    else:
+        dk0, dk1, dv0, dv1 = _dkdv_inner(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, full_lo, mask_lo, stride_qm, stride_qd,
+            stride_gm, stride_gd, offs_n, offs_m0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off, block_size, nb,
+            tab_off, D0, D1, HAS_D1, D1_MASK, BLOCK_M, False, UPCAST, DOT_PREC, SMALL_NB)
     if MASKED_TILES:
         dk0, dk1, dv0, dv1 = _dkdv_inner(
             dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, mask_lo, mask_hi, stride_qm, stride_qd,
