@@ -376,11 +376,23 @@ def _dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qb, dOb, LseB, DeltaB, S, it
 
 
 @triton.jit
+def _two_products(a0, a1, b0, b1, c0, c1, d0, d1, DOT_PREC: tl.constexpr):
+    """``(A·Bᵀ, C·Dᵀ)`` over a head dim split in a main part ("0") and a remainder ("1"): both remainder
+    products first, then both main ones onto them. Triton waits for a product used in the same iteration
+    right after issuing it, so both waits land before the main products are issued, and a caller that
+    carries the results into its next iteration finds those still running."""
+    x = tl.dot(a1, tl.trans(b1), input_precision=DOT_PREC)
+    y = tl.dot(c1, tl.trans(d1), input_precision=DOT_PREC)
+    x = tl.dot(a0, tl.trans(b0), x, input_precision=DOT_PREC)
+    y = tl.dot(c0, tl.trans(d0), y, input_precision=DOT_PREC)
+    return x, y
+
+
+@triton.jit
 def _dkdv_tile_products(k0, k1, v0, v1, Qb, dOb, m, stride_qm, stride_qd, stride_gm, stride_gd, offs_m0, offs_d0,
                         offs_d1, Lq, D0: tl.constexpr, D1: tl.constexpr, D1_MASK: tl.constexpr,
                         BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ of query tile ``m`` (head dim with a remainder), ordered as in
-    :func:`_dq_tile_products`: both remainder products, then both main ones."""
+    """Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ of query tile ``m`` (head dim with a remainder), by :func:`_two_products`."""
     offs_m = m * BLOCK_M + offs_m0
     m_valid = offs_m < Lq
     q0 = _load_rows(Qb, offs_m, stride_qm, offs_d0, stride_qd, m_valid, 0, True, False, UPCAST)
@@ -388,11 +400,7 @@ def _dkdv_tile_products(k0, k1, v0, v1, Qb, dOb, m, stride_qm, stride_qd, stride
     q1 = _load_rows(Qb + D0 * stride_qd, offs_m, stride_qm, offs_d1, stride_qd, m_valid, D1, True, D1_MASK, UPCAST)
     do1 = _load_rows(dOb + D0 * stride_gd, offs_m, stride_gm, offs_d1, stride_gd, m_valid, D1, True, D1_MASK,
                      UPCAST)
-    sT = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
-    dpT = tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
-    sT = tl.dot(k0, tl.trans(q0), sT, input_precision=DOT_PREC)
-    dpT = tl.dot(v0, tl.trans(do0), dpT, input_precision=DOT_PREC)
-    return sT, dpT
+    return _two_products(k0, k1, q0, q1, v0, v1, do0, do1, DOT_PREC)
 
 
 @triton.jit
@@ -563,10 +571,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, Kb, Vb, S, it_lo, it_hi, 
 def _dq_tile_products(q0, q1, do0, do1, Kb, Vb, n, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, offs_d0,
                       offs_d1, Lk, D0: tl.constexpr, D1: tl.constexpr, D1_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """S = Q·Kᵀ and dP = dO·Vᵀ of full key tile ``n`` (head dim with a remainder): both remainder products first,
-    then both main ones, so that Triton's waits (right after each product used within the iteration) land
-    before the main products are issued, which a caller that carries S and dP into its next iteration then
-    finds still running."""
+    """S = Q·Kᵀ and dP = dO·Vᵀ of full key tile ``n`` (head dim with a remainder), by :func:`_two_products`."""
     offs_n = n * BLOCK_N + offs_n0
     k0 = _load_rows(Kb, offs_n, stride_kn, offs_d0, stride_kd, offs_n < Lk, 0, False, False, UPCAST)
     v0 = _load_rows(Vb, offs_n, stride_vn, offs_d0, stride_vd, offs_n < Lk, 0, False, False, UPCAST)
@@ -574,11 +579,7 @@ def _dq_tile_products(q0, q1, do0, do1, Kb, Vb, n, stride_kn, stride_kd, stride_
                     UPCAST)
     v1 = _load_rows(Vb + D0 * stride_vd, offs_n, stride_vn, offs_d1, stride_vd, offs_n < Lk, D1, False, D1_MASK,
                     UPCAST)
-    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-    dp = tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-    s = tl.dot(q0, tl.trans(k0), s, input_precision=DOT_PREC)
-    dp = tl.dot(do0, tl.trans(v0), dp, input_precision=DOT_PREC)
-    return s, dp
+    return _two_products(q0, q1, k0, k1, do0, do1, v0, v1, DOT_PREC)
 
 
 @triton.jit
