@@ -270,7 +270,9 @@ def _annotate(rows: list[dict]) -> None:
 
 
 def _case(shp, mode, provs, device, dtype, check: bool, rows: list, on_rows=None) -> None:
-    """Append one row per provider of (shape, mode) to ``rows``; ``on_rows(rows)`` after each."""
+    """Append one row per provider of (shape, mode) to ``rows``; ``on_rows(rows)`` after each. Our rows name the
+    configs the autotuner chose (``configs``: per kernel, tile, warps, stages, TMA, overlap)."""
+    from ard_kernels.ops import block_attention as ours_ops  # after the caller has set TRITON_INTERPRET
     b, h, d, nb, bs, lq_blocks, pattern = shp
     lk, lq = nb * bs, lq_blocks * bs
     table = masks.pattern_table(pattern, nb)
@@ -285,9 +287,13 @@ def _case(shp, mode, provs, device, dtype, check: bool, rows: list, on_rows=None
         row = {"op": OP, "shape": shape_name(*shp), "provider": name, "mode": mode, "ms": None, "tflops": None}
         try:
             build = functools.partial(builder, q, k, v, bs, pattern, table, scale)
+            ours_ops.last_configs(clear=True)
             ms, first_s, out = _timed(build, q, k, v, mode, device)
             if ms is None:
                 continue  # the provider does not apply to this shape
+            if name.startswith("ours") and ours_ops.last_configs():
+                # what the autotuner chose, per kernel: which of the tuned configs carry the result
+                row["configs"] = "; ".join(f"{kind} {desc}" for kind, desc in ours_ops.last_configs().items())
             row["ms"] = round(ms, 4)
             row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 2)
             row["first_s"] = round(first_s, 2)
@@ -298,7 +304,7 @@ def _case(shp, mode, provs, device, dtype, check: bool, rows: list, on_rows=None
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         common.free_device_memory(device)
         rows.append(row)
-        common.emit(row, ("shape", "mode", "provider", "ms", "tflops", "first_s", "err"))
+        common.emit(row, ("shape", "mode", "provider", "ms", "tflops", "first_s", "err", "configs"))
         if on_rows:
             on_rows(rows)
     _annotate(rows[start:])

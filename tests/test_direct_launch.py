@@ -104,8 +104,8 @@ def test_attention_launch_memo(monkeypatch):
         best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "SLOT": 1, "USE_TMA": False}, num_warps=4,
                                     num_stages=2)
 
-    L = SimpleNamespace(kernel=Tuned("tuned"), interp=False, Lq=256, Lk=1024, pat_key=7, grid_key=0, d0=64, d1=8,
-                        dot_prec="tf32", align=8, tma=True, constexprs=lambda: {"D0": 64, "ALIGN": 8})
+    L = SimpleNamespace(kernel=Tuned("tuned"), kind="fwd", interp=False, Lq=256, Lk=1024, pat_key=7, grid_key=0,
+                        d0=64, d1=8, dot_prec="tf32", align=8, tma=True, constexprs=lambda: {"D0": 64, "ALIGN": 8})
 
     def descriptors(config):
         if config is None:
@@ -122,8 +122,11 @@ def test_attention_launch_memo(monkeypatch):
         ba._launch(L, None, ("head",), ("tail",), q, descriptors)
         return calls[:]
 
+    monkeypatch.setattr(ba, "_LAST_CONFIG", {})
     first = launch()
     assert [c[0] for c in first] == ["tuned", "jit"]  # autotuned, then the memo variant compiled at once
+    assert ba.last_configs(clear=True) == {"fwd": "64x32 w4s2"}  # what benchmarks record of the choice
+    assert ba.last_configs() == {}
     assert first[0][1] == ("head", *("desc",) * 6, "tail") and first[0][2] == {"D0": 64, "ALIGN": 8}
     assert first[1][1] == ("head", *(None,) * 6, "tail")  # a pointer config won: no descriptors
     assert first[1][2] == {"D0": 64, "ALIGN": 8, **Tuned.best_config.all_kwargs()}
@@ -140,3 +143,4 @@ def test_attention_launch_memo(monkeypatch):
     monkeypatch.setattr(ba, "_LAUNCH_MEMO", True)
     monkeypatch.setattr(ba, "_CHOSEN", {})
     assert launch()[1][1] == ("head", *("desc",) * 6, "tail")  # a TMA config keeps its descriptors
+    assert ba.last_configs() == {"fwd": "128x64 w8s3 tma"}

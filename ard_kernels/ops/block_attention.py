@@ -345,6 +345,22 @@ class _Launch:
 # variant without descriptors, which a capture must not see). ARD_KERNELS_LAUNCH_MEMO=0: never.
 _CHOSEN: dict = {}
 _LAUNCH_MEMO = os.environ.get("ARD_KERNELS_LAUNCH_MEMO", "1") != "0"
+# The config of the latest GPU launch of each kernel ("fwd", "dkdv", "dq"): benchmarks record what the
+# autotuner chose (:func:`last_configs`).
+_LAST_CONFIG: dict = {}
+
+
+def last_configs(clear: bool = False) -> dict:
+    """``{kernel: "BLOCK_MxBLOCK_N wW sS [tma] [overlap]"}`` of the latest GPU launch of each attention kernel
+    in this process (empty under the interpreter); ``clear`` forgets them afterwards."""
+    described = {}
+    for kind, config in _LAST_CONFIG.items():
+        kw = config.kwargs
+        described[kind] = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps}s{config.num_stages}"
+                           + (" tma" if kw.get("USE_TMA") else "") + (" overlap" if kw.get("OVERLAP") else ""))
+    if clear:
+        _LAST_CONFIG.clear()
+    return described
 
 
 def _launch(L, grid, head, tail, q, descriptors=None):
@@ -359,14 +375,16 @@ def _launch(L, grid, head, tail, q, descriptors=None):
     capturing = torch.cuda.is_current_stream_capturing()
     if config is None or capturing:
         L.kernel[grid](*head, *(descriptors(None) if descriptors else ()), *tail, **meta)
-        if _LAUNCH_MEMO and config is None and not capturing:
-            config = getattr(L.kernel, "best_config", None)
-            if config is not None:
-                # The same launch once more by the memo path: it compiles its variant now (identical
-                # outputs, written again), not inside a later call that may be timed or captured.
-                _launch_chosen(L, grid, head, tail, meta, config, descriptors)
-                _CHOSEN[key] = config
+        chosen = getattr(L.kernel, "best_config", None)
+        if chosen is not None:
+            _LAST_CONFIG[L.kind] = chosen
+        if _LAUNCH_MEMO and config is None and not capturing and chosen is not None:
+            # The same launch once more by the memo path: it compiles its variant now (identical
+            # outputs, written again), not inside a later call that may be timed or captured.
+            _launch_chosen(L, grid, head, tail, meta, chosen, descriptors)
+            _CHOSEN[key] = chosen
         return
+    _LAST_CONFIG[L.kind] = config
     _launch_chosen(L, grid, head, tail, meta, config, descriptors)
 
 
