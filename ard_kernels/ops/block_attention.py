@@ -119,7 +119,7 @@ _DKDV_OVERLAP_CONFIGS = ((32, 128, 8, 2), (32, 64, 4, 2))
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
 _INTERPRETER_TMA = False
-# Tests set this to run the forward's overlapped full-tile loop through the interpreter.
+# Tests set this to run the overlapped full-tile loops (forward, dQ, dK/dV) through the interpreter.
 _INTERPRETER_OVERLAP = False
 # GRID_KEY (an occupancy class, :func:`_occupancy_class`): a config tuned on a full grid (B64) is not the one
 # a grid of fewer programs than SMs wants (B1's KV-cached step: 32 query tiles of 128 rows on 132 SMs), and the
