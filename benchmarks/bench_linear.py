@@ -4,7 +4,8 @@ The 4-step sampler runs every Linear of a step on B·256 token rows; at batch 1 
 its GEMMs at 62% of the GPU time, ~34 µs a layer where reading the layer's weights once takes ~11.
 Per layer and batch: ``qkv`` (C → 3C), ``proj`` (C → C), ``fc1`` (C → 4C, tanh-GELU fused), ``fc2``
 (4C → C). Providers: ``cublas`` (``F.linear``, fc1 through cuBLASLt's GELU epilogue), ``split<s>`` (the
-Triton kernel with s K-slices; its tile autotuned), ``auto`` (:func:`ard_kernels.ops.linear.linear`, the
+Triton kernel with s K-slices reduced by a second launch; its tile autotuned), ``serial<s>`` (the same,
+reduced by each tile's last program: one launch), ``auto`` (:func:`ard_kernels.ops.linear.linear`, the
 plan its first call timed fastest: what the model runs). ``us`` median µs (do_bench); ``tflops``;
 ``weight_gbps`` = weight bytes over time (the bound at few rows); ``vs_cublas`` cuBLAS's time over this
 one. CPU: one tiny shape through the interpreter (a check that it runs; timings meaningless). Writes
@@ -59,6 +60,8 @@ def _cases(x, w, b, gelu, splits, gpu) -> dict:
     cases = {"cublas": lambda: lin._cublas(x, w, b, gelu)}
     for s in splits:
         cases[f"split{s}"] = lambda s=s: lin.linear_triton(x, w, b, gelu, s)
+        if s > 1:
+            cases[f"serial{s}"] = lambda s=s: lin.linear_triton(x, w, b, gelu, s, serial=True)
     if gpu:
         cases["auto"] = lambda: lin.linear(x, w, b, gelu)
     return cases
@@ -93,7 +96,7 @@ def run(args, on_rows=None) -> list[dict]:
                                    weight_gbps=n * k * w.element_size() / (ms * 1e-3) / 1e9)
                         if provider == "auto":
                             plan = lin._PLANS.get((m, n, k, dtype, gelu, True, device))
-                            row["plan"] = "cublas" if plan == 0 else f"split{plan}"
+                            row["plan"] = lin.plan_name(plan) if plan is not None else None
                     except Exception as e:  # noqa: BLE001 - one provider failing leaves a gap, not a crash
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                     rows.append(row)

@@ -54,6 +54,40 @@ def test_strided_inputs_and_split_determinism(triton_device):
     assert torch.equal(y, lin.linear_triton(x, w, b, True, 2))
 
 
+@pytest.mark.parametrize("m,n,k,split", [(5, 7, 40, 2), (17, 33, 70, 3), (3, 5, 100, 8), (20, 48, 64, 4)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_serial_plan_gives_the_two_pass_bits_and_resets_its_counters(m, n, k, split, gelu, triton_device):
+    """The serial plan (each tile's last program reduces it) against the two-pass one: the same bits (the same
+    fixed order of slices), the arrival counters back at zero after every launch, so the next call is right."""
+    x, w, b = _inputs(m, n, k, device=triton_device)
+    two_pass = lin.linear_triton(x, w, b, gelu, split)
+    for _ in range(2):
+        y = lin.linear_triton(x, w, b, gelu, split, serial=True)
+        assert torch.equal(y, two_pass)
+        assert all(int(c.abs().sum()) == 0 for c in lin._COUNTERS.values())
+    torch.testing.assert_close(y.double(), _peer(x, w, b, gelu), atol=1e-5, rtol=1e-5)
+
+
+def test_serial_plan_runs_one_launch(triton_device, monkeypatch):
+    """Serial: the GEMM alone; two-pass: the GEMM and the reduction; one slice: the GEMM alone, never serial."""
+    launched = []
+    real_reduce = lin._linear_reduce_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append("reduce")
+            return real_reduce[grid]
+
+    monkeypatch.setattr(lin, "_linear_reduce_kernel", Counting())
+    x, w, b = _inputs(9, 20, 64, device=triton_device)
+    lin.linear_triton(x, w, b, False, 2, serial=True)
+    lin.linear_triton(x, w, b, False, 1, serial=True)
+    assert launched == []
+    lin.linear_triton(x, w, b, False, 2)
+    assert launched == ["reduce"]
+    assert [lin.plan_name(p) for p in (0, 1, 4, -4)] == ["cublas", "split1", "split4", "serial4"]
+
+
 def test_gelu_saturates_without_overflow(triton_device):
     """Large pre-activations: GELU(x) = x far right, 0 far left (e^{2u} clamped, never inf/NaN)."""
     x = torch.tensor([[1.0], [-1.0]], device=triton_device)
@@ -110,7 +144,7 @@ def test_benchmark_runs_on_the_cpu(triton_device):
 
     rows = bench_linear.main(["--no-json", "--hidden", "16", "--tokens", "4", "--device", str(triton_device)])
     assert all("error" not in r for r in rows), rows
-    assert {r["provider"] for r in rows if r["op"] == "linear"} == {"cublas", "split1", "split2"}
+    assert {r["provider"] for r in rows if r["op"] == "linear"} == {"cublas", "split1", "split2", "serial2"}
     assert [r["provider"] for r in rows if r["op"] == "linear_layer"] == ["cublas"]
     assert all(r["us"] > 0 for r in rows)
 
@@ -139,7 +173,11 @@ def test_cuda_every_split_and_tile(monkeypatch, m, n, k, gelu):
         monkeypatch.setattr(lin, "_CONFIGS", (config,))
         lin._tuned_kernel.cache_clear()
         for split in (1, 2, 3, 4):
-            _assert_lowp_close(lin.linear_triton(x, w, b, gelu, split), x, w, b, gelu)
+            y = lin.linear_triton(x, w, b, gelu, split)
+            _assert_lowp_close(y, x, w, b, gelu)
+            if split > 1:  # the serial plan: the same bits, launch after launch (its counters reset)
+                for _ in range(3):
+                    assert torch.equal(lin.linear_triton(x, w, b, gelu, split, serial=True), y)
     lin._tuned_kernel.cache_clear()
 
 

@@ -5,9 +5,12 @@ GEMM into few output tiles (256 × 1152 is 18 tiles of 128 × 128 on 132 SMs), e
 K: the first H100 run measured the GEMMs at 62% of the B1 sample's GPU time, about 34 µs a layer
 against the ~11 µs it takes to read the layer's 32 MB of weights once. Splitting K over programs
 multiplies the programs that read the weights: each computes a (BLOCK_M, BLOCK_N) tile over one
-K-slice and writes fp32 partial sums, and a second pass adds them in a fixed order (deterministic,
-no atomics), adds the bias and applies the activation (DiT's tanh-approximate GELU after fc1). With
-one slice the GEMM writes ``y`` directly.
+K-slice and writes fp32 partial sums, and a second pass adds them in a fixed order (deterministic),
+adds the bias and applies the activation (DiT's tanh-approximate GELU after fc1). With one slice the
+GEMM writes ``y`` directly. The *serial* plans do that second pass inside the GEMM: the last program
+of an output tile to finish (an arrival counter per tile) sums the tile's partials in the same fixed
+order and writes ``y``, so a split costs one launch instead of two (at batch 1 each launch is a few µs
+of a ~10 µs GEMM). Same bits as the two-pass plan.
 
 Which of cuBLAS and the split-K plans is fastest depends on the shape and the GPU, so
 :func:`linear` times them on the first call of each (M, N, K, dtype, activation, device) and keeps
@@ -40,11 +43,23 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _linear_epilogue(acc, BIAS_ptr, Y_ptr, offs_m, offs_n, n_ok, mask, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
+                     GELU: tl.constexpr):
+    """``y = act(acc + bias)`` stored in Y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu_tanh(acc)
+    y_ptrs = Y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _linear_kernel(
-    X_ptr, W_ptr, BIAS_ptr, Y_ptr, PART_ptr,
+    X_ptr, W_ptr, BIAS_ptr, Y_ptr, PART_ptr, COUNT_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Axis 0: output tiles, M fastest (the M-tiles sharing a weight tile run together and read it from L2);
@@ -79,13 +94,25 @@ def _linear_kernel(
         # fp32 partial sums (SPLIT_K, M, N), contiguous; the reduction pass finishes them.
         part = PART_ptr + (s.to(tl.int64) * M + offs_m.to(tl.int64)[:, None]) * N + offs_n[None, :]
         tl.store(part, acc, mask=mask)
+        if SERIAL:
+            # The tile's last program to arrive reduces it. Every thread's partial is stored before one
+            # thread's release (the barrier); the counter's acquire makes the other programs' partials
+            # visible to the reducer, whose loads skip L1 (not coherent across SMs). It puts the counter
+            # back to zero for the next launch (or graph replay).
+            splits = tl.num_programs(1)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(COUNT_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+                slice_size = M.to(tl.int64) * N
+                total = tl.load(PART_ptr + rows, mask=mask, other=0.0, cache_modifier=".cg")
+                for t in range(1, splits):
+                    total += tl.load(PART_ptr + t * slice_size + rows, mask=mask, other=0.0, cache_modifier=".cg")
+                _linear_epilogue(total, BIAS_ptr, Y_ptr, offs_m, offs_n, n_ok, mask, stride_ym, stride_yn, HAS_BIAS,
+                                 GELU)
+                tl.atomic_xchg(COUNT_ptr + pid, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            acc += tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if GELU:
-            acc = _gelu_tanh(acc)
-        y_ptrs = Y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+        _linear_epilogue(acc, BIAS_ptr, Y_ptr, offs_m, offs_n, n_ok, mask, stride_ym, stride_yn, HAS_BIAS, GELU)
 
 
 @triton.jit
@@ -135,12 +162,33 @@ def _k_per_split(K: int, split_k: int, block_k: int) -> int:
     return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
 
 
+# Arrival counters of the serial plans, per (device, number of output tiles): int32 zeros that every launch
+# leaves at zero. Made outside CUDA-graph captures only (a capture records a memset without running it) and
+# never freed (a captured graph holds their address). One set per device: serial GEMMs of one device must not
+# run concurrently on two streams (the model's sampler runs one stream).
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, tiles: int):
+    """The zeroed arrival counters for ``tiles`` output tiles on ``device``, or None inside a CUDA-graph capture
+    when there are none yet."""
+    key = (str(device), tiles)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[key] = torch.zeros(tiles, dtype=torch.int32, device=device)
+    return counters
+
+
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
-                  split_k: int = 1) -> torch.Tensor:
+                  split_k: int = 1, serial: bool = False) -> torch.Tensor:
     """``y = act(x·Wᵀ + b)`` in Triton, K split over ``split_k`` slices (partials reduced in a fixed order).
 
     x: (M, K), weight: (N, K), bias: (N,) or None, one float dtype, any strides; ``gelu``: DiT's
-    tanh-approximate GELU on the result. Returns y (M, N) contiguous in x's dtype (fp32 accumulation).
+    tanh-approximate GELU on the result; ``serial``: the last program of each output tile reduces it (one
+    launch; the same bits), except inside a CUDA-graph capture for a tile count not run before it, which
+    takes the two-pass reduction. Returns y (M, N) contiguous in x's dtype (fp32 accumulation).
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -156,10 +204,14 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     splits = triton.cdiv(K, k_per_split)  # no empty slice: a slice count that K allows
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     bias_arg = bias if bias is not None else y
-    meta = dict(HAS_BIAS=bias is not None, GELU=gelu, SPLIT=splits > 1, UPCAST=interp,
+    # Counters for the smallest tiles any config uses (more tiles than a larger config has: it uses a prefix).
+    min_bm, min_bn = (_INTERPRETER_CONFIG[:2] if interp else (min(c[0] for c in _CONFIGS), min(c[1] for c in _CONFIGS)))
+    counters = _counters(x.device, triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn)) if (serial and splits > 1) else None
+    serial = counters is not None
+    meta = dict(HAS_BIAS=bias is not None, GELU=gelu, SPLIT=splits > 1, SERIAL=serial, UPCAST=interp,
                 DOT_PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32")
-    args = (x, weight, bias_arg, y, part, M, N, K, k_per_split, x.stride(0), x.stride(1), weight.stride(0),
-            weight.stride(1), y.stride(0), y.stride(1))
+    args = (x, weight, bias_arg, y, part, counters if serial else y, M, N, K, k_per_split, x.stride(0), x.stride(1),
+            weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
     with launch_device(x):
         if interp:
             bm, bn, bk, w, st = _INTERPRETER_CONFIG
@@ -168,7 +220,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         else:
             grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), splits)  # noqa: E731
             _tuned_kernel()[grid](*args, **meta)
-        if splits > 1:
+        if splits > 1 and not serial:
             _linear_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
                 part, bias_arg, y, M, N, y.stride(0), y.stride(1), SPLIT_K=splits, HAS_BIAS=bias is not None,
                 GELU=gelu, BLOCK=_REDUCE_BLOCK, num_warps=4)
@@ -197,7 +249,8 @@ def split_candidates(M: int, N: int, K: int, sms: int) -> tuple:
 
 
 # Per (M, N, K, dtype, gelu, has_bias, device): the plan the first call's timing chose, 0 = cuBLAS, s >= 1 =
-# Triton with s K-slices (backend="triton" keys start with "triton": cuBLAS was not a candidate there).
+# Triton with s K-slices reduced by a second pass, -s = the serial plan of s slices (reduced in the GEMM)
+# (backend="triton" keys start with "triton": cuBLAS was not a candidate there).
 _PLANS: dict = {}
 _MAX_ROWS = int(os.environ.get("ARD_KERNELS_LINEAR_MAX_ROWS", "4096"))
 
@@ -214,15 +267,21 @@ def _choose(x, weight, bias, gelu, with_cublas: bool = True) -> int:
     if with_cublas:
         times[0] = triton.testing.do_bench(lambda: _cublas(x, weight, bias, gelu), warmup=5, rep=25)
     for split in split_candidates(M, N, K, sm_count(x.device)):
-        linear_triton(x, weight, bias, gelu, split)  # compile and tune its tiles
-        times[split] = triton.testing.do_bench(lambda s=split: linear_triton(x, weight, bias, gelu, s), warmup=5,
-                                               rep=25)
+        for plan in ((split, -split) if split > 1 else (split,)):
+            linear_triton(x, weight, bias, gelu, abs(plan), plan < 0)  # compile and tune its tiles
+            times[plan] = triton.testing.do_bench(lambda p=plan: linear_triton(x, weight, bias, gelu, abs(p), p < 0),
+                                                  warmup=5, rep=25)
     best = min(times, key=times.get)
-    us = {("cublas" if s == 0 else f"split{s}"): round(t * 1e3, 2) for s, t in times.items()}
+    us = {plan_name(s): round(t * 1e3, 2) for s, t in times.items()}
     log_once(f"linear-plan-{M}-{N}-{K}-{x.dtype}-{gelu}-{with_cublas}",
              f"ard_kernels.linear: (M={M}, N={N}, K={K}, {x.dtype}{', gelu' if gelu else ''}) runs "
-             f"{'cuBLAS' if best == 0 else f'Triton split-K {best}'} (us: {us})", logging.INFO)
+             f"{'cuBLAS' if best == 0 else 'Triton ' + plan_name(best)} (us: {us})", logging.INFO)
     return best
+
+
+def plan_name(plan: int) -> str:
+    """"cublas", "split<s>" (two passes) or "serial<s>" (one launch) for a plan number of :data:`_PLANS`."""
+    return "cublas" if plan == 0 else (f"split{plan}" if plan > 0 else f"serial{-plan}")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
@@ -259,10 +318,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             key = ("triton", M, weight.shape[0], K, x.dtype, gelu, bias is not None, x.device)
             if key not in _PLANS:
                 _PLANS[key] = _choose(rows, weight, bias, gelu, with_cublas=False)
-            split = _PLANS[key]
+            plan = _PLANS[key]
         else:
-            split = 1
-        return linear_triton(rows, weight, bias, gelu, split).reshape(*lead, -1)
+            plan = 1
+        return linear_triton(rows, weight, bias, gelu, abs(plan), plan < 0).reshape(*lead, -1)
     # Traced (torch.compile), under a dispatch mode (FakeTensorMode, FlopCounterMode, the op census) or on
     # tensor subclasses: cuBLAS, the op everything knows; timing needs real tensors and kernels.
     usable = (not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
@@ -282,7 +341,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         plan = _PLANS[key] = _choose(rows, weight, bias, gelu)
     if plan == 0:
         return _cublas(rows, weight, bias, gelu).reshape(*lead, -1)
-    return linear_triton(rows, weight, bias, gelu, plan).reshape(*lead, -1)
+    return linear_triton(rows, weight, bias, gelu, abs(plan), plan < 0).reshape(*lead, -1)
 
 
 def aot_specs():
@@ -292,13 +351,14 @@ def aot_specs():
     specs = []
     for dtype in ("bf16", "fp16"):
         for bm, bn, bk, w, st in _CONFIGS:
-            for split, gelu in ((False, False), (False, True), (True, False)):
+            for split, gelu, serial in ((False, False, False), (False, True, False), (True, False, False),
+                                        (True, True, True)):
                 specs.append({
                     "name": f"linear_{dtype}_{bm}x{bn}x{bk}_w{w}s{st}" + ("_split" if split else "")
-                            + ("_gelu" if gelu else ""),
+                            + ("_serial" if serial else "") + ("_gelu" if gelu else ""),
                     "kernel": _linear_kernel,
-                    "signature": make_signature(_linear_kernel, dtype, {"PART_ptr": "*fp32"}),
-                    "constexprs": {"HAS_BIAS": True, "GELU": gelu, "SPLIT": split, "UPCAST": False,
+                    "signature": make_signature(_linear_kernel, dtype, {"PART_ptr": "*fp32", "COUNT_ptr": "*i32"}),
+                    "constexprs": {"HAS_BIAS": True, "GELU": gelu, "SPLIT": split, "SERIAL": serial, "UPCAST": False,
                                    "DOT_PREC": "tf32",
                                    "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "stride_xk": 1, "stride_wk": 1,
                                    "stride_yn": 1},
