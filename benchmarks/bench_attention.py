@@ -360,7 +360,7 @@ def main(argv=None) -> list[dict]:
     extra = {"dtype": str(dtype), "argv": list(argv or [])}
 
     def save(rows, complete=False):
-        common.write_json(NAME, rows, args.out, complete=complete, **extra)
+        common.write_json(NAME, rows, args.out, complete=complete, kernel_choices=common.kernel_choices(), **extra)
 
     rows = run(shapes, device, dtype, providers, modes, common.Budget(args.time_budget_s), not args.no_check,
                args.gpu_paths, on_rows=save)

@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -401,13 +402,29 @@ def plot_latency(rows: Sequence[dict], path: os.PathLike, title: str = "",
     return Path(path)
 
 
+def kernel_choices() -> dict:
+    """What the GPU chose at run time in this process: the attention configs per launch plan and the linear
+    plans per shape (from the op modules already imported: this imports none)."""
+    out = {}
+    attention = sys.modules.get("ard_kernels.ops.block_attention")
+    if attention is not None and attention.chosen_configs():
+        out["attention"] = attention.chosen_configs()
+    linear = sys.modules.get("ard_kernels.ops.linear")
+    if linear is not None and linear.chosen_plans():
+        out["linear"] = linear.chosen_plans()
+    return out
+
+
 def run_and_save(name: str, args, run, argv) -> list[dict]:
     """``run(args, on_rows=...)`` with its rows written to ``<name>.json`` after every case (marked
     incomplete) and once more at the end, unless ``args.no_json``: the shared ``main`` of the
-    benchmarks whose whole work is one ``run``."""
+    benchmarks whose whole work is one ``run``. The file also records :func:`kernel_choices`."""
     extra = {"argv": list(argv or [])}
-    save = None if args.no_json else (lambda rows: write_json(name, rows, args.out, complete=False, **extra))
-    rows = run(args, on_rows=save)
+
+    def save(rows, complete=False):
+        write_json(name, rows, args.out, complete=complete, kernel_choices=kernel_choices(), **extra)
+
+    rows = run(args, on_rows=None if args.no_json else save)
     if not args.no_json:
-        write_json(name, rows, args.out, **extra)
+        save(rows, complete=True)
     return rows

@@ -144,3 +144,6 @@ def test_attention_launch_memo(monkeypatch):
     monkeypatch.setattr(ba, "_CHOSEN", {})
     assert launch()[1][1] == ("head", *("desc",) * 6, "tail")  # a TMA config keeps its descriptors
     assert ba.last_configs() == {"fwd": "128x64 w8s3 tma"}
+    # benchmarks record every settled launch plan (common.kernel_choices)
+    Tuned.fn.__name__ = "_block_attention_fwd_kernel"
+    assert ba.chosen_configs() == {"fwd_kernel Lq256 Lk1024 occ0 D72 float32 tma-offered": "128x64 w8s3 tma"}

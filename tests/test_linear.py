@@ -88,6 +88,16 @@ def test_serial_plan_runs_one_launch(triton_device, monkeypatch):
     assert [lin.plan_name(p) for p in (0, 1, 4, -4)] == ["cublas", "split1", "split4", "serial4"]
 
 
+def test_chosen_plans_name_each_timed_shape(monkeypatch):
+    """What benchmarks record of the model's Linears (benchmarks/common.kernel_choices)."""
+    monkeypatch.setattr(lin, "_PLANS", {(256, 1152, 1152, torch.bfloat16, False, True, "cuda:0"): -2,
+                                        ("triton", 256, 4608, 1152, torch.bfloat16, True, True, "cuda:0"): 1,
+                                        (8, 16, 32, torch.float16, False, False, "cuda:0"): 0})
+    assert lin.chosen_plans() == {"M256 N1152 K1152 bfloat16": "serial2",
+                                  "M256 N4608 K1152 gelu bfloat16 (triton only)": "split1",
+                                  "M8 N16 K32 float16": "cublas"}
+
+
 def test_gelu_saturates_without_overflow(triton_device):
     """Large pre-activations: GELU(x) = x far right, 0 far left (e^{2u} clamped, never inf/NaN)."""
     x = torch.tensor([[1.0], [-1.0]], device=triton_device)

@@ -350,17 +350,31 @@ _LAUNCH_MEMO = os.environ.get("ARD_KERNELS_LAUNCH_MEMO", "1") != "0"
 _LAST_CONFIG: dict = {}
 
 
+def _describe(config) -> str:
+    """"BLOCK_MxBLOCK_N wW sS [tma] [overlap]" of a tuned config."""
+    kw = config.kwargs
+    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps}s{config.num_stages}"
+            + (" tma" if kw.get("USE_TMA") else "") + (" overlap" if kw.get("OVERLAP") else ""))
+
+
 def last_configs(clear: bool = False) -> dict:
     """``{kernel: "BLOCK_MxBLOCK_N wW sS [tma] [overlap]"}`` of the latest GPU launch of each attention kernel
     in this process (empty under the interpreter); ``clear`` forgets them afterwards."""
-    described = {}
-    for kind, config in _LAST_CONFIG.items():
-        kw = config.kwargs
-        described[kind] = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps}s{config.num_stages}"
-                           + (" tma" if kw.get("USE_TMA") else "") + (" overlap" if kw.get("OVERLAP") else ""))
+    described = {kind: _describe(config) for kind, config in _LAST_CONFIG.items()}
     if clear:
         _LAST_CONFIG.clear()
     return described
+
+
+def chosen_configs() -> dict:
+    """Every launch plan the autotuner settled in this process, ``{"<kernel> Lq Lk occupancy D dtype": config}``
+    (the launch memo's entries: what a benchmark's numbers ran on)."""
+    out = {}
+    for (kernel, lq, lk, _, grid_key, d0, d1, _, _, dtype, tma, _), config in _CHOSEN.items():
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel").replace("_block_attention_", "")
+        out[f"{name} Lq{lq} Lk{lk} occ{grid_key} D{d0 + d1} {str(dtype).replace('torch.', '')}"
+            + (" tma-offered" if tma else "")] = _describe(config)
+    return out
 
 
 def _launch(L, grid, head, tail, q, descriptors=None):

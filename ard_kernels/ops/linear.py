@@ -279,6 +279,17 @@ def _choose(x, weight, bias, gelu, with_cublas: bool = True) -> int:
     return best
 
 
+def chosen_plans() -> dict:
+    """``{"M N K [gelu] dtype": plan name}`` of every shape timed in this process (what the model ran)."""
+    out = {}
+    for key, plan in _PLANS.items():
+        forced = key[0] == "triton"
+        m, n, k, dtype, gelu = key[1:6] if forced else key[:5]
+        out[f"M{m} N{n} K{k}{' gelu' if gelu else ''} {str(dtype).replace('torch.', '')}"
+            + (" (triton only)" if forced else "")] = plan_name(plan)
+    return out
+
+
 def plan_name(plan: int) -> str:
     """"cublas", "split<s>" (two passes) or "serial<s>" (one launch) for a plan number of :data:`_PLANS`."""
     return "cublas" if plan == 0 else (f"split{plan}" if plan > 0 else f"serial{-plan}")
