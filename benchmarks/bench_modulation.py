@@ -282,11 +282,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             op_providers = [p for p in providers if p != "compiled_ref" or op in compiled_ops]
             _one_op(rows, op, b, n, c, block_size, dtype, device, op_providers)
             if not args.no_json:
-                common.write_json(NAME, rows, args.out, complete=False, dtype=args.dtype)
+                common.write_json(NAME, rows, args.out, complete=False, dtype=args.dtype,
+                                  kernel_choices=common.kernel_choices())
     print(f"bench_modulation ({args.dtype}, {device}):")
     print(common.markdown_table(rows), flush=True)
     if not args.no_json:
-        path = common.write_json(NAME, rows, args.out, dtype=args.dtype)
+        path = common.write_json(NAME, rows, args.out, dtype=args.dtype, kernel_choices=common.kernel_choices())
         print(f"wrote {path}")
     return rows
 

@@ -403,8 +403,8 @@ def plot_latency(rows: Sequence[dict], path: os.PathLike, title: str = "",
 
 
 def kernel_choices() -> dict:
-    """What the GPU chose at run time in this process: the attention configs per launch plan and the linear
-    plans per shape (from the op modules already imported: this imports none)."""
+    """What the GPU chose at run time in this process: the attention configs per launch plan, the linear plans
+    per shape, the row kernels' tiles per key (from the op modules already imported: this imports none)."""
     out = {}
     attention = sys.modules.get("ard_kernels.ops.block_attention")
     if attention is not None and attention.chosen_configs():
@@ -412,6 +412,9 @@ def kernel_choices() -> dict:
     linear = sys.modules.get("ard_kernels.ops.linear")
     if linear is not None and linear.chosen_plans():
         out["linear"] = linear.chosen_plans()
+    rows = sys.modules.get("ard_kernels.ops._rows")
+    if rows is not None and rows.row_choices():
+        out["rows"] = rows.row_choices()
     return out
 
 

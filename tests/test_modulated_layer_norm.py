@@ -292,6 +292,12 @@ def test_autotune_candidates():
         assert set(key) <= set(tuned.arg_names)
         assert list(tuned.restore_value) == list(restore)
         assert tuned.do_bench is _rows._tuning_bench  # short timings: tuning at every new shape stays cheap
+        assert tuned in _rows._AUTOTUNERS
+        # what benchmarks record (common.kernel_choices): the config each autotuning key settled on
+        tuned.cache[(256, 1152, "torch.bfloat16")] = tuned.configs[-1]
+        described = _rows.row_choices()[tuned.fn.__name__]["256, 1152, torch.bfloat16"]
+        assert described.startswith(f"BLOCK_M={configs[-1][0]}") and described.endswith(f"w{configs[-1][1]}")
+        tuned.cache.clear()
     _rows.autotuned_rows.cache_clear()
 
 

@@ -296,6 +296,22 @@ def _config_meta(config, names=("PREFETCH",)) -> dict:
     return {"BLOCK_M": config[0], **dict(zip(names, config[2:]))}
 
 
+# Every autotuner autotuned_rows made, for row_choices.
+_AUTOTUNERS: list = []
+
+
+def row_choices() -> dict:
+    """``{kernel: {autotuning key: "BLOCK_M=… w… [PREFETCH/TILES=…]"}}`` of the row kernels tuned so far in this
+    process (what a benchmark's numbers ran on)."""
+    out = {}
+    for tuner in _AUTOTUNERS:
+        name = getattr(getattr(tuner, "fn", tuner), "__name__", "kernel")
+        for key, config in getattr(tuner, "cache", {}).items():
+            meta = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+            out.setdefault(name, {})[", ".join(map(str, key))] = f"{meta} w{config.num_warps}"
+    return out
+
+
 @functools.cache
 def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = (), names: tuple = ("PREFETCH",)):
     """``kernel`` autotuned over ``configs`` ((BLOCK_M, num_warps) pairs, or (BLOCK_M, num_warps, *more), the
@@ -309,8 +325,10 @@ def autotuned_rows(kernel, configs: tuple, key: tuple, restore: tuple = (), name
     """
     if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    return triton.autotune(configs=[triton.Config(_config_meta(c, names), num_warps=c[1]) for c in configs],
-                           key=list(key), restore_value=list(restore) or None, do_bench=_tuning_bench)(kernel)
+    tuner = triton.autotune(configs=[triton.Config(_config_meta(c, names), num_warps=c[1]) for c in configs],
+                            key=list(key), restore_value=list(restore) or None, do_bench=_tuning_bench)(kernel)
+    _AUTOTUNERS.append(tuner)
+    return tuner
 
 
 def _tuning_bench(kernel_call, quantiles):
