@@ -339,15 +339,21 @@ def _write_outputs(out: Path, results, failures, timings, status, env, merge: bo
         if data and data.get("env", {}).get("device"):
             env = {**env, **data["env"]}
             break
+    choices = {}  # what the GPU chose at run time, per benchmark (common.kernel_choices)
+    for name in results:
+        data = common.read_json(out / f"{name}.json")
+        if isinstance(data, dict) and data.get("kernel_choices"):
+            choices[name] = data["kernel_choices"]
     ordered = [n for n in list(PRIORITY) + sorted(set(results) | set(status)) if n in results or n in status]
     ordered = list(dict.fromkeys(ordered))
     targets = render_targets(results)
-    summary = render_summary(results, failures, timings, env, status, ordered, targets)
+    summary = render_summary(results, failures, timings, env, status, ordered, targets, choices)
     (out / "SUMMARY.md").write_text(summary)
     (out / "TARGETS.md").write_text(targets)
     blob = {"env": env, "benchmarks": {n: {"status": status.get(n, "ok"), "seconds": timings.get(n),
                                            "failure": failures.get(n), "rows": results.get(n, [])}
-                                       for n in ordered}}
+                                       for n in ordered},
+            "kernel_choices": choices}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(blob, indent=1, default=str) + "\n")
     os.replace(tmp, out / "results.json")
@@ -373,7 +379,7 @@ def _plots(name: str, rows: list[dict], out: Path) -> None:
 
 
 def render_summary(results: dict, failures: dict, timings: dict, env: dict, status: dict | None = None,
-                   order: Sequence[str] | None = None, targets: str = "") -> str:
+                   order: Sequence[str] | None = None, targets: str = "", choices: dict | None = None) -> str:
     from benchmarks import common
 
     status = status or {}
@@ -388,6 +394,18 @@ def render_summary(results: dict, failures: dict, timings: dict, env: dict, stat
         lines += [f"## {name} ({st}{secs})", ""]
         if name in results:
             lines += [common.markdown_table(results[name])]
+    if choices:
+        lines += ["## Run-time choices", "", "What each benchmark's process chose on the GPU (autotuned attention "
+                  "configs per launch plan, linear plans per shape, row-kernel tiles per key):", ""]
+        for name, kinds in choices.items():
+            lines += [f"### {name}", ""]
+            for kind, entries in kinds.items():
+                for key, value in entries.items():
+                    if isinstance(value, dict):  # rows: {kernel: {key: tile}}
+                        lines += [f"- {kind} `{key}` `{k}`: {v}" for k, v in value.items()]
+                    else:
+                        lines += [f"- {kind} `{key}`: {value}"]
+            lines += [""]
     if failures:
         lines += ["## Failures", ""]
         for name, tb in failures.items():

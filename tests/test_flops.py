@@ -194,6 +194,21 @@ def test_run_all_isolated_with_deadline(tmp_path):
     assert "## Targets" in (tmp_path / "SUMMARY.md").read_text() and (tmp_path / "TARGETS.md").is_file()
 
 
+def test_summary_lists_the_run_time_choices():
+    """SUMMARY.md's "Run-time choices": what each benchmark's kernel_choices recorded, one line per choice."""
+    from benchmarks.run_all import render_summary
+
+    choices = {"e2e": {"attention": {"fwd_kernel Lq256 Lk1024 occ0 D72 bfloat16": "64x64 w4s3 tma overlap"},
+                       "linear": {"M256 N1152 K1152 bfloat16": "serial2"},
+                       "rows": {"_gated_residual_modulated_layer_norm_fwd_kernel": {"256, 1152": "BLOCK_M=1 w4"}}}}
+    text = render_summary({"e2e": [{"ms": 1.0}]}, {}, {}, {}, choices=choices)
+    assert "## Run-time choices" in text and "### e2e" in text
+    assert "- attention `fwd_kernel Lq256 Lk1024 occ0 D72 bfloat16`: 64x64 w4s3 tma overlap" in text
+    assert "- linear `M256 N1152 K1152 bfloat16`: serial2" in text
+    assert "- rows `_gated_residual_modulated_layer_norm_fwd_kernel` `256, 1152`: BLOCK_M=1 w4" in text
+    assert "Run-time choices" not in render_summary({"e2e": [{"ms": 1.0}]}, {}, {}, {})
+
+
 def test_counter_sees_the_fused_gelu_gemm_as_its_addmm():
     """CUDA inference runs fc1 + GELU as ``_addmm_activation``, for which FlopCounterMode has no formula."""
     from ard_kernels.flops import _count
