@@ -139,6 +139,18 @@ def dot_in_flight_at_exp(ttgir: str) -> bool:
     return False
 
 
+def release_before_atomic(ptx: str) -> bool | None:
+    """For a kernel with a gpu-scope acq_rel atomic (the serial split-K's arrival counter): whether a CTA
+    barrier (``bar.sync``) lies between the last global store before the first such atomic and the atomic,
+    so every thread's stores precede the one thread's release. None without such an atomic."""
+    lines = ptx.splitlines()
+    atom = next((i for i, line in enumerate(lines) if "atom.global" in line and "acq_rel" in line), None)
+    if atom is None:
+        return None
+    last_store = max((i for i, line in enumerate(lines[:atom]) if "st.global" in line), default=-1)
+    return any("bar.sync" in line for line in lines[last_store + 1:atom])
+
+
 def compile_spec(spec: dict, arch: int) -> dict:
     """Compile one spec for ``sm_<arch>``; returns a row describing the compiled kernel."""
     import triton
@@ -168,6 +180,8 @@ def compile_spec(spec: dict, arch: int) -> dict:
         "wgmma": "warp_group_dot" in ttgir,
         "mma": ("warp_group_dot" in ttgir) or ("nvidia_mma" in ttgir) or ("#mma" in ttgir),
         "dot_in_flight_at_exp": dot_in_flight_at_exp(ttgir),
+        "barrier_before_release": release_before_atomic(compiled.asm["ptx"]),
+        "l2_loads": compiled.asm["ptx"].count("ld.global.cg"),
     }
     row.update(_ptxas_report(compiled.asm["ptx"], arch))
     return row

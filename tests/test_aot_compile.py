@@ -117,3 +117,14 @@ def test_overlapped_loops_keep_a_product_running_through_the_exponentials(report
     overlapped = [r for r in rows if "_overlap" in r["name"]]
     assert overlapped and all(r["dot_in_flight_at_exp"] for r in overlapped), overlapped
     assert not any(r["dot_in_flight_at_exp"] for r in rows if "_overlap" not in r["name"])
+
+
+def test_serial_split_k_releases_its_partials_after_a_barrier(report):
+    """The serial linear plans: in the compiled code every thread's partial sums are stored, then a CTA barrier,
+    then one thread's gpu-scope acq_rel atomic on the tile's counter, and the reducing program reads the
+    partials through L2 (ld.global.cg: L1 is not coherent across SMs). The other plans have no atomic."""
+    rows = [r for r in report["compiled"] if r["name"].startswith("linear_")]
+    serial = [r for r in rows if "_serial" in r["name"]]
+    assert serial and {r["arch"] for r in serial} == {90, 80}
+    assert all(r["barrier_before_release"] is True and r["l2_loads"] > 0 for r in serial), serial
+    assert all(r["barrier_before_release"] is None and r["l2_loads"] == 0 for r in rows if r not in serial)
