@@ -291,9 +291,9 @@ def _case(shp, mode, provs, device, dtype, check: bool, rows: list, on_rows=None
             ms, first_s, out = _timed(build, q, k, v, mode, device)
             if ms is None:
                 continue  # the provider does not apply to this shape
-            if name.startswith("ours") and ours_ops.last_configs():
-                # what the autotuner chose, per kernel: which of the tuned configs carry the result
-                row["configs"] = "; ".join(f"{kind} {desc}" for kind, desc in ours_ops.last_configs().items())
+            chosen = ours_ops.last_configs() if name.startswith("ours") else None
+            if chosen:  # what the autotuner chose, per kernel: which of the tuned configs carry the result
+                row["configs"] = "; ".join(f"{kind} {desc}" for kind, desc in chosen.items())
             row["ms"] = round(ms, 4)
             row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 2)
             row["first_s"] = round(first_s, 2)

@@ -405,16 +405,14 @@ def plot_latency(rows: Sequence[dict], path: os.PathLike, title: str = "",
 def kernel_choices() -> dict:
     """What the GPU chose at run time in this process: the attention configs per launch plan, the linear plans
     per shape, the row kernels' tiles per key (from the op modules already imported: this imports none)."""
+    sources = (("attention", "ard_kernels.ops.block_attention", "chosen_configs"),
+               ("linear", "ard_kernels.ops.linear", "chosen_plans"), ("rows", "ard_kernels.ops._rows", "row_choices"))
     out = {}
-    attention = sys.modules.get("ard_kernels.ops.block_attention")
-    if attention is not None and attention.chosen_configs():
-        out["attention"] = attention.chosen_configs()
-    linear = sys.modules.get("ard_kernels.ops.linear")
-    if linear is not None and linear.chosen_plans():
-        out["linear"] = linear.chosen_plans()
-    rows = sys.modules.get("ard_kernels.ops._rows")
-    if rows is not None and rows.row_choices():
-        out["rows"] = rows.row_choices()
+    for kind, module_name, reader in sources:
+        module = sys.modules.get(module_name)
+        choices = getattr(module, reader)() if module is not None else None
+        if choices:
+            out[kind] = choices
     return out
 
 
