@@ -13,7 +13,10 @@ Providers:
 - ``per_token``: the published formulation, conditioning already repeated per token
   (B, N, C) as its adaLN Linear produces it; DiT's ``modulate`` / ``x + gate·y`` in eager;
 - ``ours_unfused`` (``gated_residual_modulated_layer_norm`` only): our two separate kernels, one
-  after the other, so the row shows what the fusion saves.
+  after the other, so the row shows what the fusion saves;
+- ``ours_fused`` / ``ours_split`` (the two LayerNorm ops, ``bwd`` only, CUDA): our backward forced to one
+  plan (``ARD_KERNELS_ROW_BWD``: the sums in the row kernel, or dx alone then the column-parallel sums);
+  ``ours`` runs whichever its first call timed faster (``kernel_choices`` in the JSON says which).
 
 ``adaln_layer`` times the whole adaLN path of one DiT layer with the attention and MLP replaced
 by the identity: the modulation Linear (on B·nb block rows for ours/eager_ref/compiled_ref, on
@@ -98,6 +101,10 @@ def _per_token(cond, n, block_size):
     return cond[:, idx].contiguous()
 
 
+# Providers that force one plan of the row backwards (bwd rows only: their forward is ours').
+_PLAN_PROVIDERS = {"ours_fused": "fused", "ours_split": "split"}
+
+
 def _time(fn, inputs, dy, mode, device):
     """ms of the forward (no autograd) or of the backward alone (retained graph, no .grad accumulation)."""
     if mode == "fwd":
@@ -127,6 +134,7 @@ def _elementwise_cases(op, b, n, c, block_size, dtype, device, providers):
             "eager_ref": lambda a, s, k: ref(a, s, k, block_size, EPS),
             "per_token": lambda a, s, k: F.layer_norm(a, (c,), eps=EPS) * (1 + k) + s,
         }
+        fns.update(dict.fromkeys(_PLAN_PROVIDERS, fns["ours"]))
         # fwd: x, y, shift, scale; bwd: x, dy, dx, mean/rstd, scale, dshift, dscale.
         nbytes = {"fwd": 2 * tok + 2 * blk, "bwd": 3 * tok + 8 * b * n + 3 * blk}
     elif op == "gated_residual_modulated_layer_norm":
@@ -152,6 +160,7 @@ def _elementwise_cases(op, b, n, c, block_size, dtype, device, providers):
             "eager_ref": lambda a, y, g, s, k: ref(a, y, g, s, k, block_size, EPS),
             "per_token": per_token,
         }
+        fns.update(dict.fromkeys(_PLAN_PROVIDERS, fns["ours"]))
         if "ours" in providers and "ours_unfused" not in providers:
             providers = [*providers, "ours_unfused"]
         # fwd: x, y, out, h, gate/shift/scale; bwd: dout, dh, out, y, dx, dy, mean/rstd, gate, scale, 3 sums.
@@ -170,6 +179,8 @@ def _elementwise_cases(op, b, n, c, block_size, dtype, device, providers):
         nbytes = {"fwd": 3 * tok + blk, "bwd": 3 * tok + 2 * blk}
     if "compiled_ref" in providers:
         fns["compiled_ref"] = torch.compile(fns["eager_ref"], dynamic=False)
+    if "ours" in providers and device.type == "cuda" and _PLAN_PROVIDERS.keys() <= fns.keys():
+        providers = [*providers, *[p for p in _PLAN_PROVIDERS if p not in providers]]
     cases = []
     for p in providers:
         if p not in fns:
@@ -216,7 +227,8 @@ def _layer_cases(b, n, c, block_size, dtype, device, providers):
 def _run_case(rows, op, shape, mode, provider, fn, inputs, dy, device, nbytes=None):
     row = {"op": op, "shape": shape, "provider": provider, "mode": mode, "ms": None, "gbps": None}
     try:
-        ms = _time(fn, inputs, dy, mode, device)
+        with common.env_var("ARD_KERNELS_ROW_BWD", _PLAN_PROVIDERS.get(provider)):
+            ms = _time(fn, inputs, dy, mode, device)
         row["ms"] = ms
         row["gbps"] = nbytes / (ms * 1e-3) / 1e9 if (ms and nbytes) else None
     except torch.cuda.OutOfMemoryError:
@@ -244,6 +256,8 @@ def _one_op(rows, op, b, n, c, block_size, dtype, device, providers):
     start = len(rows)
     for mode in ("fwd", "bwd"):
         for p, fn, inputs in cases:
+            if mode == "fwd" and p in _PLAN_PROVIDERS:
+                continue
             _run_case(rows, op, shape, mode, p, fn, inputs, dy, device, nbytes.get(mode))
     if op == "adaln_layer":
         base = {q["mode"]: q["ms"] for q in rows[start:] if q["provider"] == "per_token"}

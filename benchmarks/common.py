@@ -20,6 +20,7 @@ these helpers keep timing and reporting uniform across them:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -278,6 +279,23 @@ def raise_recompile_limits(limit: int = 256) -> None:
         setattr(cfg, name, limit)
     if getattr(cfg, "accumulated_recompile_limit", 4 * limit) < 4 * limit:
         cfg.accumulated_recompile_limit = 4 * limit
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Set the environment variable ``name`` to ``value`` for the block (``value`` None: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def free_device_memory(device=None) -> None:

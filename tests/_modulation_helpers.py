@@ -37,3 +37,19 @@ def assert_repeatable(fn, inputs, dout):
     """Two runs give bitwise-equal outputs and gradients (the block reductions are deterministic)."""
     for first, second in zip(grads(fn, inputs, dout), grads(fn, inputs, dout)):
         assert torch.equal(first, second)
+
+
+def pinned_backward_configs(monkeypatch, configs, plan):
+    """Yield (row config, column-sum config or None) so that a test pins each row backward config in turn
+    and, in the split plan, each column-sum config too (cycled beside the row configs); the column-sum
+    autotuner is rebuilt over the one pinned config each time."""
+    from ard_kernels.ops import _rows
+
+    columns = _rows._COLUMN_SUM_CONFIGS if plan == "split" else (None,)
+    for i in range(max(len(configs), len(columns))):
+        column = columns[i % len(columns)]
+        if column is not None:
+            monkeypatch.setattr(_rows, "_COLUMN_SUM_CONFIGS", (column,))
+            _rows._column_sums_tuner.cache_clear()
+        yield configs[i % len(configs)], column
+    _rows._column_sums_tuner.cache_clear()  # monkeypatch restores the configs; the next tuner sees them all

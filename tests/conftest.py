@@ -38,6 +38,14 @@ def triton_device():
     return torch.device("cuda" if HAS_CUDA and not INTERPRETED else "cpu")
 
 
+@pytest.fixture(params=["fused", "split"])
+def row_bwd_plan(request, monkeypatch):
+    """Each plan of the row ops' backwards in turn (``ARD_KERNELS_ROW_BWD``): one kernel that also sums the
+    per-block columns, or dx alone then the column-parallel sums (:func:`ard_kernels.ops._rows.row_backward_plan`)."""
+    monkeypatch.setenv("ARD_KERNELS_ROW_BWD", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def cuda_torch_tree(tmp_path_factory):
     """A copy of the package whose CUDA extension is built against the GPU machines' CUDA torch 2.11

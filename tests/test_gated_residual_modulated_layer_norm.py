@@ -10,7 +10,7 @@ the GPU tiling forced. GPU (``cuda``): DiT sizes in bf16/fp16/fp32 and torch.com
 import pytest
 import torch
 import torch.nn.functional as F
-from _modulation_helpers import CPU_SHAPES, CUDA_SHAPES, assert_lowp_close, assert_repeatable
+from _modulation_helpers import CPU_SHAPES, CUDA_SHAPES, assert_lowp_close, assert_repeatable, pinned_backward_configs
 
 import ard_kernels as ak
 from ard_kernels.ops.gated_residual import gated_residual_triton
@@ -73,7 +73,7 @@ def assert_all_close(ours, want, tol, what):
 
 
 @pytest.mark.parametrize("b,n,c,block_size", CPU_SHAPES)
-def test_matches_reference_separate_ops_and_per_token(b, n, c, block_size, triton_device):
+def test_matches_reference_separate_ops_and_per_token(b, n, c, block_size, triton_device, row_bwd_plan):
     inputs = make_inputs(b, n, c, block_size, device=triton_device)
     dout, dh = torch.randn(b, n, c, device=triton_device), torch.randn(b, n, c, device=triton_device)
     ours = grads2(fused(block_size), inputs, dout, dh)
@@ -83,7 +83,7 @@ def test_matches_reference_separate_ops_and_per_token(b, n, c, block_size, trito
 
 
 @pytest.mark.parametrize("used", ["h only", "out only"])
-def test_one_output_unused(used, triton_device):
+def test_one_output_unused(used, triton_device, row_bwd_plan):
     """A None cotangent (autograd's "unused output") on either side gives the right gradients."""
     inputs = make_inputs(2, 7, 72, 3, device=triton_device)
     dout = None if used == "h only" else torch.randn(2, 7, 72, device=triton_device)
@@ -92,7 +92,7 @@ def test_one_output_unused(used, triton_device):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
-def test_low_precision_interpreted(dtype, tol, triton_device):
+def test_low_precision_interpreted(dtype, tol, triton_device, row_bwd_plan):
     """bf16/fp16 storage, fp32 math: within about one ulp of the fp32 oracle (the interpreter
     truncates fp32 -> bf16 rather than rounding)."""
     inputs = make_inputs(2, 7, 72, 3, dtype=dtype, device=triton_device)
@@ -108,7 +108,7 @@ def test_low_precision_interpreted(dtype, tol, triton_device):
         torch.testing.assert_close(o.float(), r.detach(), atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_mixed_dtypes_like_autocast(triton_device):
+def test_mixed_dtypes_like_autocast(triton_device, row_bwd_plan):
     """fp32 stream with bf16 branch output and conditioning (autocast): results in the stream's dtype."""
     x = torch.randn(2, 7, 64, device=triton_device).requires_grad_()
     y, gate, shift, scale = (t.bfloat16().requires_grad_() for t in make_inputs(2, 7, 64, 3, device=triton_device,
@@ -131,7 +131,7 @@ def test_public_api(backend, triton_device):
     assert_all_close(ours, grads2(reference(3), inputs, dout, dh), 2e-5, "reference")
 
 
-def test_strided_inputs(triton_device):
+def test_strided_inputs(triton_device, row_bwd_plan):
     """x and y as transposed views, the conditioning as chunks of one adaLN output (no copies)."""
     b, n, c, block_size, nb = 2, 7, 80, 3, 3
     x = torch.randn(b, c, n, device=triton_device).requires_grad_()
@@ -181,7 +181,7 @@ def test_inplace_refuses_grad(entry, triton_device):
                                                    backend="triton")
 
 
-def test_backward_is_deterministic(triton_device):
+def test_backward_is_deterministic(triton_device, row_bwd_plan):
     inputs = make_inputs(1, 9, 72, 4, device=triton_device)
     dout, dh = torch.randn(1, 9, 72, device=triton_device), torch.randn(1, 9, 72, device=triton_device)
     fn = fused(4)
@@ -191,7 +191,7 @@ def test_backward_is_deterministic(triton_device):
 
 
 @pytest.mark.cuda
-def test_cuda_deterministic_large():
+def test_cuda_deterministic_large(row_bwd_plan):
     inputs = make_inputs(2, 4 * 256, 1152, 256, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
     dh = torch.randn(2, 1024, 1152, device="cuda", dtype=torch.bfloat16)
@@ -217,7 +217,7 @@ def test_opcheck_and_fullgraph_trace(triton_device):
 
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("with_dout", [True, False])
-def test_gpu_tiling_forced(monkeypatch, triton_device, prefetch, with_dout):
+def test_gpu_tiling_forced(monkeypatch, triton_device, prefetch, with_dout, row_bwd_plan):
     """The GPU tiling (2-row tiles, several row groups per block, a partial last block), forced here, with
     and without loading each tile ahead of the one being worked on, with and without the stream's own
     gradient (``out`` also used downstream, or only through h)."""
@@ -321,7 +321,7 @@ def test_input_errors(mutate, error, match):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("b,n,c,block_size", CUDA_SHAPES)
-def test_cuda_dtypes(dtype, b, n, c, block_size):
+def test_cuda_dtypes(dtype, b, n, c, block_size, row_bwd_plan):
     inputs = make_inputs(b, n, c, block_size, dtype=dtype, device="cuda")
     dout, dh = (torch.randn(b, n, c, device="cuda").to(dtype) for _ in range(2))
     ours = grads2(fused(block_size), inputs, dout, dh)
@@ -335,9 +335,10 @@ def test_cuda_dtypes(dtype, b, n, c, block_size):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("with_dout", [True, False])
-def test_cuda_every_backward_config(monkeypatch, with_dout):
+def test_cuda_every_backward_config(monkeypatch, with_dout, row_bwd_plan):
     """Each tile the GPU backward autotunes over at DiT-XL's width (with and without prefetch), pinned in
-    turn: the autotuner keeps one of them, and a wrong one must not hide behind a faster right one."""
+    turn, in each plan (the split one also pins each column-sum tile): the autotuner keeps one of them, and
+    a wrong one must not hide behind a faster right one."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
 
@@ -352,11 +353,11 @@ def test_cuda_every_backward_config(monkeypatch, with_dout):
     ref32 = grads2(reference(256), [t.detach().float().requires_grad_() for t in inputs],
                    None if dout is None else dout.float(), dh.float())
     lowp = grads2(per_token(256), inputs, dout, dh)
-    for config in configs:
+    for config, column_config in pinned_backward_configs(monkeypatch, configs, row_bwd_plan):
         monkeypatch.setattr(fused_module, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
         ours = grads2(fused(256), inputs, dout, dh)
         for name, o, r, t in zip(NAMES, ours, ref32, lowp):
-            assert_lowp_close(f"{name} {config}", o, r, t)
+            assert_lowp_close(f"{name} {config} {column_config}", o, r, t)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,15 @@ torch.compile(fullgraph=True) through forward and backward.
 import pytest
 import torch
 import torch.nn.functional as F
-from _modulation_helpers import CPU_SHAPES, CUDA_SHAPES, assert_lowp_close, assert_repeatable, grads, grads32
+from _modulation_helpers import (
+    CPU_SHAPES,
+    CUDA_SHAPES,
+    assert_lowp_close,
+    assert_repeatable,
+    grads,
+    grads32,
+    pinned_backward_configs,
+)
 
 import ard_kernels as ak
 from ard_kernels.ops.modulated_layer_norm import modulated_layer_norm_triton
@@ -34,7 +42,7 @@ def per_token(x, shift, scale, block_size):
 
 
 @pytest.mark.parametrize("b,n,c,block_size", CPU_SHAPES)
-def test_matches_reference_and_per_token(b, n, c, block_size, triton_device):
+def test_matches_reference_and_per_token(b, n, c, block_size, triton_device, row_bwd_plan):
     inputs = make_inputs(b, n, c, block_size, device=triton_device)
     dy = torch.randn(b, n, c, device=triton_device)
     ours = grads(lambda *a: modulated_layer_norm_triton(*a, block_size, EPS), inputs, dy)
@@ -47,7 +55,7 @@ def test_matches_reference_and_per_token(b, n, c, block_size, triton_device):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
-def test_low_precision_interpreted(dtype, tol, triton_device):
+def test_low_precision_interpreted(dtype, tol, triton_device, row_bwd_plan):
     """bf16/fp16 storage, fp32 math: within about one ulp of the fp32 reference (the interpreter
     truncates fp32 -> bf16 instead of rounding, hence one ulp rather than half)."""
     inputs = make_inputs(2, 7, 72, 3, dtype=dtype, device=triton_device)
@@ -69,7 +77,7 @@ def test_public_api(backend, triton_device):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
 
 
-def test_strided_inputs(triton_device):
+def test_strided_inputs(triton_device, row_bwd_plan):
     """x as a transposed view, shift/scale as chunks of one adaLN output: no copies needed."""
     b, n, c, block_size, nb = 2, 7, 80, 3, 3
     x = torch.randn(b, c, n, device=triton_device).requires_grad_()
@@ -86,7 +94,7 @@ def test_strided_inputs(triton_device):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
 
 
-def test_backward_is_deterministic(triton_device):
+def test_backward_is_deterministic(triton_device, row_bwd_plan):
     inputs = make_inputs(1, 9, 72, 4, device=triton_device)
     dy = torch.randn(1, 9, 72, device=triton_device)
     assert_repeatable(lambda *a: modulated_layer_norm_triton(*a, 4, EPS), inputs, dy)
@@ -124,7 +132,7 @@ def test_opcheck_and_fullgraph_trace(triton_device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("b,n,c,block_size", CUDA_SHAPES)
-def test_cuda_dtypes(dtype, b, n, c, block_size):
+def test_cuda_dtypes(dtype, b, n, c, block_size, row_bwd_plan):
     inputs = make_inputs(b, n, c, block_size, dtype=dtype, device="cuda")
     dy = torch.randn(b, n, c, device="cuda").to(dtype)
     ours = grads(lambda *a: modulated_layer_norm_triton(*a, block_size, EPS), inputs, dy)
@@ -138,9 +146,10 @@ def test_cuda_dtypes(dtype, b, n, c, block_size):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("c", [1152, 2048])
-def test_cuda_every_backward_config(monkeypatch, c):
-    """Each tile the GPU backward autotunes over (with and without prefetch), pinned in turn: the autotuner
-    keeps one of them, and a wrong one must not hide behind a faster right one."""
+def test_cuda_every_backward_config(monkeypatch, c, row_bwd_plan):
+    """Each tile the GPU backward autotunes over (with and without prefetch), pinned in turn, in each plan (the
+    split one also pins each column-sum tile): the autotuner keeps one of them, and a wrong one must not hide
+    behind a faster right one."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import modulated_layer_norm as mln
 
@@ -152,11 +161,11 @@ def test_cuda_every_backward_config(monkeypatch, c):
     ref32 = grads32(lambda *a: modulated_layer_norm_ref(*a, 256, EPS), inputs, dy)
     lowp = grads(lambda a, s, k: F.layer_norm(a, (c,), eps=EPS) * (1 + _per_token(k, 600, 256))
                  + _per_token(s, 600, 256), inputs, dy)
-    for config in configs:
+    for config, column_config in pinned_backward_configs(monkeypatch, configs, row_bwd_plan):
         monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
         ours = grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
         for name, o, r, t in zip(["y", "dx", "dshift", "dscale"], ours, ref32, lowp):
-            assert_lowp_close(f"{name} {config}", o, r, t)
+            assert_lowp_close(f"{name} {config} {column_config}", o, r, t)
 
 
 @pytest.mark.cuda
@@ -190,14 +199,14 @@ def test_cuda_compile_fullgraph():
 
 
 @pytest.mark.cuda
-def test_cuda_deterministic_large():
+def test_cuda_deterministic_large(row_bwd_plan):
     inputs = make_inputs(1, 4 * 256, 1152, 256, dtype=torch.bfloat16, device="cuda")
     dy = torch.randn(1, 1024, 1152, device="cuda", dtype=torch.bfloat16)
     assert_repeatable(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_many_row_groups(monkeypatch, triton_device, prefetch):
+def test_many_row_groups(monkeypatch, triton_device, prefetch, row_bwd_plan):
     """The GPU split of a block's rows over several programs (partial sums per group), forced here, with and
     without loading each tile ahead of the one being worked on."""
     from ard_kernels.ops import _rows
@@ -232,7 +241,7 @@ def test_forward_runs_of_tiles(monkeypatch, triton_device, tiles):
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, prefetch):
+def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, prefetch, row_bwd_plan):
     """On the GPU the backward autotunes over tiles of different heights, its row groups sized for the
     tallest: the shorter tile's loop must stop at its group's end (here 1-row tiles in 4-row-aligned groups;
     with prefetch, the load ahead of the group's last tile must load nothing)."""
@@ -243,6 +252,91 @@ def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, p
     monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, **_: ((1, 4, prefetch), (4, 4, prefetch)))
     assert _rows.row_groups(11, 4, 2, triton_device) == (2, 8)  # two groups of 8 rows: 8 one-row tiles each
     _assert_grads_match_reference(2, 20, 72, 11, triton_device)
+
+
+@pytest.mark.parametrize("gated", [None, "with dout", "without dout"])
+def test_block_column_sums(monkeypatch, triton_device, gated):
+    """The split plan's column-parallel sums against float64 sums: Σ a, Σ a·x̂ per sample and block, and for the
+    gated residual Σ g·y with g = dout + rstd·(a·(1 + scale) − x̂·c1 − c2) rebuilt from the per-row terms.
+    Several row groups per block (forced), a partial last group and block, two column chunks with a partial
+    second, strided inputs."""
+    from ard_kernels.ops import _rows
+
+    monkeypatch.setattr(_rows, "_COLUMN_SUM_MIN_ROWS", 3)
+    monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
+    monkeypatch.setattr(_rows, "_COLUMN_SUM_INTERPRETER", (2, 64, 4))
+    b, n, c, block_size = 2, 23, 100, 10
+    nb = -(-n // block_size)
+    assert _rows.row_groups(block_size, 1, b * nb * 2, triton_device, min_rows=3) == (4, 3)  # 3+3+3+1 rows
+    a, dout, y = (torch.randn(b, n, c, device=triton_device) for _ in range(3))
+    x = torch.randn(b, c, n, device=triton_device).transpose(1, 2)  # column stride n
+    mean, rstd = torch.randn(b, n, device=triton_device), torch.rand(b, n, device=triton_device) + 0.5
+    scale = torch.randn(b, nb, c, device=triton_device)
+    c1, c2 = torch.randn(b, n, device=triton_device), torch.randn(b, n, device=triton_device)
+    dout = dout if gated == "with dout" else None
+    sums = _rows.block_column_sums(a, x, mean, rstd, block_size, nb,
+                                   None if gated is None else (scale, c1, c2, dout, y))
+    assert len(sums) == (2 if gated is None else 3)
+    d = {name: t.double() for name, t in (("a", a), ("x", x), ("y", y), ("c1", c1), ("c2", c2))}
+    xhat = (d["x"] - mean.double()[..., None]) * rstd.double()[..., None]
+    terms = [d["a"], d["a"] * xhat]
+    if gated is not None:
+        gain = 1 + scale.double().repeat_interleave(block_size, dim=1)[:, :n]
+        g = (d["a"] * gain - xhat * d["c1"][..., None] - d["c2"][..., None]) * rstd.double()[..., None]
+        terms.append((g + (0 if dout is None else dout.double())) * d["y"])
+    pad = nb * block_size - n
+    for got, term in zip(sums, terms):
+        want = F.pad(term, (0, 0, 0, pad)).unflatten(1, (nb, block_size)).sum(dim=2)
+        assert got.dtype == torch.float32 and got.shape == (b, nb, c)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_row_backward_plan_choice(monkeypatch, triton_device):
+    """Which plan a row backward runs: forced by ARD_KERNELS_ROW_BWD (anything else is refused, naming the
+    variable), fused off the GPU, and a ``plan`` argument checked; both plans give the reference's gradients."""
+    from ard_kernels.ops import _rows
+    from ard_kernels.ops import modulated_layer_norm as mln
+
+    ran = []
+    monkeypatch.delenv("ARD_KERNELS_ROW_BWD", raising=False)
+    assert _rows.row_backward_plan("op", (1,), torch.device("cpu"), ran.append) == "fused" and not ran
+    for forced in _rows.ROW_BACKWARD_PLANS:
+        monkeypatch.setenv("ARD_KERNELS_ROW_BWD", forced)
+        assert _rows.row_backward_plan("op", (1,), torch.device("cpu"), ran.append) == forced and not ran
+    monkeypatch.setenv("ARD_KERNELS_ROW_BWD", "fast")
+    with pytest.raises(ValueError, match="ARD_KERNELS_ROW_BWD"):
+        _rows.row_backward_plan("op", (1,), torch.device("cpu"), ran.append)
+    monkeypatch.delenv("ARD_KERNELS_ROW_BWD")
+    x, shift, scale = (t.detach() for t in make_inputs(1, 9, 72, 4, device=triton_device))
+    y, mean, rstd = mln.modulated_layer_norm_fwd(x, shift, scale, 4, EPS, x.dtype)
+    dy = torch.randn_like(x)
+    with pytest.raises(ValueError, match="plan"):
+        mln.modulated_layer_norm_bwd(dy, x, scale, mean, rstd, 4, x.dtype, plan="both")
+    ref = grads(lambda *a: modulated_layer_norm_ref(*a, 4, EPS), [t.requires_grad_() for t in (x, shift, scale)],
+                dy)[1:]
+    for plan in _rows.ROW_BACKWARD_PLANS:
+        for got, want in zip(mln.modulated_layer_norm_bwd(dy, x, scale, mean, rstd, 4, x.dtype, plan=plan), ref):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m, plan=plan: f"{plan}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_row_backward_plan_is_timed_once_and_reported(monkeypatch):
+    """On the GPU the first backward of a shape times both plans and keeps one (reported by row_choices, which
+    the benchmarks record); the next call of that shape reuses it without timing."""
+    from ard_kernels.ops import _rows
+
+    monkeypatch.delenv("ARD_KERNELS_ROW_BWD", raising=False)
+    inputs = make_inputs(2, 512, 1152, 256, dtype=torch.bfloat16, device="cuda")
+    dy = torch.randn(2, 512, 1152, device="cuda", dtype=torch.bfloat16)
+    grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
+    plans = _rows.row_choices()["modulated_layer_norm backward plan"]
+    key = next(k for k in plans if k.startswith("2, 512, 1152, 256"))
+    assert plans[key] in _rows.ROW_BACKWARD_PLANS
+    timed = []
+    monkeypatch.setattr(_rows, "_ROW_BWD_CHOICES", dict(_rows._ROW_BWD_CHOICES))
+    monkeypatch.setattr("triton.testing.do_bench", lambda *a, **k: timed.append(1) or 1.0)
+    grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
+    assert not timed
 
 
 def test_autotune_candidates():

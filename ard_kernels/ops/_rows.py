@@ -19,11 +19,14 @@ The LayerNorm kernels hold whole rows, as two power-of-two column segments (:fun
 """
 
 import functools
+import logging
 import os
 
+import torch
 import triton
 import triton.language as tl
 
+from .._backends import log_once
 from . import sm_count
 
 # Interpreter tiles: at most this many elements per tile, and 16 rows (each program costs ms there).
@@ -124,9 +127,10 @@ def load_block_row_pair(ptr, b, blk64, stride_b, stride_n, stride_c, cols0, cols
 
 @triton.jit
 def store_row_sums(ptr, part, cols0, cols1, col_ok1, acc0, acc1):
-    """Store a program's per-column partial sums (two segments) at ``ptr + part``."""
-    tl.store(ptr + part + cols0, acc0)
-    tl.store(ptr + part + cols1, acc1, mask=col_ok1)
+    """Store a program's per-column partial sums at ``ptr + part``: the column sums of its (rows, C)
+    accumulator tiles ``acc0`` and ``acc1`` (the two segments of a whole row)."""
+    tl.store(ptr + part + cols0, tl.sum(acc0, axis=0))
+    tl.store(ptr + part + cols1, tl.sum(acc1, axis=0), mask=col_ok1)
 
 
 @triton.jit
@@ -149,7 +153,7 @@ def modulated_norm_backward_tile(x0, x1, dy0, dy1, mean, rstd, mask1, gain0, gai
     """One tile of the backward of ``y = x̂·gain + shift``, x̂ = LayerNorm(x) from the saved per-row
     ``mean`` and ``rstd`` (zero on absent rows), the fp32 row in two column segments (dy zero outside the
     tile): returns (x̂0, x̂1: zero outside the tile, for the dscale sums; dx0, dx1: LayerNorm's backward
-    through x̂ of dy·gain)."""
+    through x̂ of dy·gain, ``rstd·(dy·gain − x̂·c1 − c2)``; the per-row c1 and c2)."""
     xhat0 = (x0 - mean[:, None]) * rstd[:, None]  # zero on rows outside the block: x, mean, rstd all are
     xhat1 = tl.where(mask1, (x1 - mean[:, None]) * rstd[:, None], 0.0)
     g0 = dy0 * gain0[None, :]
@@ -158,7 +162,7 @@ def modulated_norm_backward_tile(x0, x1, dy0, dy1, mean, rstd, mask1, gain0, gai
     c2 = (tl.sum(g0, axis=1) + tl.sum(g1, axis=1)) / C
     dx0 = (g0 - xhat0 * c1[:, None] - c2[:, None]) * rstd[:, None]
     dx1 = (g1 - xhat1 * c1[:, None] - c2[:, None]) * rstd[:, None]
-    return xhat0, xhat1, dx0, dx1
+    return xhat0, xhat1, dx0, dx1, c1, c2
 
 
 def programs_target(device):
@@ -183,14 +187,15 @@ def interpreter_tile(C, block_size):
     return tile_rows(block_size, block_c, _INTERPRETER_ELEMS, _MAX_ROWS), block_c, 4
 
 
-def row_groups(block_size, block_m, pairs, device):
+def row_groups(block_size, block_m, pairs, device, min_rows=8, programs=None):
     """(groups, rows_per_group): split each block's rows into groups so that ``pairs`` (sample,
-    block) pairs × groups fill the device; at least 8 rows per group so the fp32 partial sums
-    (one C-row per group) stay small next to the rows themselves. rows_per_group is a multiple
-    of block_m."""
+    block) pairs × groups fill the device (``programs`` of them, default :func:`programs_target`);
+    at least ``min_rows`` rows per group so the fp32 partial sums (one C-row per group) stay small
+    next to the rows themselves. rows_per_group is a multiple of block_m."""
     tiles = triton.cdiv(block_size, block_m)
-    min_tiles = triton.cdiv(min(8, block_size), block_m)
-    groups = max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(programs_target(device), pairs)))
+    min_tiles = triton.cdiv(min(min_rows, block_size), block_m)
+    programs = programs_target(device) if programs is None else programs
+    groups = max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(programs, pairs)))
     rows_per_group = triton.cdiv(tiles, groups) * block_m
     return triton.cdiv(block_size, rows_per_group), rows_per_group
 
@@ -242,7 +247,7 @@ def row_tile(C, block_size, device, target_elems):
 # Which tile is fastest is the GPU's to say; the heuristic comes first and stays the only one with
 # ARD_KERNELS_AUTOTUNE=0.
 FORWARD_AUTOTUNE_KEY = ("B", "N", "C", "block_size")
-BACKWARD_AUTOTUNE_KEY = ("N", "C", "block_size", "groups", "rows_per_group")
+BACKWARD_AUTOTUNE_KEY = ("N", "C", "block_size", "groups", "rows_per_group", "SUMS")
 
 
 def forward_configs(block_m, num_warps, width, device, values_per_thread=16) -> tuple:
@@ -302,13 +307,16 @@ _AUTOTUNERS: list = []
 
 def row_choices() -> dict:
     """``{kernel: {autotuning key: "BLOCK_M=… w… [PREFETCH/TILES=…]"}}`` of the row kernels tuned so far in this
-    process (what a benchmark's numbers ran on)."""
+    process (what a benchmark's numbers ran on), and ``{"<op> backward plan": {key: "fused" or "split"}}`` of
+    the row backwards timed so far (:func:`row_backward_plan`)."""
     out = {}
     for tuner in _AUTOTUNERS:
         name = getattr(getattr(tuner, "fn", tuner), "__name__", "kernel")
         for key, config in getattr(tuner, "cache", {}).items():
             meta = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
             out.setdefault(name, {})[", ".join(map(str, key))] = f"{meta} w{config.num_warps}"
+    for op, plans in row_backward_choices().items():
+        out[f"{op} backward plan"] = plans
     return out
 
 
@@ -355,3 +363,188 @@ def launch_rows(kernel, grid, args, configs, device, key, restore=(), names=("PR
     else:
         meta = _config_meta(configs[0], names)
         kernel[grid(meta) if callable(grid) else grid](*args, num_warps=configs[0][1], **meta, **constexprs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The split backward: the row kernels compute dx alone (SUMS=False: no per-column sums in registers),
+# and the per-block column sums come from a column-parallel kernel that reads the rows once more.
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_column_sums_kernel(
+    A_ptr, X_ptr, MEAN_ptr, RSTD_ptr, SCALE_ptr, C1_ptr, C2_ptr, DOUT_ptr, Y_ptr,
+    SUM_A_PART_ptr, SUM_AXHAT_PART_ptr, SUM_GY_PART_ptr,
+    N, C, block_size, num_blocks, groups, rows_per_group,
+    stride_a_b, stride_a_n, stride_a_c,
+    stride_x_b, stride_x_n, stride_x_c,
+    stride_sc_b, stride_sc_n, stride_sc_c,
+    stride_do_b, stride_do_n, stride_do_c,
+    stride_y_b, stride_y_n, stride_y_c,
+    HAS_GY: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program (sample, block, row group) × column chunk: Σ_rows a and Σ_rows a·x̂ (x̂ = (x − mean)·rstd) over the
+    # group's rows, for BLOCK_C columns; with HAS_GY also Σ_rows g·y, g = dout + rstd·(a·(1 + scale) − x̂·c1 − c2)
+    # (the gated residual's stream gradient, recomputed in fp32 from the row kernel's per-row c1 and c2 rather
+    # than read back rounded from dx: as exact as the fused plan, and dout is read in dx's place). No row
+    # reduction anywhere: each thread owns its columns, accumulates a (BLOCK_R, BLOCK_C) tile, and the rows are
+    # summed once at the end, so a program holds a few dozen registers and many share an SM (the fused backwards
+    # hold whole rows and their per-column sums: one or two programs per SM at C = 1152).
+    b, blk, grp = block_program(tl.program_id(0), groups, num_blocks)
+    blk64 = blk.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    first = grp * rows_per_group
+    acc_a = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_axhat = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_gy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if HAS_GY:
+        gain = 1.0 + load_block_row(SCALE_ptr, b, blk64, stride_sc_b, stride_sc_n, stride_sc_c, cols, col_ok)
+    for r in range(0, rows_per_group, BLOCK_R):
+        n64, row_ok = group_rows(blk, first, r, rows_per_group, block_size, N, BLOCK_R)
+        mask = row_ok[:, None] & col_ok[None, :]
+        a = load_tile(A_ptr, b, n64, cols, stride_a_b, stride_a_n, stride_a_c, mask)
+        x = load_tile(X_ptr, b, n64, cols, stride_x_b, stride_x_n, stride_x_c, mask)
+        mean, rstd = load_row_stats(MEAN_ptr, RSTD_ptr, b, N, n64, row_ok)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        acc_a += a
+        acc_axhat += a * xhat  # a is zero outside the tile
+        if HAS_GY:
+            c1, c2 = load_row_stats(C1_ptr, C2_ptr, b, N, n64, row_ok)
+            g = (a * gain[None, :] - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_DOUT:
+                g += load_tile(DOUT_ptr, b, n64, cols, stride_do_b, stride_do_n, stride_do_c, mask)
+            acc_gy += g * load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
+    part = ((b * num_blocks + blk64) * groups + grp) * C + cols
+    tl.store(SUM_A_PART_ptr + part, tl.sum(acc_a, axis=0), mask=col_ok)
+    tl.store(SUM_AXHAT_PART_ptr + part, tl.sum(acc_axhat, axis=0), mask=col_ok)
+    if HAS_GY:
+        tl.store(SUM_GY_PART_ptr + part, tl.sum(acc_gy, axis=0), mask=col_ok)
+
+
+# (BLOCK_R, BLOCK_C, num_warps) of the column sums on the GPU: 8 or 16 values of a tile per thread over 8 warps.
+# Registers at bf16, sm_90 (aot_check, triton 3.6 and 3.7), plain / gated: 60 / 79, 76 / 135, 48 / 79; no
+# spills, fp32 included (4 warps: the gated 16×128 spilled under 3.6). The first is the only one with
+# ARD_KERNELS_AUTOTUNE=0.
+_COLUMN_SUM_CONFIGS = ((16, 128, 8), (32, 128, 8), (8, 256, 8))
+# Under the interpreter: few programs, few loop steps (each costs ms there).
+_COLUMN_SUM_INTERPRETER = (16, 128, 4)
+COLUMN_SUM_AUTOTUNE_KEY = ("N", "C", "block_size", "groups", "rows_per_group", "HAS_GY", "HAS_DOUT")
+# Rows per group of the column sums: each group writes one fp32 C-row of partial sums per sum.
+_COLUMN_SUM_MIN_ROWS = 32
+
+
+@functools.cache
+def _column_sums_tuner():
+    configs = _COLUMN_SUM_CONFIGS[:1] if os.environ.get("ARD_KERNELS_AUTOTUNE", "1") == "0" else _COLUMN_SUM_CONFIGS
+    tuner = triton.autotune(
+        configs=[triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c, w in configs],
+        key=list(COLUMN_SUM_AUTOTUNE_KEY), do_bench=_tuning_bench)(_block_column_sums_kernel)
+    _AUTOTUNERS.append(tuner)
+    return tuner
+
+
+def block_column_sums(a, x, mean, rstd, block_size, num_blocks, gated=None):
+    """Per-(sample, block) column sums over a block's rows, in fp32: ``(Σ a, Σ a·x̂[, Σ g·y])``, each
+    (B, nb, C), with ``x̂ = (x − mean)·rstd`` from the saved per-row statistics.
+
+    a, x: (B, N, C), any strides; mean, rstd: (B, N) fp32 contiguous. ``gated`` = (scale, c1, c2, dout, y) adds
+    Σ g·y, ``g = dout + rstd·(a·(1 + scale) − x̂·c1 − c2)`` (the gated residual's stream gradient; scale
+    (B, nb, C), c1 and c2 (B, N) fp32 contiguous, dout (B, N, C) or None, y (B, N, C)). Each program sums a
+    fixed row group, the groups are summed in a fixed order afterwards: deterministic for a given tile (the
+    GPU autotunes it once per shape, as the other row kernels)."""
+    B, N, C = a.shape
+    cuda = a.device.type == "cuda"
+    # Row groups sized for the narrowest chunk (the most programs of any config).
+    chunks = triton.cdiv(C, min(c for _, c, _ in _COLUMN_SUM_CONFIGS) if cuda else _COLUMN_SUM_INTERPRETER[1])
+    groups, rows_per_group = row_groups(block_size, 1, B * num_blocks * chunks, a.device,
+                                        min_rows=_COLUMN_SUM_MIN_ROWS)
+    parts = torch.empty((2 if gated is None else 3, B, num_blocks, groups, C), dtype=torch.float32, device=a.device)
+    scale, c1, c2, dout, y = gated if gated is not None else (a, mean, rstd, None, a)  # unread without HAS_GY
+    dout_arg = a if dout is None else dout  # unread without HAS_DOUT
+    args = (a, x, mean, rstd, scale, c1, c2, dout_arg, y, parts[0], parts[1], parts[-1],
+            N, C, block_size, num_blocks, groups, rows_per_group,
+            a.stride(0), a.stride(1), a.stride(2), x.stride(0), x.stride(1), x.stride(2),
+            scale.stride(0), scale.stride(1), scale.stride(2), dout_arg.stride(0), dout_arg.stride(1),
+            dout_arg.stride(2), y.stride(0), y.stride(1), y.stride(2))
+    flags = {"HAS_GY": gated is not None, "HAS_DOUT": dout is not None}
+    pairs = groups * num_blocks * B
+    if cuda:
+        _column_sums_tuner()[lambda meta: (pairs, triton.cdiv(C, meta["BLOCK_C"]))](*args, **flags)
+    else:
+        r, c, w = _COLUMN_SUM_INTERPRETER
+        _block_column_sums_kernel[(pairs, triton.cdiv(C, c))](*args, **flags, BLOCK_R=r, BLOCK_C=c, num_warps=w)
+    # Separate sums: results that were views of one tensor would alias (custom ops forbid it).
+    return tuple(parts[i].sum(dim=2) for i in range(parts.shape[0]))
+
+
+# How a row backward that also reduces per-block column sums runs: "fused" (one pass: the row kernel keeps the
+# sums in registers beside whole rows) or "split" (the row kernel computes dx alone, :func:`block_column_sums`
+# reads the rows again for the sums). Fused moves fewer bytes; split keeps both kernels light (the first H100
+# run measured the fused ones at 0.4-0.6 TB/s). On the GPU the first call of each shape times both and keeps
+# the faster (never inside a CUDA-graph capture: there, fused); elsewhere fused. ARD_KERNELS_ROW_BWD=fused or
+# split forces one everywhere.
+ROW_BACKWARD_PLANS = ("fused", "split")
+_ROW_BWD_CHOICES: dict = {}
+
+
+def row_backward_plan(op: str, key: tuple, device, run) -> str:
+    """The plan (:data:`ROW_BACKWARD_PLANS`) of ``op``'s backward at ``key`` (its shape and dtypes) on
+    ``device``; ``run(plan)`` runs the backward with that plan (the GPU's first call of a key times both)."""
+    forced = os.environ.get("ARD_KERNELS_ROW_BWD", "auto")
+    if forced in ROW_BACKWARD_PLANS:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"ARD_KERNELS_ROW_BWD: expected one of auto, fused, split, got {forced!r}")
+    if device.type != "cuda":
+        return "fused"
+    full_key = (op, *key, str(device))
+    plan = _ROW_BWD_CHOICES.get(full_key)
+    if plan is not None:
+        return plan
+    if torch.cuda.is_current_stream_capturing():
+        log_once(f"row-bwd-capture-{full_key}", f"ard_kernels: {op} backward at {key} first seen inside a CUDA-graph "
+                 "capture: the fused plan (run it once eagerly to time both)")
+        return "fused"
+    import triton.testing
+
+    times = {}
+    for candidate in ROW_BACKWARD_PLANS:
+        run(candidate)  # compile and autotune its tiles first
+        times[candidate] = triton.testing.do_bench(lambda c=candidate: run(c), warmup=5, rep=25)
+    plan = _ROW_BWD_CHOICES[full_key] = min(times, key=times.get)
+    log_once(f"row-bwd-{full_key}", f"ard_kernels: {op} backward at {key} runs {plan} "
+             f"(us: {({c: round(t * 1e3, 1) for c, t in times.items()})})", logging.INFO)
+    return plan
+
+
+def row_backward_choices() -> dict:
+    """``{op: {key: plan}}`` of the row backwards timed in this process (:func:`row_backward_plan`)."""
+    out = {}
+    for (op, *key), plan in _ROW_BWD_CHOICES.items():
+        out.setdefault(op, {})[", ".join(map(str, key))] = plan
+    return out
+
+
+def column_sum_specs():
+    """``aot_check`` specs of :func:`block_column_sums`' kernel: every tile it autotunes over, plain (the
+    modulated LayerNorm's sums) and gated (the fused residual's, with dout), bf16 and fp32."""
+    from ..aot_check import make_signature, row_divisible
+
+    fp32 = {name: "*fp32" for name in ("MEAN_ptr", "RSTD_ptr", "C1_ptr", "C2_ptr", "SUM_A_PART_ptr",
+                                       "SUM_AXHAT_PART_ptr", "SUM_GY_PART_ptr")}
+    unit = ("stride_a_c", "stride_x_c", "stride_sc_c", "stride_do_c", "stride_y_c")
+    specs = []
+    for dtype in ("bf16", "fp32"):
+        for gated in (False, True):
+            for rows, cols, warps in _COLUMN_SUM_CONFIGS:
+                specs.append({
+                    "name": f"block_column_sums_{dtype}_{rows}x{cols}_w{warps}" + ("_gated" if gated else ""),
+                    "kernel": _block_column_sums_kernel,
+                    "signature": make_signature(_block_column_sums_kernel, dtype, fp32),
+                    "constexprs": {"HAS_GY": gated, "HAS_DOUT": gated, "BLOCK_R": rows, "BLOCK_C": cols,
+                                   **dict.fromkeys(unit, 1)},
+                    "divisible": row_divisible(_block_column_sums_kernel),
+                    "num_warps": warps,
+                })
+    return specs

@@ -12,7 +12,11 @@ The LayerNorm sees ``out`` rounded to its storage dtype, exactly what the separa
 Backward, one pass with ``g = dout + LN_backward(dh·(1 + scale))``: ``dx = g``,
 ``dy = gate·g``, and the per-(sample, block) reductions ``dgate = Σ_rows g·y``,
 ``dshift = Σ_rows dh``, ``dscale = Σ_rows dh·x̂``, reduced deterministically over row groups
-as in :mod:`ard_kernels.ops._rows` (5 row passes instead of the 9 of the separate backwards).
+as in :mod:`ard_kernels.ops._rows` (5 row passes instead of the 9 of the separate backwards). That is
+the *fused* plan; the *split* one (:func:`ard_kernels.ops._rows.row_backward_plan`, timed on the GPU at
+a shape's first call) writes dx, dy and two fp32 terms per row, then a column-parallel kernel reads dh,
+out, dout and y for the three sums, rebuilding g in fp32 from the per-row terms (9 row passes, light
+programs, the same precision).
 
 Registered as ``ard_kernels::gated_residual_modulated_layer_norm_fwd`` / ``_bwd`` (autograd)
 and ``ard_kernels::gated_residual_modulated_layer_norm_inplace`` (updates x, inference).
@@ -26,7 +30,9 @@ from . import direct_launch_ok, forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
+    ROW_BACKWARD_PLANS,
     backward_configs,
+    block_column_sums,
     block_program,
     block_rows,
     forward_configs,
@@ -39,6 +45,7 @@ from ._rows import (
     modulated_norm_backward_tile,
     modulated_norm_tile,
     prefetch_fits,
+    row_backward_plan,
     row_columns,
     row_groups,
     row_tile,
@@ -104,9 +111,10 @@ def _gated_residual_modulated_layer_norm_fwd_kernel(
 @triton.jit
 def _load_bwd_tile(DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, cols1, col_ok1,
                    stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
-                   stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT: tl.constexpr):
-    """A backward tile's inputs as stored: out, dh, dout (zero without HAS_DOUT) and y (two column segments
-    each), the rows' mean and rstd."""
+                   stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT: tl.constexpr,
+                   SUMS: tl.constexpr):
+    """A backward tile's inputs as stored: out, dh, dout (zero without HAS_DOUT) and y (zero without SUMS: only
+    dgate reads it), two column segments each, the rows' mean and rstd."""
     mask0 = row_ok[:, None]
     mask1 = row_ok[:, None] & col_ok1[None, :]
     o0, o1 = load_row_tile_raw(OUT_ptr, b, n64, cols0, cols1, stride_o_b, stride_o_n, stride_o_c, mask0, mask1)
@@ -116,35 +124,50 @@ def _load_bwd_tile(DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n
                                          mask0, mask1)
     else:
         dout0, dout1 = tl.zeros_like(dh0), tl.zeros_like(dh1)
-    y0, y1 = load_row_tile_raw(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, stride_y_c, mask0, mask1)
+    if SUMS:
+        y0, y1 = load_row_tile_raw(Y_ptr, b, n64, cols0, cols1, stride_y_b, stride_y_n, stride_y_c, mask0, mask1)
+    else:
+        y0, y1 = tl.zeros_like(dh0), tl.zeros_like(dh1)
     mean, rstd = load_row_stats(MEAN_ptr, RSTD_ptr, b, N, n64, row_ok)
     return o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd
 
 
 @triton.jit
-def _bwd_tile_step(o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, b, n64, row_ok, cols0, cols1,
-                   col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b, stride_dy_n,
-                   acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1):
+def _bwd_tile_step(o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, C1_ptr, C2_ptr, b, N, n64,
+                   row_ok, cols0, cols1, col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b,
+                   stride_dy_n, acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1,
+                   SUMS: tl.constexpr):
     """dx and dy of one loaded tile, stored; returns the (BLOCK_M, C) accumulators of dgate, dshift and dscale
-    with it added."""
+    with it added. Without SUMS (the split plan, whose column sums kernel does them) the accumulators come back
+    unchanged and the rows' LayerNorm-backward terms c1 and c2 are stored instead (that kernel rebuilds the
+    stream gradient from them for dgate)."""
     mask0 = row_ok[:, None]
     mask1 = row_ok[:, None] & col_ok1[None, :]
     dh0f, dh1f = dh0.to(tl.float32), dh1.to(tl.float32)
-    xhat0, xhat1, g0, g1 = modulated_norm_backward_tile(o0.to(tl.float32), o1.to(tl.float32), dh0f, dh1f, mean, rstd,
-                                                        mask1, gain0, gain1, C)
+    xhat0, xhat1, g0, g1, c1, c2 = modulated_norm_backward_tile(o0.to(tl.float32), o1.to(tl.float32), dh0f, dh1f,
+                                                                mean, rstd, mask1, gain0, gain1, C)
     g0 += dout0.to(tl.float32)
     g1 += dout1.to(tl.float32)
     store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, g0, g1, mask0, mask1)
     store_row_tile(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, 1, g0 * gate0[None, :],
                    g1 * gate1[None, :], mask0, mask1)
-    return (acc_dgate0 + g0 * y0.to(tl.float32), acc_dgate1 + g1 * y1.to(tl.float32),
-            acc_dshift0 + dh0f, acc_dshift1 + dh1f, acc_dscale0 + dh0f * xhat0, acc_dscale1 + dh1f * xhat1)
+    if not SUMS:
+        tl.store(C1_ptr + b * N + n64, c1, mask=row_ok)
+        tl.store(C2_ptr + b * N + n64, c2, mask=row_ok)
+    if SUMS:
+        acc_dgate0 += g0 * y0.to(tl.float32)
+        acc_dgate1 += g1 * y1.to(tl.float32)
+        acc_dshift0 += dh0f
+        acc_dshift1 += dh1f
+        acc_dscale0 += dh0f * xhat0
+        acc_dscale1 += dh1f * xhat1
+    return acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1
 
 
 @triton.jit
 def _gated_residual_modulated_layer_norm_bwd_kernel(
     DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, GATE_ptr, SCALE_ptr, MEAN_ptr, RSTD_ptr,
-    DX_ptr, DY_ptr, DGATE_PART_ptr, DSHIFT_PART_ptr, DSCALE_PART_ptr,
+    DX_ptr, DY_ptr, DGATE_PART_ptr, DSHIFT_PART_ptr, DSCALE_PART_ptr, C1_ptr, C2_ptr,
     N, C, block_size, num_blocks, groups, rows_per_group,
     stride_do_b, stride_do_n, stride_do_c,
     stride_dh_b, stride_dh_n, stride_dh_c,
@@ -155,7 +178,10 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
     stride_dx_b, stride_dx_n,
     stride_dy_b, stride_dy_n,
     HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, PREFETCH: tl.constexpr,
+    SUMS: tl.constexpr,
 ):
+    # SUMS=False (the split plan: _rows.block_column_sums does the sums): dx and dy, and per row the LayerNorm
+    # backward's c1 and c2 (C1_ptr, C2_ptr: (B, N) fp32), y never read.
     # One program per (sample, block, row group): loops over its rows in BLOCK_M tiles (rows_per_group is a
     # multiple of BLOCK_M), the three per-block sums accumulating as (BLOCK_M, C) tiles reduced over their rows
     # once at the end; PREFETCH loads the next tile before this one's math, as in the modulated LayerNorm's
@@ -181,17 +207,17 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
         o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd = _load_bwd_tile(
             DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, cols1, col_ok1,
             stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
-            stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT)
+            stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT, SUMS)
         for r in range(0, rows_per_group, BLOCK_M):
             n64_next, row_ok_next = group_rows(blk, first, r + BLOCK_M, rows_per_group, block_size, N, BLOCK_M)
             o0_n, o1_n, dh0_n, dh1_n, dout0_n, dout1_n, y0_n, y1_n, mean_n, rstd_n = _load_bwd_tile(
                 DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64_next, row_ok_next, cols0, cols1,
                 col_ok1, stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
-                stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT)
+                stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT, SUMS)
             acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
-                o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, b, n64, row_ok, cols0, cols1,
-                col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b, stride_dy_n,
-                acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
+                o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, C1_ptr, C2_ptr, b, N, n64, row_ok,
+                cols0, cols1, col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b,
+                stride_dy_n, acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1, SUMS)
             n64, row_ok = n64_next, row_ok_next
             o0, o1, dh0, dh1, dout0, dout1, y0, y1 = o0_n, o1_n, dh0_n, dh1_n, dout0_n, dout1_n, y0_n, y1_n
             mean, rstd = mean_n, rstd_n
@@ -201,19 +227,17 @@ def _gated_residual_modulated_layer_norm_bwd_kernel(
             o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd = _load_bwd_tile(
                 DOUT_ptr, DH_ptr, OUT_ptr, Y_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, cols1, col_ok1,
                 stride_do_b, stride_do_n, stride_do_c, stride_dh_b, stride_dh_n, stride_dh_c,
-                stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT)
+                stride_o_b, stride_o_n, stride_o_c, stride_y_b, stride_y_n, stride_y_c, HAS_DOUT, SUMS)
             acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
-                o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, b, n64, row_ok, cols0, cols1,
-                col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b, stride_dy_n,
-                acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
+                o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, DY_ptr, C1_ptr, C2_ptr, b, N, n64, row_ok,
+                cols0, cols1, col_ok1, gain0, gain1, gate0, gate1, C, stride_dx_b, stride_dx_n, stride_dy_b,
+                stride_dy_n, acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1, SUMS)
 
-    part = ((b * num_blocks + blk64) * groups + grp) * C
-    store_row_sums(DGATE_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dgate0, axis=0),
-                   tl.sum(acc_dgate1, axis=0))
-    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dshift0, axis=0),
-                   tl.sum(acc_dshift1, axis=0))
-    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dscale0, axis=0),
-                   tl.sum(acc_dscale1, axis=0))
+    if SUMS:
+        part = ((b * num_blocks + blk64) * groups + grp) * C
+        store_row_sums(DGATE_PART_ptr, part, cols0, cols1, col_ok1, acc_dgate0, acc_dgate1)
+        store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, acc_dshift0, acc_dshift1)
+        store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, acc_dscale0, acc_dscale1)
 
 
 def _bwd_tile(C, block_size, device):
@@ -260,13 +284,16 @@ def gated_residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, block_size
     return out, h, mean, rstd
 
 
-def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype, scale, mean, rstd, block_size):
+def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype, scale, mean, rstd, block_size,
+                                            plan=None):
     """Launch the backward: returns (dx like out, dy like y, dgate, dshift, dscale (B, nb, C)).
 
     ``dout`` may be None (out itself unused downstream). The per-block sums are accumulated in fp32
     per (sample, block, row group) and summed over the groups in a fixed order (deterministic).
-    Rows wider than :data:`_FUSED_BWD_MAX_C` take the modulated LayerNorm's and the gated
-    residual's own backwards, one after the other.
+    ``plan``: "fused" (one kernel: dx, dy and the sums), "split" (dx and dy, then
+    :func:`~._rows.block_column_sums` over dh, out and dx·y) or None (:func:`~._rows.row_backward_plan`: the
+    GPU times both at a shape's first call). Rows wider than :data:`_FUSED_BWD_MAX_C` take the modulated
+    LayerNorm's and the gated residual's own backwards, one after the other, whatever the plan.
     """
     B, N, C = out.shape
     nb = gate.shape[1]
@@ -274,27 +301,55 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
         from .gated_residual import gated_residual_bwd
         from .modulated_layer_norm import modulated_layer_norm_bwd
 
-        g, dshift, dscale = modulated_layer_norm_bwd(dh, out, scale, mean, rstd, block_size, shift_dtype)
+        g, dshift, dscale = modulated_layer_norm_bwd(dh, out, scale, mean, rstd, block_size, shift_dtype, plan)
         if dout is not None:
             g = g + dout
         dy, dgate = gated_residual_bwd(g, y, gate, block_size)
         return g, dy, dgate, dshift, dscale
+    if out.numel() == 0:
+        zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=out.device)
+        return (torch.empty((B, N, C), dtype=out.dtype, device=out.device),
+                torch.empty((B, N, C), dtype=y.dtype, device=out.device),
+                zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype))
+
+    def run(which):
+        if which == "fused":
+            dx, dy, dgate, dshift, dscale = _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, True)
+        else:
+            dx, dy, c1, c2 = _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, False)
+            dshift, dscale, dgate = block_column_sums(dh, out, mean, rstd, block_size, nb, (scale, c1, c2, dout, y))
+        return dx, dy, dgate.to(gate.dtype), dshift.to(shift_dtype), dscale.to(scale.dtype)
+
+    if plan is None:
+        plan = row_backward_plan("gated_residual_modulated_layer_norm",
+                                 (B, N, C, block_size, out.dtype, y.dtype, dh.dtype, dout is not None), out.device, run)
+    elif plan not in ROW_BACKWARD_PLANS:
+        raise ValueError(f"plan: expected one of {ROW_BACKWARD_PLANS} or None, got {plan!r}")
+    return run(plan)
+
+
+def _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, sums: bool):
+    """The row kernel: (dx, dy, dgate, dshift, dscale) with the sums in fp32 with ``sums``, else (dx, dy, c1, c2),
+    c1 and c2 the rows' LayerNorm-backward terms ((B, N) fp32: :func:`~._rows.modulated_norm_backward_tile`)."""
+    B, N, C = out.shape
+    nb = gate.shape[1]
     dx = torch.empty((B, N, C), dtype=out.dtype, device=out.device)
     dy = torch.empty((B, N, C), dtype=y.dtype, device=out.device)
-    if dx.numel() == 0:
-        zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=out.device)
-        return dx, dy, zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype)
     block_m, c0, c1p, num_warps = _bwd_tile(C, block_size, out.device)
     configs = backward_configs(block_m, num_warps, out.device,
                                prefetch=prefetch_fits(block_m, num_warps, c0 + c1p, out.element_size()))
-    groups, rows_per_group = row_groups(block_size, max(c[0] for c in configs), B * nb, out.device)
-    parts = torch.empty((3, B, nb, groups, C), dtype=torch.float32, device=out.device)
+    # As the modulated LayerNorm's (_launch_bwd there): without sums, four tiles per group.
+    bm = max(c[0] for c in configs)
+    groups, rows_per_group = (row_groups(block_size, bm, B * nb, out.device) if sums
+                              else row_groups(block_size, bm, B * nb, out.device, min_rows=4 * bm, programs=1 << 30))
+    parts = torch.empty((3, B, nb, groups, C) if sums else (3, 1), dtype=torch.float32, device=out.device)
+    terms = torch.empty((2, 1) if sums else (2, B, N), dtype=torch.float32, device=out.device)
     has_dout = dout is not None
     dout_arg = dout if has_dout else dh  # never read without HAS_DOUT; any tensor fills the slot
     with launch_device(out):
         launch_rows(_gated_residual_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
             dout_arg, dh, out, y, gate, scale, mean, rstd,
-            dx, dy, parts[0], parts[1], parts[2],
+            dx, dy, parts[0], parts[1], parts[2], terms[0], terms[1],
             N, C, block_size, nb, groups, rows_per_group,
             dout_arg.stride(0), dout_arg.stride(1), dout_arg.stride(2),
             dh.stride(0), dh.stride(1), dh.stride(2),
@@ -304,10 +359,11 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
             dy.stride(0), dy.stride(1),
-        ), configs, out.device, BACKWARD_AUTOTUNE_KEY, HAS_DOUT=has_dout, C0=c0, C1P=c1p)
+        ), configs, out.device, BACKWARD_AUTOTUNE_KEY, HAS_DOUT=has_dout, C0=c0, C1P=c1p, SUMS=sums)
+    if not sums:
+        return dx, dy, terms[0], terms[1]
     # Three separate sums: results that were views of one tensor would alias (custom ops forbid it).
-    return (dx, dy, parts[0].sum(dim=2).to(gate.dtype), parts[1].sum(dim=2).to(shift_dtype),
-            parts[2].sum(dim=2).to(scale.dtype))
+    return dx, dy, parts[0].sum(dim=2), parts[1].sum(dim=2), parts[2].sum(dim=2)
 
 
 @torch.library.custom_op("ard_kernels::gated_residual_modulated_layer_norm_fwd", mutates_args=())
@@ -425,7 +481,7 @@ def aot_specs():
 
     cuda = torch.device("cuda")
     fp32 = {name: "*fp32" for name in ("MEAN_ptr", "RSTD_ptr", "DGATE_PART_ptr", "DSHIFT_PART_ptr",
-                                       "DSCALE_PART_ptr")}
+                                       "DSCALE_PART_ptr", "C1_ptr", "C2_ptr")}
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
         for C in (768, 1152, 2048, 3072, 8192):
@@ -448,19 +504,23 @@ def aot_specs():
                 if kind == "bwd":
                     constexprs["HAS_DOUT"] = True
                 name = f"gated_residual_modulated_layer_norm_{kind}_{dtype}_C{C}"
-                for i, config in enumerate(tiles):
-                    bm, warps = config[:2]
-                    meta = {**constexprs, "BLOCK_M": bm}
-                    suffix = f"_{bm}x{warps}"
-                    if kind == "bwd":
-                        meta["PREFETCH"] = config[2]
-                        suffix += "_prefetch" if config[2] else ""
-                    specs.append({
-                        "name": name + (suffix if i else ""),
-                        "kernel": kernel,
-                        "signature": make_signature(kernel, dtype, fp32, floats=("eps",)),
-                        "constexprs": meta,
-                        "divisible": row_divisible(kernel),
-                    "num_warps": warps,
-                    })
+                # The backward in both plans (as the modulated LayerNorm's: fp16 compiles as bf16 does).
+                variants = (True, False) if kind == "bwd" and dtype != "fp16" else (True,)
+                for sums in variants:
+                    for i, config in enumerate(tiles):
+                        bm, warps = config[:2]
+                        meta = {**constexprs, "BLOCK_M": bm}
+                        suffix = f"_{bm}x{warps}"
+                        if kind == "bwd":
+                            meta["PREFETCH"] = config[2]
+                            meta["SUMS"] = sums
+                            suffix += "_prefetch" if config[2] else ""
+                        specs.append({
+                            "name": name + (suffix if i else "") + ("" if sums else "_split"),
+                            "kernel": kernel,
+                            "signature": make_signature(kernel, dtype, fp32, floats=("eps",)),
+                            "constexprs": meta,
+                            "divisible": row_divisible(kernel),
+                            "num_warps": warps,
+                        })
     return specs

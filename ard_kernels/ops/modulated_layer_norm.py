@@ -5,8 +5,12 @@
 Forward: one pass over x (one read, one write of y); the shift/scale rows are read once per
 row tile because a tile never straddles two blocks. Saves the per-row mean and rstd (fp32).
 Backward: dx plus the per-(sample, block) reductions ``dshift = Σ_rows dy`` and
-``dscale = Σ_rows dy·x̂``, reduced deterministically over row groups. The row tiling, program
-order and row groups are shared with the gated residual (:mod:`ard_kernels.ops._rows`).
+``dscale = Σ_rows dy·x̂``, reduced deterministically over row groups, in one of two plans
+(:func:`ard_kernels.ops._rows.row_backward_plan`, timed on the GPU at a shape's first call): *fused*,
+the row kernel keeps the sums beside its rows (3 row passes), or *split*, the row kernel computes dx
+alone and a column-parallel kernel reads x and dy again for the sums (5 row passes, light programs).
+The row tiling, program order and row groups are shared with the gated residual
+(:mod:`ard_kernels.ops._rows`).
 
 Registered as ``ard_kernels::modulated_layer_norm_fwd`` / ``_bwd`` custom ops with fake
 implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
@@ -20,9 +24,12 @@ from . import forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
+    ROW_BACKWARD_PLANS,
     backward_configs,
+    block_column_sums,
     block_program,
     block_rows,
+    column_sum_specs,
     forward_configs,
     group_rows,
     launch_rows,
@@ -32,6 +39,7 @@ from ._rows import (
     modulated_norm_backward_tile,
     modulated_norm_tile,
     prefetch_fits,
+    row_backward_plan,
     row_columns,
     row_groups,
     row_tile,
@@ -96,14 +104,20 @@ def _load_bwd_tile(X_ptr, DY_ptr, MEAN_ptr, RSTD_ptr, b, N, n64, row_ok, cols0, 
 
 @triton.jit
 def _bwd_tile_step(x0, x1, dy0, dy1, mean, rstd, DX_ptr, b, n64, row_ok, cols0, cols1, col_ok1, gain0, gain1, C,
-                   stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1):
-    """dx of one loaded tile, stored; returns the (BLOCK_M, C) accumulators of dshift and dscale with it added."""
+                   stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1, SUMS: tl.constexpr):
+    """dx of one loaded tile, stored; returns the (BLOCK_M, C) accumulators of dshift and dscale with it added
+    (unchanged without SUMS: the split plan's column sums kernel does them)."""
     mask1 = row_ok[:, None] & col_ok1[None, :]
     dy0f, dy1f = dy0.to(tl.float32), dy1.to(tl.float32)
-    xhat0, xhat1, dx0, dx1 = modulated_norm_backward_tile(x0.to(tl.float32), x1.to(tl.float32), dy0f, dy1f,
+    xhat0, xhat1, dx0, dx1, _, _ = modulated_norm_backward_tile(x0.to(tl.float32), x1.to(tl.float32), dy0f, dy1f,
                                                           mean, rstd, mask1, gain0, gain1, C)
     store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, dx0, dx1, row_ok[:, None], mask1)
-    return acc_dshift0 + dy0f, acc_dshift1 + dy1f, acc_dscale0 + dy0f * xhat0, acc_dscale1 + dy1f * xhat1
+    if SUMS:
+        acc_dshift0 += dy0f
+        acc_dshift1 += dy1f
+        acc_dscale0 += dy0f * xhat0
+        acc_dscale1 += dy1f * xhat1
+    return acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1
 
 
 @triton.jit
@@ -114,8 +128,9 @@ def _modulated_layer_norm_bwd_kernel(
     stride_x_b, stride_x_n, stride_x_c,
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_dx_b, stride_dx_n,
-    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, PREFETCH: tl.constexpr, SUMS: tl.constexpr,
 ):
+    # SUMS=False (the split plan: _rows.block_column_sums does the sums): dx alone, no accumulators, no partials.
     # One program per (sample, block, row group); it loops over its rows in BLOCK_M tiles (rows_per_group is a
     # multiple of BLOCK_M). dshift/dscale accumulate as (BLOCK_M, C) tiles, summed over their rows once at the
     # end: inside the loop the only cross-thread reductions are LayerNorm's two per row. PREFETCH: the next
@@ -148,7 +163,7 @@ def _modulated_layer_norm_bwd_kernel(
                 stride_x_b, stride_x_n, stride_x_c, stride_dy_b, stride_dy_n, stride_dy_c)
             acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
                 x0, x1, dy0, dy1, mean, rstd, DX_ptr, b, n64, row_ok, cols0, cols1, col_ok1, gain0, gain1, C,
-                stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
+                stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1, SUMS)
             n64, row_ok = n64_next, row_ok_next
             x0, x1, dy0, dy1, mean, rstd = x0_next, x1_next, dy0_next, dy1_next, mean_next, rstd_next
     else:
@@ -159,13 +174,12 @@ def _modulated_layer_norm_bwd_kernel(
                                                           stride_dy_b, stride_dy_n, stride_dy_c)
             acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1 = _bwd_tile_step(
                 x0, x1, dy0, dy1, mean, rstd, DX_ptr, b, n64, row_ok, cols0, cols1, col_ok1, gain0, gain1, C,
-                stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1)
+                stride_dx_b, stride_dx_n, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1, SUMS)
 
-    part = ((b * num_blocks + blk64) * groups + g) * C
-    store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dshift0, axis=0),
-                   tl.sum(acc_dshift1, axis=0))
-    store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, tl.sum(acc_dscale0, axis=0),
-                   tl.sum(acc_dscale1, axis=0))
+    if SUMS:
+        part = ((b * num_blocks + blk64) * groups + g) * C
+        store_row_sums(DSHIFT_PART_ptr, part, cols0, cols1, col_ok1, acc_dshift0, acc_dshift1)
+        store_row_sums(DSCALE_PART_ptr, part, cols0, cols1, col_ok1, acc_dscale0, acc_dscale1)
 
 
 def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
@@ -215,24 +229,50 @@ def forward_configs_with_runs(block_m, num_warps, width, block_size, device) -> 
     return tuple(configs)
 
 
-def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
-    """Launch the backward kernel: returns (dx like x, dshift (B, nb, C), dscale (B, nb, C)).
+def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype, plan=None):
+    """Launch the backward: returns (dx like x, dshift (B, nb, C), dscale (B, nb, C)).
 
     dshift/dscale are accumulated in fp32 per (sample, block, row group) and summed over the
     groups in a fixed order (deterministic), then cast to shift_dtype / scale's dtype.
+    ``plan``: "fused" (one kernel: dx and the sums), "split" (dx, then :func:`~._rows.block_column_sums`)
+    or None (:func:`~._rows.row_backward_plan`: the GPU times both at a shape's first call).
     """
     B, N, C = x.shape
     nb = scale.shape[1]
-    dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
-    if dx.numel() == 0:
+    if x.numel() == 0:
         zeros = torch.zeros((B, nb, C), dtype=torch.float32, device=x.device)
-        return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
+        return torch.empty((B, N, C), dtype=x.dtype, device=x.device), zeros.to(shift_dtype), zeros.to(scale.dtype)
+
+    def run(which):
+        if which == "fused":
+            dx, dshift, dscale = _launch_bwd(dy, x, scale, mean, rstd, block_size, sums=True)
+        else:
+            dx = _launch_bwd(dy, x, scale, mean, rstd, block_size, sums=False)[0]
+            dshift, dscale = block_column_sums(dy, x, mean, rstd, block_size, nb)
+        return dx, dshift.to(shift_dtype), dscale.to(scale.dtype)
+
+    if plan is None:
+        plan = row_backward_plan("modulated_layer_norm", (B, N, C, block_size, x.dtype, dy.dtype), x.device, run)
+    elif plan not in ROW_BACKWARD_PLANS:
+        raise ValueError(f"plan: expected one of {ROW_BACKWARD_PLANS} or None, got {plan!r}")
+    return run(plan)
+
+
+def _launch_bwd(dy, x, scale, mean, rstd, block_size, sums: bool):
+    """The row kernel: (dx, dshift, dscale) in fp32 with ``sums``, else (dx, None, None)."""
+    B, N, C = x.shape
+    nb = scale.shape[1]
+    dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 4096)
     configs = backward_configs(block_m, num_warps, x.device,
                                prefetch=prefetch_fits(block_m, num_warps, c0 + c1p, x.element_size()))
-    groups, rows_per_group = row_groups(block_size, max(c[0] for c in configs), B * nb, x.device)
-    dshift_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
-    dscale_part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=x.device)
+    # Without sums a group's only cost is its tail: many small groups (four tiles each, so that the prefetching
+    # configs overlap them); with sums at least 8 rows per group (each writes a C-row of partials).
+    bm = max(c[0] for c in configs)
+    groups, rows_per_group = (row_groups(block_size, bm, B * nb, x.device) if sums
+                              else row_groups(block_size, bm, B * nb, x.device, min_rows=4 * bm, programs=1 << 30))
+    dshift_part = torch.empty((B, nb, groups, C) if sums else (1,), dtype=torch.float32, device=x.device)
+    dscale_part = torch.empty((B, nb, groups, C) if sums else (1,), dtype=torch.float32, device=x.device)
     with launch_device(x):
         launch_rows(_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
             dy, x, scale, mean, rstd, dx, dshift_part, dscale_part,
@@ -241,8 +281,10 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype):
             x.stride(0), x.stride(1), x.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
             dx.stride(0), dx.stride(1),
-        ), configs, x.device, BACKWARD_AUTOTUNE_KEY, C0=c0, C1P=c1p)
-    return dx, dshift_part.sum(dim=2).to(shift_dtype), dscale_part.sum(dim=2).to(scale.dtype)
+        ), configs, x.device, BACKWARD_AUTOTUNE_KEY, C0=c0, C1P=c1p, SUMS=sums)
+    if not sums:
+        return dx, None, None
+    return dx, dshift_part.sum(dim=2), dscale_part.sum(dim=2)
 
 
 @torch.library.custom_op("ard_kernels::modulated_layer_norm_fwd", mutates_args=())
@@ -337,22 +379,28 @@ def aot_specs():
                 # Column strides are 1 at run time, and the JIT compiles a unit stride in: so do these specs.
                 unit = (("stride_x_c", "stride_dy_c", "stride_sc_c") if kind == "bwd"
                         else ("stride_x_c", "stride_sh_c", "stride_sc_c"))
-                for i, config in enumerate(tiles):
-                    bm, warps = config[:2]
-                    meta = {"BLOCK_M": bm, "C0": c0, "C1P": c1p, **dict.fromkeys(unit, 1)}
-                    suffix = f"_{bm}x{warps}"
-                    if kind == "bwd":
-                        meta["PREFETCH"] = config[2]
-                        suffix += "_prefetch" if config[2] else ""
-                    else:
-                        meta["TILES"] = config[2]
-                        suffix += f"_run{config[2]}" if config[2] > 1 else ""
-                    specs.append({
-                        "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}" + (suffix if i else ""),
-                        "kernel": kernel,
-                        "signature": make_signature(kernel, dtype, stats, floats=("eps",)),
-                        "constexprs": meta,
-                        "divisible": row_divisible(kernel),
-                    "num_warps": warps,
-                    })
-    return specs
+                # The backward in both plans (SUMS: fused; without, the split plan's dx pass: bf16 and fp32 only,
+                # fp16 compiles as bf16 does).
+                variants = (True, False) if kind == "bwd" and dtype != "fp16" else (True,)
+                for sums in variants:
+                    for i, config in enumerate(tiles):
+                        bm, warps = config[:2]
+                        meta = {"BLOCK_M": bm, "C0": c0, "C1P": c1p, **dict.fromkeys(unit, 1)}
+                        suffix = f"_{bm}x{warps}"
+                        if kind == "bwd":
+                            meta["PREFETCH"] = config[2]
+                            meta["SUMS"] = sums
+                            suffix += "_prefetch" if config[2] else ""
+                        else:
+                            meta["TILES"] = config[2]
+                            suffix += f"_run{config[2]}" if config[2] > 1 else ""
+                        specs.append({
+                            "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}" + (suffix if i else "")
+                                    + ("" if sums else "_split"),
+                            "kernel": kernel,
+                            "signature": make_signature(kernel, dtype, stats, floats=("eps",)),
+                            "constexprs": meta,
+                            "divisible": row_divisible(kernel),
+                            "num_warps": warps,
+                        })
+    return specs + column_sum_specs()
