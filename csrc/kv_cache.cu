@@ -41,23 +41,25 @@ __global__ void __launch_bounds__(kThreads) kv_append_kernel(
     V* __restrict__ k_cache, V* __restrict__ v_cache, const V* __restrict__ k, const V* __restrict__ v,
     const int64_t* __restrict__ offset, int64_t offset_host, int32_t* __restrict__ status,
     uint32_t total, uint32_t row_chunks, uint32_t cd, int64_t n, int64_t capacity) {
-  int64_t pos;
-  if (!write_position(offset, offset_host, n, capacity, &pos)) {
-    flag_overflow(status);
-    return;
-  }
   const V* __restrict__ src = blockIdx.y == 0 ? k : v;
   V* __restrict__ dst = blockIdx.y == 0 ? k_cache : v_cache;
-  const int64_t cap_chunks = capacity * cd;
-  const int64_t pos_chunks = pos * cd;
   const uint32_t base = blockIdx.x * (kThreads * kIlp) + threadIdx.x;
 
+  // The source loads first: they never depend on the offset, so their latency overlaps the offset's
+  // (read from device memory by every block before its first store) instead of following it.
   V buf[kIlp];
 #pragma unroll
   for (int i = 0; i < kIlp; ++i) {
     const uint32_t idx = base + i * kThreads;
     if (idx < total) buf[i] = __ldg(src + idx);
   }
+  int64_t pos;
+  if (!write_position(offset, offset_host, n, capacity, &pos)) {
+    flag_overflow(status);
+    return;
+  }
+  const int64_t cap_chunks = capacity * cd;
+  const int64_t pos_chunks = pos * cd;
 #pragma unroll
   for (int i = 0; i < kIlp; ++i) {
     const uint32_t idx = base + i * kThreads;
@@ -76,19 +78,20 @@ __global__ void __launch_bounds__(kThreads) qkv_split_append_kernel(
     const V* __restrict__ qkv, V* __restrict__ q, V* __restrict__ k_cache, V* __restrict__ v_cache,
     const int64_t* __restrict__ offset, int64_t offset_host, int32_t* __restrict__ status,
     uint32_t total, uint32_t cd, uint32_t heads, uint32_t n, int64_t capacity) {
-  int64_t pos;
-  const bool fits = write_position(offset, offset_host, n, capacity, &pos);
-  if (!fits) flag_overflow(status);
   const uint32_t hcd = heads * cd;
   const uint32_t row_chunks = 3 * hcd;
   const uint32_t base = blockIdx.x * (kThreads * kIlp) + threadIdx.x;
 
+  // Loads before the offset, as in kv_append_kernel: the two latencies overlap.
   V buf[kIlp];
 #pragma unroll
   for (int i = 0; i < kIlp; ++i) {
     const uint32_t idx = base + i * kThreads;
     if (idx < total) buf[i] = __ldg(qkv + idx);
   }
+  int64_t pos;
+  const bool fits = write_position(offset, offset_host, n, capacity, &pos);
+  if (!fits) flag_overflow(status);
 #pragma unroll
   for (int i = 0; i < kIlp; ++i) {
     const uint32_t idx = base + i * kThreads;
