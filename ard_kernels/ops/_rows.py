@@ -509,9 +509,17 @@ def row_backward_plan(op: str, key: tuple, device, run) -> str:
     import triton.testing
 
     times = {}
-    for candidate in ROW_BACKWARD_PLANS:
-        run(candidate)  # compile and autotune its tiles first
-        times[candidate] = triton.testing.do_bench(lambda c=candidate: run(c), warmup=5, rep=25)
+    try:
+        for candidate in ROW_BACKWARD_PLANS:
+            run(candidate)  # compile and autotune its tiles first
+            times[candidate] = triton.testing.do_bench(lambda c=candidate: run(c), warmup=5, rep=25)
+    except torch.cuda.OutOfMemoryError:
+        # do_bench's L2-flush buffer and the repeated outputs need memory a training step may not have left:
+        # keep the fused plan (fewer bytes, no extra buffers) rather than fail the backward.
+        log_once(f"row-bwd-oom-{full_key}", f"ard_kernels: {op} backward at {key}: out of memory while timing its "
+                 "plans; the fused plan")
+        _ROW_BWD_CHOICES[full_key] = "fused"
+        return "fused"
     plan = _ROW_BWD_CHOICES[full_key] = min(times, key=times.get)
     log_once(f"row-bwd-{full_key}", f"ard_kernels: {op} backward at {key} runs {plan} "
              f"(us: {({c: round(t * 1e3, 1) for c, t in times.items()})})", logging.INFO)
