@@ -319,6 +319,46 @@ def test_row_backward_plan_choice(monkeypatch, triton_device):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m, plan=plan: f"{plan}: {m}")
 
 
+def test_row_backward_plan_timing_logic(monkeypatch):
+    """The GPU's choice, with the timing stood in for: the faster plan wins, is kept per key (no second
+    timing), shows in row_choices; a key first seen inside a CUDA-graph capture runs fused without being
+    kept; running out of memory while timing keeps fused."""
+    import triton.testing
+
+    from ard_kernels.ops import _rows
+
+    monkeypatch.delenv("ARD_KERNELS_ROW_BWD", raising=False)
+    monkeypatch.setattr(_rows, "_ROW_BWD_CHOICES", {})
+    cuda = torch.device("cuda")
+    speed = {"fused": 3.0, "split": 1.0}
+    ran, timed = [], []
+
+    def fake_bench(fn, **_):
+        fn()
+        timed.append(ran[-1])
+        return speed[ran[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert _rows.row_backward_plan("op", (2, 8), cuda, ran.append) == "split"
+    assert sorted(timed) == ["fused", "split"]
+    ran.clear(), timed.clear()
+    assert _rows.row_backward_plan("op", (2, 8), cuda, ran.append) == "split" and not ran and not timed
+    assert _rows.row_choices()["op backward plan"] == {"2, 8, cuda": "split"}
+    capturing[0] = True
+    assert _rows.row_backward_plan("op", (4, 8), cuda, ran.append) == "fused" and not ran
+    assert ("op", 4, 8, "cuda") not in _rows._ROW_BWD_CHOICES
+    capturing[0] = False
+
+    def oom(fn, **_):
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(triton.testing, "do_bench", oom)
+    assert _rows.row_backward_plan("op", (5, 8), cuda, ran.append) == "fused"
+    assert _rows._ROW_BWD_CHOICES[("op", 5, 8, "cuda")] == "fused"
+
+
 @pytest.mark.cuda
 def test_cuda_row_backward_plan_is_timed_once_and_reported(monkeypatch):
     """On the GPU the first backward of a shape times both plans and keeps one (reported by row_choices, which
