@@ -337,8 +337,8 @@ def _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, sums: boo
     dy = torch.empty((B, N, C), dtype=y.dtype, device=out.device)
     block_m, c0, c1p, num_warps = _bwd_tile(C, block_size, out.device)
     configs = backward_configs(block_m, num_warps, out.device,
-                               prefetch=prefetch_fits(block_m, num_warps, c0 + c1p, out.element_size()))
-    # As the modulated LayerNorm's (_launch_bwd there): without sums, four tiles per group.
+                               prefetch=not sums or prefetch_fits(block_m, num_warps, c0 + c1p, out.element_size()))
+    # As the modulated LayerNorm's (_launch_bwd there): without sums, prefetch at any dtype, four tiles per group.
     bm = max(c[0] for c in configs)
     groups, rows_per_group = (row_groups(block_size, bm, B * nb, out.device) if sums
                               else row_groups(block_size, bm, B * nb, out.device, min_rows=4 * bm, programs=1 << 30))
@@ -495,7 +495,6 @@ def aot_specs():
                 else:
                     block_m, c0, c1p, num_warps = _bwd_tile(C, 256, cuda)
                     fits = prefetch_fits(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2)
-                    tiles = backward_configs(block_m, num_warps, cuda, prefetch=fits)
                 # Column strides are 1 at run time, and the JIT compiles a unit stride in: so do these specs.
                 unit = (("stride_do_c", "stride_dh_c", "stride_o_c", "stride_y_c", "stride_g_c", "stride_sc_c")
                         if kind == "bwd" else
@@ -507,6 +506,8 @@ def aot_specs():
                 # The backward in both plans (as the modulated LayerNorm's: fp16 compiles as bf16 does).
                 variants = (True, False) if kind == "bwd" and dtype != "fp16" else (True,)
                 for sums in variants:
+                    if kind == "bwd":  # as _launch_bwd: the split plan's dx pass prefetches at any dtype
+                        tiles = backward_configs(block_m, num_warps, cuda, prefetch=fits or not sums)
                     for i, config in enumerate(tiles):
                         bm, warps = config[:2]
                         meta = {**constexprs, "BLOCK_M": bm}

@@ -265,9 +265,11 @@ def _launch_bwd(dy, x, scale, mean, rstd, block_size, sums: bool):
     dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 4096)
     configs = backward_configs(block_m, num_warps, x.device,
-                               prefetch=prefetch_fits(block_m, num_warps, c0 + c1p, x.element_size()))
-    # Without sums a group's only cost is its tail: many small groups (four tiles each, so that the prefetching
-    # configs overlap them); with sums at least 8 rows per group (each writes a C-row of partials).
+                               prefetch=not sums or prefetch_fits(block_m, num_warps, c0 + c1p, x.element_size()))
+    # Without sums the kernel holds far fewer registers: it prefetches at any dtype (fp32 rows too: at most 179
+    # registers and no spill from C = 768 to 8192 on sm_90, aot_check), and a group's only cost is its tail:
+    # many small groups (four tiles each, so that the prefetching configs overlap them). With sums at least
+    # 8 rows per group (each writes a C-row of partials).
     bm = max(c[0] for c in configs)
     groups, rows_per_group = (row_groups(block_size, bm, B * nb, x.device) if sums
                               else row_groups(block_size, bm, B * nb, x.device, min_rows=4 * bm, programs=1 << 30))
@@ -372,8 +374,6 @@ def aot_specs():
                 block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, target)
                 # every tile the launch autotunes over
                 fits = prefetch_fits(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2)
-                tiles = (backward_configs(block_m, num_warps, cuda, prefetch=fits) if kind == "bwd"
-                         else forward_configs_with_runs(block_m, num_warps, c0 + c1p, 256, cuda))
                 stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
                          "DSCALE_PART_ptr": "*fp32"}
                 # Column strides are 1 at run time, and the JIT compiles a unit stride in: so do these specs.
@@ -383,6 +383,9 @@ def aot_specs():
                 # fp16 compiles as bf16 does).
                 variants = (True, False) if kind == "bwd" and dtype != "fp16" else (True,)
                 for sums in variants:
+                    # as _launch_bwd: the split plan's dx pass prefetches at any dtype
+                    tiles = (backward_configs(block_m, num_warps, cuda, prefetch=fits or not sums) if kind == "bwd"
+                             else forward_configs_with_runs(block_m, num_warps, c0 + c1p, 256, cuda))
                     for i, config in enumerate(tiles):
                         bm, warps = config[:2]
                         meta = {"BLOCK_M": bm, "C0": c0, "C1P": c1p, **dict.fromkeys(unit, 1)}
