@@ -1,13 +1,15 @@
 """The compiled CUDA extension ``ard_kernels._C`` (csrc/): loaded once, optional, never an import error.
 
-It registers two ops under ``torch.ops.ard_kernels`` (write position ``pos = offset_host + offset[0]``,
+It registers three ops under ``torch.ops.ard_kernels`` (write position ``pos = offset_host + offset[0]``,
 or ``offset_host`` alone when ``offset`` is None):
 
 * ``kv_append(k_cache!, v_cache!, k, v, offset?, offset_host, status!, stream)``:
   ``k_cache[:, :, pos:pos+n] = k``, ``v_cache[:, :, pos:pos+n] = v``;
 * ``qkv_split_append(qkv, k_cache!, v_cache!, offset?, offset_host, status!, num_heads, stream) -> q``:
   ``q, k, v = qkv.reshape(B, n, 3, H, D).permute(2, 0, 3, 1, 4)``, k and v appended as above, q
-  returned contiguous (B, H, n, D).
+  returned contiguous (B, H, n, D);
+* ``qkv_append(qkv, k_cache!, v_cache!, offset?, offset_host, status!, num_heads, stream)``: the same without
+  q (its k and v parts appended, 2/3 of the bytes), for callers that read q in place in qkv.
 
 Caches (B, H, capacity, D), k, v (B, H, n, D), qkv (B, n, 3·H·D): CUDA, contiguous, one dtype of
 bf16/fp16/fp32, D a multiple of 8. ``status`` is an int32 CUDA tensor: when ``pos < 0`` or
@@ -15,7 +17,7 @@ bf16/fp16/fp32, D a multiple of 8. ``status`` is an int32 CUDA tensor: when ``po
 ``stream`` is ``torch.cuda.current_stream().cuda_stream`` (or -1: torch's current stream, looked up
 by the op): the extension is built without c10/cuda so that it also compiles against a CPU-only torch.
 
-The wrappers :func:`kv_append` and :func:`qkv_split_append` below fill in the stream and the
+The wrappers :func:`kv_append`, :func:`qkv_split_append` and :func:`qkv_append` below fill in the stream and the
 status and raise on overflow: before the launch when the offset is a host int (no sync), after
 it, by reading ``status`` (one sync), when the offset is a device tensor and ``check=True``.
 ``check=False`` is the sync-free mode for CUDA-graph capture: read ``status`` yourself later.
@@ -49,7 +51,9 @@ def load():
     global _error
     try:
         module = importlib.import_module("ard_kernels._C")
-    except ImportError as exc:  # not built, or built against another torch
+        if not hasattr(torch.ops.ard_kernels, "qkv_append"):  # built from an older csrc/: one op short
+            raise ImportError("ard_kernels._C predates torch.ops.ard_kernels.qkv_append (a stale build): rebuild it")
+    except ImportError as exc:  # not built, built against another torch, or stale
         _error = exc
         if os.environ.get("ARD_KERNELS_BUILD_CUDA", "").strip() != "0":
             warnings.warn(
@@ -85,7 +89,8 @@ def torch_mismatch(info, version: str = torch.__version__) -> str:
 
 
 def extension_available() -> bool:
-    """True when ``torch.ops.ard_kernels.kv_append`` and ``qkv_split_append`` exist (compiled extension)."""
+    """True when ``torch.ops.ard_kernels.kv_append``, ``qkv_split_append`` and ``qkv_append`` exist (compiled
+    extension)."""
     return load() is not None
 
 
@@ -106,6 +111,10 @@ def _register_fakes():
     def _qkv_split_append_fake(qkv, k_cache, v_cache, offset, offset_host, status, num_heads, stream):
         b, n, _ = qkv.shape
         return qkv.new_empty((b, num_heads, n, k_cache.shape[-1]))
+
+    @torch.library.register_fake("ard_kernels::qkv_append")
+    def _qkv_append_fake(qkv, k_cache, v_cache, offset, offset_host, status, num_heads, stream):
+        return None
 
 
 def current_stream(device: torch.device) -> int:
@@ -217,6 +226,17 @@ def qkv_split_append(qkv, k_cache, v_cache, offset, num_heads, status=None, chec
     One pass over ``qkv`` (B, n, 3·H·D) laid out as DiT's qkv Linear output (``reshape(B, n, 3, H, D)``).
     Arguments as for :func:`kv_append`.
     """
+    return _qkv_op("qkv_split_append", qkv, k_cache, v_cache, offset, num_heads, status, check)
+
+
+def qkv_append(qkv, k_cache, v_cache, offset, num_heads, status=None, check=True):
+    """:func:`qkv_split_append` without q: the k and v parts of ``qkv`` appended to the caches at ``offset``
+    (one pass over 2/3 of qkv's bytes; q is read where it lies, a view of qkv). Returns None."""
+    return _qkv_op("qkv_append", qkv, k_cache, v_cache, offset, num_heads, status, check)
+
+
+def _qkv_op(name, qkv, k_cache, v_cache, offset, num_heads, status, check):
+    """Validate and run ``torch.ops.ard_kernels.<name>`` (qkv_split_append or qkv_append)."""
     check_tensor("k_cache", k_cache, 4)
     check_tensor("qkv", qkv, 3)
     b, h, _, d = k_cache.shape
@@ -226,8 +246,8 @@ def qkv_split_append(qkv, k_cache, v_cache, offset, num_heads, status=None, chec
     _check_append_args(k_cache, v_cache, status, offset, qkv=qkv)
     dev_offset, host_offset = _position(offset, qkv.shape[1], k_cache.shape[2])
     status, stream = _status_and_stream(k_cache, status)
-    q = torch.ops.ard_kernels.qkv_split_append(qkv, k_cache, v_cache, dev_offset, host_offset, status, num_heads,
+    out = getattr(torch.ops.ard_kernels, name)(qkv, k_cache, v_cache, dev_offset, host_offset, status, num_heads,
                                                stream)
     if check and dev_offset is not None:
-        check_status(status, "qkv_split_append")
-    return q
+        check_status(status, name)
+    return out

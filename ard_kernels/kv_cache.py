@@ -13,7 +13,7 @@ Use (what the sampler does)::
     cache.reset()
     for step in range(K):
         for layer in range(6):  # history layers only; upper layers use no cache
-            q, k_all, v_all = cache.split_append(layer, qkv)   # k_all: (B, H, cache.length + n, D)
+            q, k_all, v_all = cache.append_qkv(layer, qkv)   # k_all: (B, H, cache.length + n, D)
             ...
         cache.advance(n)  # after every layer appended this step's n tokens
 
@@ -192,6 +192,25 @@ class HistoryKVCache:
         Returns:
             (q, k_all, v_all): q (B, H, n, D) contiguous; k_all, v_all (B, H, length + n, D) views.
         """
+        return self._qkv_write(layer, qkv, copy_q=True)
+
+    def append_qkv(self, layer: int, qkv: torch.Tensor):
+        """:meth:`split_append` without copying q: k, v of ``qkv`` appended; q returned as a view of ``qkv``.
+
+        What the sampler's history layers call: the attention reads q where the qkv Linear wrote it (its
+        kernels take any strides), so the append moves 2/3 of the bytes of :meth:`split_append`.
+
+        Args:
+            layer: history layer index. qkv: (B, n, 3·H·D), the output of DiT's qkv Linear.
+
+        Returns:
+            (q, k_all, v_all): q (B, H, n, D), a strided view of qkv (of a contiguous copy when qkv is not
+            contiguous); k_all, v_all (B, H, length + n, D) views of the cache.
+        """
+        return self._qkv_write(layer, qkv, copy_q=False)
+
+    def _qkv_write(self, layer: int, qkv: torch.Tensor, copy_q: bool):
+        """:meth:`split_append` (``copy_q``: q contiguous, written by the same kernel) or :meth:`append_qkv`."""
         self._check_layer(layer)
         b, h, d = self.batch_size, self.num_heads, self.head_dim
         if qkv.dim() != 3 or qkv.shape[0] != b or qkv.shape[2] != 3 * h * d:
@@ -200,12 +219,15 @@ class HistoryKVCache:
         n = qkv.shape[1]
         pos = self._position(n)
         kc, vc = self.k[layer], self.v[layer]
-        if self.backend == "cuda":
-            q = torch.ops.ard_kernels.qkv_split_append(qkv.contiguous(), kc, vc, *pos, self.status, h,
-                                                       _ext.current_stream(self.device))
+        qkv = qkv.contiguous()  # the kernels' layout; a no-op for a Linear's output
+        q, k, v = reference.split_qkv(qkv, h)
+        stream = _ext.current_stream(self.device) if self.backend == "cuda" else None
+        if self.backend == "cuda" and copy_q:
+            q = torch.ops.ard_kernels.qkv_split_append(qkv, kc, vc, *pos, self.status, h, stream)
+        elif self.backend == "cuda":
+            torch.ops.ard_kernels.qkv_append(qkv, kc, vc, *pos, self.status, h, stream)
         else:
-            q, k, v = reference.split_qkv(qkv, h)
-            q = q.contiguous()
+            q = q.contiguous() if copy_q else q
             self._write_torch(kc, vc, k, v, pos, n)
         return (q, *self.views(layer, n))
 

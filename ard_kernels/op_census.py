@@ -9,8 +9,8 @@ elementwise op; SDPA is counted as its one fused kernel): the counts are the lau
 what a CUDA graph replays, what ``bench_e2e --profile`` counts on a GPU. They show, on a machine
 without a GPU, that:
 
-* each cached step costs one history-cache launch per history layer (``qkv_split_append``: q out,
-  k and v into the cache) and copies nothing else;
+* each cached step costs one history-cache launch per history layer (``qkv_append``: k and v into
+  the cache, q read in place by the attention) and copies nothing else;
 * ARD's history (N layers) adds exactly N launches per step over step distillation (N = 0);
 * every attention and LayerNorm of the trunk is one fused ard_kernels op.
 
@@ -50,7 +50,7 @@ _KINDS = (
                    "aten._flash_attention",
                    "aten._efficient_attention", "higher_order.flex_attention")),
     ("norm", ("ard_kernels.modulated_layer_norm", "ard_kernels.gated_residual", "aten.native_layer_norm.")),
-    ("kv_cache", ("ard_kernels.kv_append", "ard_kernels.qkv_split_append")),
+    ("kv_cache", ("ard_kernels.kv_append", "ard_kernels.qkv_split_append", "ard_kernels.qkv_append")),
     ("copy", ("aten.clone.", "aten.copy_.", "aten.cat.", "aten.stack.", "aten._to_copy.", "aten.index_put_.",
               "aten.slice_scatter.")),
 )

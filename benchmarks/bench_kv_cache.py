@@ -14,8 +14,13 @@ Ops and providers:
 - ``split_append`` (qkv (B, n, 3·H·D) → q (B, H, n, D) + cache): ``cuda`` (qkv_split_append,
   one launch), ``q_contiguous_slice_copy`` (the unfused path: ``q.contiguous()`` + two slice copies
   from the permuted views), ``q_contiguous_cat`` (``q.contiguous()`` + torch.cat of k and v);
-- ``cache_step`` (one sampler step of the history layers: ``HistoryKVCache.split_append`` for each
-  layer): providers ``cache_cuda`` and ``cache_torch``; gbps counts all layers' bytes.
+- ``qkv_append`` (qkv's k and v parts into the caches, q left where it is: what the sampler's history
+  layers run, their attention reading q in place): ``cuda`` (qkv_append, one launch), ``slice_copy``
+  (two slice copies from the permuted views); 4·B·H·n·D·bytes;
+- ``cache_step`` (one sampler step of the history layers, for each layer): ``cache_cuda``
+  (``HistoryKVCache.split_append``), ``cache_cuda_q_in_place`` (``HistoryKVCache.append_qkv``, the
+  sampler's call) and ``cache_torch`` (``split_append`` on the PyTorch path); gbps counts all layers'
+  split-append bytes for every provider (the same step, whichever way q reaches the attention).
 
 Shapes (CUDA, bf16): ImageNet ARD, DiT-XL/2 (B 1 and 64, H 16, D 72, 256-token blocks, 4 blocks,
 6 history layers) and text-to-image (B 2, H 16, D 128, 4096-token blocks, 4 blocks). CPU: one
@@ -50,7 +55,7 @@ GPU_SHAPES = [
     ("t2i_B2", 2, 16, 128, 4096, 4, 6),
 ]
 CPU_SHAPES = [("cpu_small", 1, 4, 72, 64, 4, 2)]
-OPS = ("append", "split_append", "cache_step")
+OPS = ("append", "split_append", "qkv_append", "cache_step")
 CPU_ARGV: list = []
 GPU_ARGV: list = []
 QUICK_ARGV = ["--quick"]
@@ -92,26 +97,28 @@ def _cases(op, b, h, d, n, blocks, dtype, device, use_ext):
         cases["slice_copy"] = slice_copy
         hist_k, hist_v = kc[:, :, :off].contiguous(), vc[:, :, :off].contiguous()
         cases["torch_cat"] = lambda: (torch.cat([hist_k, k], dim=2), torch.cat([hist_v, v], dim=2))
-    elif op == "split_append":
+    elif op in ("split_append", "qkv_append"):
+        with_q = op == "split_append"
         qkv = torch.randn(b, n, 3 * h * d, device=device).to(dtype)
         if use_ext:
-            cases["cuda"] = lambda: torch.ops.ard_kernels.qkv_split_append(qkv, kc, vc, None, off, status, h, stream)
+            kernel = getattr(torch.ops.ard_kernels, "qkv_split_append" if with_q else "qkv_append")
+            cases["cuda"] = lambda: kernel(qkv, kc, vc, None, off, status, h, stream)
 
-        def unfused():
+        def unfused():  # with q: the unfused path, q made contiguous, k and v sliced in
             q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-            q = q.contiguous()
             kc[:, :, off:off + n].copy_(k)
             vc[:, :, off:off + n].copy_(v)
-            return q
+            return q.contiguous() if with_q else None
 
-        cases["q_contiguous_slice_copy"] = unfused
-        hist_k, hist_v = kc[:, :, :off].contiguous(), vc[:, :, :off].contiguous()
+        cases["q_contiguous_slice_copy" if with_q else "slice_copy"] = unfused
+        if with_q:
+            hist_k, hist_v = kc[:, :, :off].contiguous(), vc[:, :, :off].contiguous()
 
-        def cat():
-            q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-            return q.contiguous(), torch.cat([hist_k, k], dim=2), torch.cat([hist_v, v], dim=2)
+            def cat():
+                q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+                return q.contiguous(), torch.cat([hist_k, k], dim=2), torch.cat([hist_v, v], dim=2)
 
-        cases["q_contiguous_cat"] = cat
+            cases["q_contiguous_cat"] = cat
     return cases
 
 
@@ -128,6 +135,12 @@ def _step_cases(b, h, d, n, blocks, layers, dtype, device, use_ext):
                 cache.split_append(layer, qkvs[layer])
 
         cases[f"cache_{backend}"] = step
+        if backend == "cuda":
+            def step_in_place(cache=cache):
+                for layer in range(layers):
+                    cache.append_qkv(layer, qkvs[layer])
+
+            cases["cache_cuda_q_in_place"] = step_in_place
     return cases
 
 
@@ -194,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> list:
                     nbytes = 6 * b * h * n * d * es * layers
                 else:
                     cases = _cases(op, b, h, d, n, blocks, dtype, device, use_ext)
-                    nbytes = (4 if op == "append" else 6) * b * h * n * d * es
+                    nbytes = (6 if op == "split_append" else 4) * b * h * n * d * es
                 _measure(rows, op, shape, cases, nbytes, device, dtype_name, ext, layers)
                 del cases
             except Exception as e:  # noqa: BLE001 - e.g. out of memory building a case's tensors

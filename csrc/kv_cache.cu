@@ -72,14 +72,17 @@ __global__ void __launch_bounds__(kThreads) kv_append_kernel(
 }
 
 // Reads follow qkv's memory order (b, t, s, h, c) so they are fully coalesced; each head's row
-// of cd chunks lands contiguously in q (b, h, t) or in the cache (b, h, pos + t).
-template <typename V>
+// of cd chunks lands contiguously in q (b, h, t) or in the cache (b, h, pos + t). Without q (WITH_Q
+// false: the caller reads q where it lies, in qkv) only each token row's k and v chunks are visited,
+// 2/3 of the bytes.
+template <typename V, bool WITH_Q>
 __global__ void __launch_bounds__(kThreads) qkv_split_append_kernel(
     const V* __restrict__ qkv, V* __restrict__ q, V* __restrict__ k_cache, V* __restrict__ v_cache,
     const int64_t* __restrict__ offset, int64_t offset_host, int32_t* __restrict__ status,
     uint32_t total, uint32_t cd, uint32_t heads, uint32_t n, int64_t capacity) {
+  constexpr uint32_t kParts = WITH_Q ? 3 : 2;  // q, k, v or k, v chunks visited per token row
   const uint32_t hcd = heads * cd;
-  const uint32_t row_chunks = 3 * hcd;
+  const uint32_t row_chunks = kParts * hcd;
   const uint32_t base = blockIdx.x * (kThreads * kIlp) + threadIdx.x;
 
   // Loads before the offset, as in kv_append_kernel: the two latencies overlap.
@@ -87,7 +90,13 @@ __global__ void __launch_bounds__(kThreads) qkv_split_append_kernel(
 #pragma unroll
   for (int i = 0; i < kIlp; ++i) {
     const uint32_t idx = base + i * kThreads;
-    if (idx < total) buf[i] = __ldg(qkv + idx);
+    if (idx >= total) continue;
+    if (WITH_Q) {
+      buf[i] = __ldg(qkv + idx);
+    } else {  // skip each row's q chunks: chunk idx of the (k, v) runs is qkv's row·3·hcd + hcd + j
+      const uint32_t row = idx / row_chunks;
+      buf[i] = __ldg(qkv + (int64_t(row) * 3 + 1) * hcd + (idx - row * row_chunks));
+    }
   }
   int64_t pos;
   const bool fits = write_position(offset, offset_host, n, capacity, &pos);
@@ -97,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) qkv_split_append_kernel(
     const uint32_t idx = base + i * kThreads;
     if (idx >= total) continue;
     const uint32_t row = idx / row_chunks;  // token row b·n + t
-    const uint32_t j = idx - row * row_chunks;
+    const uint32_t j = idx - row * row_chunks + (WITH_Q ? 0 : hcd);  // chunk within qkv's row
     const uint32_t s = j / hcd;  // 0 q, 1 k, 2 v
     const uint32_t r = j - s * hcd;
     const uint32_t h = r / cd;
@@ -105,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) qkv_split_append_kernel(
     const uint32_t b = row / n;
     const uint32_t t = row - b * n;
     const int64_t bh = int64_t(b) * heads + h;
-    if (s == 0) {
+    if (WITH_Q && s == 0) {
       q[(bh * n + t) * cd + c] = buf[i];
     } else if (fits) {
       V* __restrict__ dst = s == 1 ? k_cache : v_cache;
@@ -155,9 +164,11 @@ void split_typed(const void* qkv, void* q, void* k_cache, void* v_cache, const i
                  int64_t offset_host, int32_t* status, int64_t batch, int64_t n, int64_t heads,
                  int64_t capacity, int64_t head_bytes, cudaStream_t stream) {
   const int64_t cd = head_bytes / int64_t(sizeof(V));
-  const int64_t total = batch * n * 3 * heads * cd;
+  const int64_t total = batch * n * (q != nullptr ? 3 : 2) * heads * cd;
   const unsigned blocks = unsigned((total + kThreads * kIlp - 1) / (kThreads * kIlp));
-  ARD_LAUNCH_KERNEL(qkv_split_append_kernel<V>, dim3(blocks), kThreads, stream,
+  // A pointer to the instantiation: its template arguments' comma would split the macro's arguments.
+  const auto kernel = q != nullptr ? qkv_split_append_kernel<V, true> : qkv_split_append_kernel<V, false>;
+  ARD_LAUNCH_KERNEL(kernel, dim3(blocks), kThreads, stream,
       static_cast<const V*>(qkv), static_cast<V*>(q), static_cast<V*>(k_cache), static_cast<V*>(v_cache),
       offset, offset_host, status, uint32_t(total), uint32_t(cd), uint32_t(heads), uint32_t(n), capacity);
 }
@@ -190,8 +201,8 @@ extern "C" const char* ard_qkv_split_append_launch(const void* qkv, void* q, voi
                                                    int64_t batch, int64_t n, int64_t heads, int64_t capacity,
                                                    int64_t head_bytes, int device, int64_t stream) {
   if (batch == 0 || n == 0 || heads == 0) return nullptr;
-  const void* ptrs[4] = {qkv, q, k_cache, v_cache};
-  const int width = chunk_bytes(head_bytes, ptrs, 4);
+  const void* ptrs[4] = {qkv, k_cache, v_cache, q};  // q last: it may be absent
+  const int width = chunk_bytes(head_bytes, ptrs, q != nullptr ? 4 : 3);
   if (batch * n * 3 * heads * (head_bytes / width) > kMaxChunks) return kTooLarge;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   return launch_on(device, [&] {

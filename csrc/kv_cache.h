@@ -25,7 +25,8 @@ const char* ard_kv_append_launch(void* k_cache, void* v_cache, const void* k, co
                                  int64_t rows, int64_t n, int64_t capacity, int64_t head_bytes,
                                  int device, int64_t stream);
 
-// qkv: (batch, n, 3, heads, head_bytes); q: (batch, heads, n, head_bytes);
+// qkv: (batch, n, 3, heads, head_bytes); q: (batch, heads, n, head_bytes) or nullptr (only k and v are
+// appended: 2/3 of the bytes, for callers that read q in place in qkv);
 // k_cache, v_cache: (batch, heads, capacity, head_bytes). q is written even on overflow.
 const char* ard_qkv_split_append_launch(const void* qkv, void* q, void* k_cache, void* v_cache,
                                         const int64_t* offset, int64_t offset_host, int32_t* status,

@@ -1,4 +1,4 @@
-// torch.ops.ard_kernels.kv_append / qkv_split_append: checks, then the launchers of kv_cache.cu.
+// torch.ops.ard_kernels.kv_append / qkv_split_append / qkv_append: checks, then the launchers of kv_cache.cu.
 //
 // Built as a plain C++ extension so that it compiles against a CPU-only torch as well as a CUDA
 // one: no c10/cuda header is used. The caller passes the CUDA stream (torch.cuda.current_stream()
@@ -140,10 +140,10 @@ void kv_append(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, co
                                           resolve_stream(op, stream, k_cache)));
 }
 
-Tensor qkv_split_append(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
-                        const std::optional<Tensor>& offset, int64_t offset_host, const Tensor& status,
-                        int64_t num_heads, int64_t stream) {
-  const char* op = "qkv_split_append";
+// Checks of qkv_split_append and qkv_append; returns the device pointer of the offset (nullptr when absent).
+const int64_t* check_qkv(const char* op, const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                         const std::optional<Tensor>& offset, int64_t offset_host, const Tensor& status,
+                         int64_t num_heads) {
   check_cache(op, k_cache, v_cache);
   TORCH_CHECK(num_heads == k_cache.size(1),
               message(op, "num_heads is ", num_heads, ", expected the cache's H = ", k_cache.size(1)));
@@ -151,15 +151,37 @@ Tensor qkv_split_append(const Tensor& qkv, const Tensor& k_cache, const Tensor& 
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == b && qkv.size(2) == 3 * num_heads * d,
               message(op, "qkv must be (B, n, 3·H·D) = (", b, ", n, ", 3 * num_heads * d, "), got ", qkv.sizes()));
   check_float(op, "qkv", qkv, k_cache);
-  const int64_t n = qkv.size(1), capacity = k_cache.size(2);
-  const int64_t* off = check_position(op, offset, offset_host, status, n, capacity);
+  const int64_t* off = check_position(op, offset, offset_host, status, qkv.size(1), k_cache.size(2));
   check_devices(op, {{"qkv", &qkv}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"status", &status}}, offset);
-  Tensor q = at::empty({b, num_heads, n, d}, qkv.options());
-  raise_on_error(op, ard_qkv_split_append_launch(qkv.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
-                                                 v_cache.data_ptr(), off, offset_host, status.data_ptr<int32_t>(),
-                                                 b, n, num_heads, capacity, d * qkv.element_size(),
-                                                 k_cache.get_device(), resolve_stream(op, stream, k_cache)));
+  return off;
+}
+
+// q (nullptr: not written) and the caches from qkv, after check_qkv.
+void launch_qkv(const char* op, const Tensor& qkv, void* q, const Tensor& k_cache, const Tensor& v_cache,
+                const int64_t* off, int64_t offset_host, const Tensor& status, int64_t num_heads, int64_t stream) {
+  raise_on_error(op, ard_qkv_split_append_launch(qkv.data_ptr(), q, k_cache.data_ptr(), v_cache.data_ptr(), off,
+                                                 offset_host, status.data_ptr<int32_t>(), k_cache.size(0),
+                                                 qkv.size(1), num_heads, k_cache.size(2),
+                                                 k_cache.size(3) * qkv.element_size(), k_cache.get_device(),
+                                                 resolve_stream(op, stream, k_cache)));
+}
+
+Tensor qkv_split_append(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                        const std::optional<Tensor>& offset, int64_t offset_host, const Tensor& status,
+                        int64_t num_heads, int64_t stream) {
+  const char* op = "qkv_split_append";
+  const int64_t* off = check_qkv(op, qkv, k_cache, v_cache, offset, offset_host, status, num_heads);
+  Tensor q = at::empty({k_cache.size(0), num_heads, qkv.size(1), k_cache.size(3)}, qkv.options());
+  launch_qkv(op, qkv, q.data_ptr(), k_cache, v_cache, off, offset_host, status, num_heads, stream);
   return q;
+}
+
+// qkv_split_append without q: the caller reads q in place, in qkv (2/3 of the bytes moved).
+void qkv_append(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, const std::optional<Tensor>& offset,
+                int64_t offset_host, const Tensor& status, int64_t num_heads, int64_t stream) {
+  const char* op = "qkv_append";
+  const int64_t* off = check_qkv(op, qkv, k_cache, v_cache, offset, offset_host, status, num_heads);
+  launch_qkv(op, qkv, nullptr, k_cache, v_cache, off, offset_host, status, num_heads, stream);
 }
 
 }  // namespace
@@ -173,6 +195,9 @@ TORCH_LIBRARY_FRAGMENT(ard_kernels, m) {
   m.def(
       "qkv_split_append(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? offset, int offset_host, "
       "Tensor(c!) status, int num_heads, int stream) -> Tensor");
+  m.def(
+      "qkv_append(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? offset, int offset_host, "
+      "Tensor(c!) status, int num_heads, int stream) -> ()");
 }
 
 // The same function serves CPU, where (after the shape and dtype checks) it raises the "use the
@@ -180,11 +205,13 @@ TORCH_LIBRARY_FRAGMENT(ard_kernels, m) {
 TORCH_LIBRARY_IMPL(ard_kernels, CUDA, m) {
   m.impl("kv_append", &kv_append);
   m.impl("qkv_split_append", &qkv_split_append);
+  m.impl("qkv_append", &qkv_append);
 }
 
 TORCH_LIBRARY_IMPL(ard_kernels, CPU, m) {
   m.impl("kv_append", &kv_append);
   m.impl("qkv_split_append", &qkv_split_append);
+  m.impl("qkv_append", &qkv_append);
 }
 
 // A minimal Python module, so that `import ard_kernels._C` loads the library and runs the

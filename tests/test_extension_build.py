@@ -81,22 +81,22 @@ def test_wheel_carries_the_extension_and_the_torch_it_binds(tmp_path):
 
 
 @needs_ext
-@pytest.mark.parametrize("op", ["kv_append", "qkv_split_append"])
+@pytest.mark.parametrize("op", ["kv_append", "qkv_split_append", "qkv_append"])
 def test_ops_refuse_cpu_tensors(op):
     kc = torch.zeros(1, 2, 8, 8)
     status = torch.zeros(1, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="expected CUDA tensors; use the PyTorch path"):
+    with pytest.raises(RuntimeError, match=f"ard_kernels.{op}: expected CUDA tensors; use the PyTorch path"):
         if op == "kv_append":
             torch.ops.ard_kernels.kv_append(kc, kc.clone(), kc[:, :, :2].clone(), kc[:, :, :2].clone(), None, 0,
                                             status, 0)
         else:
-            torch.ops.ard_kernels.qkv_split_append(torch.zeros(1, 2, 48), kc, kc.clone(), None, 0, status, 2, 0)
+            getattr(torch.ops.ard_kernels, op)(torch.zeros(1, 2, 48), kc, kc.clone(), None, 0, status, 2, 0)
 
 
 # The bindings check shapes and dtypes before devices, so CPU tensors reach the messages that carry
 # numbers (built without iostreams: see csrc/kv_cache_ops.cpp); the cuda twin runs them on the GPU.
 @needs_ext
-@pytest.mark.parametrize("case", ["num_heads", "k shape", "head dim", "layout", "status", "dtype"])
+@pytest.mark.parametrize("case", ["num_heads", "qkv shape", "k shape", "head dim", "layout", "status", "dtype"])
 def test_binding_messages_carry_the_numbers(case):
     kc = torch.zeros(1, 2, 16, 72)
     k = torch.zeros(1, 2, 2, 72)
@@ -105,6 +105,8 @@ def test_binding_messages_carry_the_numbers(case):
     calls = {
         "num_heads": (lambda: ops.qkv_split_append(torch.zeros(1, 4, 432), kc, kc.clone(), None, 0, st, 3, 0),
                       "qkv_split_append: num_heads is 3, expected the cache's H = 2"),
+        "qkv shape": (lambda: ops.qkv_append(torch.zeros(1, 4, 431), kc, kc.clone(), None, 0, st, 2, 0),
+                      r"qkv_append: qkv must be \(B, n, 3·H·D\) = \(1, n, 432\), got \[1, 4, 431\]"),
         "k shape": (lambda: ops.kv_append(kc, kc.clone(), k[:, :1].contiguous(), k, None, 0, st, 0),
                     r"kv_append: k must be \(B, H, n, D\) = \(1, 2, n, 72\), got \[1, 1, 2, 72\]"),
         "head dim": (lambda: ops.kv_append(kc[..., :70].contiguous(), kc[..., :70].contiguous(),
@@ -131,6 +133,7 @@ def test_fake_implementations_give_shapes():
     q = torch.ops.ard_kernels.qkv_split_append(qkv, kc, kc, None, 0, status, 4, 0)
     assert q.shape == (2, 4, 5, 72) and q.dtype == torch.bfloat16 and q.device.type == "meta"
     torch.ops.ard_kernels.kv_append(kc, kc, kc[:, :, :3], kc[:, :, :3], None, 0, status, 0)
+    assert torch.ops.ard_kernels.qkv_append(qkv, kc, kc, None, 0, status, 4, 0) is None
 
 
 @needs_ext

@@ -30,7 +30,8 @@ def test_extension_builds_against_cuda_torch_and_loads(cuda_torch_tree):
         "import ard_kernels, ard_kernels._C\n"
         "from ard_kernels import _ext\n"
         "out = {'files': [ard_kernels.__file__, ard_kernels._C.__file__], 'available': _ext.extension_available(),\n"
-        "       'ops': [hasattr(torch.ops.ard_kernels, op) for op in ('kv_append', 'qkv_split_append')]}\n"
+        "       'ops': [hasattr(torch.ops.ard_kernels, op)\n"
+        "               for op in ('kv_append', 'qkv_split_append', 'qkv_append')]}\n"
         "kc, status = torch.zeros(1, 2, 8, 8), torch.zeros(1, dtype=torch.int32)\n"
         "try:\n"
         "    torch.ops.ard_kernels.kv_append(kc, kc.clone(), kc[:, :, :2].clone(), kc[:, :, :2].clone(), None, 0,\n"
@@ -46,7 +47,7 @@ def test_extension_builds_against_cuda_torch_and_loads(cuda_torch_tree):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(Path(f).resolve().is_relative_to(src.resolve()) for f in out["files"]), out["files"]
     assert out["available"], proc.stderr[-4000:]
-    assert out["ops"] == [True, True], out
+    assert out["ops"] == [True, True, True], out
     assert "expected CUDA tensors" in out["cpu"], out["cpu"]
     # The in-place build records the torch it binds; this venv's (CPU) torch then names the mismatch.
     assert json.loads((src / "ard_kernels" / "_C.build.json").read_text())["torch"].startswith(TORCH_PREFIX)

@@ -26,8 +26,9 @@ def random_qkv(cache, n, device=None):
                        dtype=torch.float32).to(cache.dtype)
 
 
-def run_steps(cache, steps, n, seed=0):
-    """Drive the cache as the sampler does; returns (q, k_all, v_all) per step and layer, and the qkvs."""
+def run_steps(cache, steps, n, seed=0, method="split_append"):
+    """Drive the cache as the sampler does (``method``: split_append, or append_qkv, q left in qkv); returns
+    (q, k_all, v_all) per step and layer, and the qkvs."""
     g = torch.Generator().manual_seed(seed)
     out, qkvs = [], []
     for _ in range(steps):
@@ -36,7 +37,7 @@ def run_steps(cache, steps, n, seed=0):
             qkv = torch.randn(cache.batch_size, n, 3 * cache.num_heads * cache.head_dim, generator=g)
             qkv = qkv.to(cache.dtype).to(cache.device)
             qkvs.append(qkv)
-            q, k_all, v_all = cache.split_append(layer, qkv)
+            q, k_all, v_all = getattr(cache, method)(layer, qkv)
             row.append((q.clone(), k_all.clone(), v_all.clone()))
         cache.advance(n)
         out.append(row)
@@ -44,10 +45,11 @@ def run_steps(cache, steps, n, seed=0):
 
 
 # ----------------------------------------------------------------------------- CPU semantics
+@pytest.mark.parametrize("method", ["split_append", "append_qkv"])
 @pytest.mark.parametrize("n", [5, 3])
-def test_split_append_steps_match_reference(n):
+def test_split_append_steps_match_reference(n, method):
     cache = make_cache()
-    out, qkvs = run_steps(cache, steps=3, n=n)
+    out, qkvs = run_steps(cache, steps=3, n=n, method=method)
     kc = torch.zeros(cache.batch_size, cache.num_heads, cache.capacity, cache.head_dim)
     refs = [(kc.clone(), kc.clone()) for _ in range(cache.num_layers)]
     for step in range(3):
@@ -64,6 +66,18 @@ def test_split_append_steps_match_reference(n):
             torch.testing.assert_close(k_all, k_ref[:, :, :end], rtol=0, atol=0)
             torch.testing.assert_close(v_all, v_ref[:, :, :end], rtol=0, atol=0)
     assert cache.length == 3 * n
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_append_qkv_leaves_q_in_qkv(backend):
+    """append_qkv's q is a view of qkv (the attention reads it in place): the same values as split_append's
+    contiguous q, no copy."""
+    cache, twin = make_cache(backend=backend), make_cache(backend=backend)
+    qkv = random_qkv(cache, 4)
+    q, k_all, v_all = cache.append_qkv(0, qkv)
+    q_copy, k_twin, v_twin = twin.split_append(0, qkv)
+    assert q.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() and not q.is_contiguous()
+    assert torch.equal(q, q_copy) and torch.equal(k_all, k_twin) and torch.equal(v_all, v_twin)
 
 
 def test_append_returns_views_of_the_valid_prefix():
@@ -231,20 +245,29 @@ def test_cuda_kv_append_matches_reference(dtype, d, b, h, n, offset):
 
 @pytest.mark.cuda
 @cuda_ext
+@pytest.mark.parametrize("with_q", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [72, 128])
 @pytest.mark.parametrize("b,h,n,offset", [(2, 3, 7, 5), (1, 16, 256, 0), (3, 2, 1, 30), (2, 16, 33, 3)])
-def test_cuda_split_append_matches_reference(dtype, d, b, h, n, offset):
+def test_cuda_split_append_matches_reference(dtype, d, b, h, n, offset, with_q):
+    """qkv_split_append, and qkv_append (the same caches, no q written anywhere, qkv untouched)."""
     cap = max(40, n + offset)
     kc = torch.randn(b, h, cap, d, device="cuda").to(dtype)
     vc = torch.randn(b, h, cap, d, device="cuda").to(dtype)
     qkv = torch.randn(b, n, 3 * h * d, device="cuda").to(dtype)
     kr, vr = kc.clone(), vc.clone()
     q_ref = qkv_split_append_ref(qkv, kr, vr, offset, h)
-    q = _ext.qkv_split_append(qkv, kc, vc, torch.tensor([offset], device="cuda"), h)
-    torch.testing.assert_close(q, q_ref, **EXACT)
+    before = qkv.clone()
+    offset_t = torch.tensor([offset], device="cuda")
+    if with_q:
+        torch.testing.assert_close(_ext.qkv_split_append(qkv, kc, vc, offset_t, h), q_ref, **EXACT)
+    else:
+        assert _ext.qkv_append(qkv, kc, vc, offset_t, h) is None
+        with pytest.raises(ValueError, match="overflows"):
+            _ext.qkv_append(qkv, kc.clone(), vc.clone(), cap - n + 1, h)  # host offset: raised before the launch
     torch.testing.assert_close(kc, kr, **EXACT)
     torch.testing.assert_close(vc, vr, **EXACT)
+    assert torch.equal(qkv, before)
 
 
 @pytest.mark.cuda
@@ -409,13 +432,14 @@ def test_cuda_binding_errors_raise_and_name_the_numbers():
 
 @pytest.mark.cuda
 @cuda_ext
+@pytest.mark.parametrize("method", ["split_append", "append_qkv"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_cache_matches_torch_backend(dtype):
+def test_cuda_cache_matches_torch_backend(dtype, method):
     kw = dict(layers=3, b=2, h=4, d=72, block=9, blocks=4, dtype=dtype)
     fast, slow = make_cache("cuda", "cuda", **kw), make_cache("cuda", "torch", **kw)
     assert fast.backend == "cuda" and slow.backend == "torch"
-    out_fast, _ = run_steps(fast, steps=4, n=9)
-    out_slow, _ = run_steps(slow, steps=4, n=9)
+    out_fast, _ = run_steps(fast, steps=4, n=9, method=method)
+    out_slow, _ = run_steps(slow, steps=4, n=9, method=method)
     for a, b in zip(out_fast, out_slow):
         for x, y in zip(a, b):
             for s, t in zip(x, y):
@@ -424,8 +448,9 @@ def test_cuda_cache_matches_torch_backend(dtype):
         fast.split_append(0, random_qkv(fast, 1))
 
 
-def _graph_capture_replay_four_steps(backend):
-    """One graph (all layers' split_append + advance) replayed 4 times fills the cache as eager does."""
+def _graph_capture_replay_four_steps(backend, method="split_append"):
+    """One graph (all layers' split_append, or append_qkv, + advance) replayed 4 times fills the cache as eager
+    does."""
     kw = dict(layers=2, b=2, h=4, d=72, block=16, blocks=4, dtype=torch.bfloat16)
     cache = make_cache("cuda", backend, device_offset=True, **kw)
     eager = make_cache("cuda", backend, **kw)
@@ -434,7 +459,7 @@ def _graph_capture_replay_four_steps(backend):
 
     def step():
         for layer in range(2):
-            q_out[layer], _, _ = cache.split_append(layer, qkv_in)
+            q_out[layer], _, _ = getattr(cache, method)(layer, qkv_in)
         cache.advance(16)
 
     side = torch.cuda.Stream()
@@ -467,8 +492,9 @@ def _graph_capture_replay_four_steps(backend):
 
 @pytest.mark.cuda
 @cuda_ext
-def test_cuda_graph_capture_replay_four_steps():
-    _graph_capture_replay_four_steps("cuda")
+@pytest.mark.parametrize("method", ["split_append", "append_qkv"])
+def test_cuda_graph_capture_replay_four_steps(method):
+    _graph_capture_replay_four_steps("cuda", method)
 
 
 @pytest.mark.cuda

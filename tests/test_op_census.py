@@ -35,7 +35,8 @@ def test_views_and_allocations_launch_nothing():
     ("ard_kernels.block_attention_qkv_fwd.default", "attention"),
     ("aten._scaled_dot_product_flash_attention.default", "attention"),
     ("ard_kernels.gated_residual_modulated_layer_norm_inplace.default", "norm"),
-    ("ard_kernels.qkv_split_append.default", "kv_cache"), ("aten.cat.default", "copy"), ("aten.copy_.default", "copy"),
+    ("ard_kernels.qkv_split_append.default", "kv_cache"), ("ard_kernels.qkv_append.default", "kv_cache"),
+    ("aten.cat.default", "copy"), ("aten.copy_.default", "copy"),
     ("aten.silu.default", "other"), ("aten.add.Tensor", "other"),
 ])
 def test_kind_of(name, kind):
@@ -144,14 +145,16 @@ def _steps(result):
 
 @pytest.mark.slow
 def test_cached_step_launch_plan(xl_cuda):
-    """Each cached step of DiT-XL/2: one split-append per history layer (q out, k and v into the cache,
-    nothing else copied), one fused attention per layer, two fused residual+LayerNorms per layer plus the
-    first LayerNorm, four GEMMs per layer plus the patch embedding, the head's modulation and its Linear."""
+    """Each cached step of DiT-XL/2: one qkv-append per history layer (k and v into the cache, q read in place
+    by the attention, nothing else copied), one fused attention per layer, two fused residual+LayerNorms per
+    layer plus the first LayerNorm, four GEMMs per layer plus the patch embedding, the head's modulation and its
+    Linear."""
     ard = xl_cuda["ard"]
     assert ard["cache_backend"] == "cuda"
     for k, step in enumerate(_steps(ard)):
         ops, kinds = step["ops"], step["by_kind"]
-        assert kinds["kv_cache"] == N and ops["ard_kernels.qkv_split_append.default"] == N, (k, ops)
+        assert kinds["kv_cache"] == N and ops["ard_kernels.qkv_append.default"] == N, (k, ops)
+        assert "ard_kernels.qkv_split_append.default" not in ops, (k, ops)
         assert kinds["attention"] == DEPTH, (k, ops)
         assert ops["ard_kernels.block_attention_fwd.default"] == N  # the history layers: cached keys
         assert ops["ard_kernels.block_attention_qkv_fwd.default"] == DEPTH - N  # the others: packed, in-block

@@ -31,9 +31,10 @@ from .dit import DiT, FinalLayer, linear_input_dtype, run_blocks
 def _history_kv(cache, layer: int, lo: int, hi: int, qkv):
     """Append ``qkv`` (B, n, 3·C)'s keys/values to history layer ``layer`` of ``cache``.
 
-    Returns (q (B, H, n, D), keys, values (B, H, hi − lo, D)): the cached tokens [lo, hi) are the ones attended.
+    Returns (q (B, H, n, D), a view of qkv: the attention reads it in place; keys, values (B, H, hi − lo, D)):
+    the cached tokens [lo, hi) are the ones attended.
     """
-    q, k_all, v_all = cache.split_append(layer, qkv)
+    q, k_all, v_all = cache.append_qkv(layer, qkv)
     return q, k_all[:, :, lo:hi], v_all[:, :, lo:hi]
 
 

@@ -2,7 +2,7 @@
 // launch thread by thread) and checks every byte they leave against a plain loop written from the
 // contract in kv_cache.h. Built by tests/test_kv_cache_host_emulation.py with AddressSanitizer and
 // UBSan: every buffer is its own exact-size allocation, so one byte written or read past any tensor
-// aborts the run. Cases: bf16/fp16-sized and fp32-sized elements, head dims from 8 to 256, host,
+// aborts the run. Cases (split-append with and without q): bf16/fp16-sized and fp32-sized elements, head dims from 8 to 256, host,
 // device and mixed offsets, misaligned pointers (the 8-, 4- and 2-byte chunk paths), overflow at
 // either end, empty inputs, the size limit, and the launch geometry.
 //
@@ -145,24 +145,26 @@ void append_case(int64_t rows, int64_t n, int64_t capacity, int64_t head_bytes, 
   }
 }
 
-void split_case(int64_t batch, int64_t heads, int64_t n, int64_t capacity, int64_t head_bytes, int64_t offset_host,
-                const int64_t* offset_dev_value, size_t shift) {
+// with_q false: q is nullptr (only k and v appended; the launch visits 2 of each row's 3 parts).
+void split_case_impl(int64_t batch, int64_t heads, int64_t n, int64_t capacity, int64_t head_bytes,
+                     int64_t offset_host, const int64_t* offset_dev_value, size_t shift, bool with_q) {
   ++cases;
-  const std::string what =
-      describe("split_append", batch, heads, n, capacity, head_bytes, offset_host, offset_dev_value, shift);
+  const std::string what = describe(with_q ? "split_append" : "split_append without q", batch, heads, n, capacity,
+                                    head_bytes, offset_host, offset_dev_value, shift);
   Buffer qkv(batch * n * 3 * heads * head_bytes, shift, true), q(batch * heads * n * head_bytes, shift, false);
   Buffer kc(batch * heads * capacity * head_bytes, shift, false), vc(batch * heads * capacity * head_bytes, shift, false);
   Position where(offset_dev_value);
   int64_t* offset = where.offset;
   int32_t* status = where.status;
-  const char* err = ard_qkv_split_append_launch(qkv.data, q.data, kc.data, vc.data, offset, offset_host, status, batch,
-                                                n, heads, capacity, head_bytes, 0, 0);
+  const char* err = ard_qkv_split_append_launch(qkv.data, with_q ? q.data : nullptr, kc.data, vc.data, offset,
+                                                offset_host, status, batch, n, heads, capacity, head_bytes, 0, 0);
   if (!check(err == nullptr, what + ": launcher returned " + (err ? err : ""))) return;
   const int64_t tokens = batch * n * heads;
   if (tokens == 0) {
     check(emulated_launches.empty(), what + ": empty input launched a kernel");
   } else {
-    check(geometry_ok(3 * tokens * head_bytes / expected_width(head_bytes, shift), 1), what + ": launch geometry");
+    check(geometry_ok((with_q ? 3 : 2) * tokens * head_bytes / expected_width(head_bytes, shift), 1),
+          what + ": launch geometry");
   }
   const int64_t pos = offset_host + (offset_dev_value ? *offset_dev_value : 0);
   const bool fits = pos >= 0 && pos + n <= capacity;
@@ -174,11 +176,19 @@ void split_case(int64_t batch, int64_t heads, int64_t n, int64_t capacity, int64
   };
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t t = 0; t < n; ++t)
-        if (memcmp(q.data + ((b * heads + h) * n + t) * head_bytes, qkv_at(b, t, 0, h), head_bytes) != 0) {
+      for (int64_t t = 0; t < n; ++t) {
+        const uint8_t* got = q.data + ((b * heads + h) * n + t) * head_bytes;
+        bool ok = true;
+        if (with_q) {
+          ok = memcmp(got, qkv_at(b, t, 0, h), head_bytes) == 0;
+        } else {  // untouched
+          for (int64_t c = 0; c < head_bytes && ok; ++c) ok = got[c] == uint8_t(0xA5);
+        }
+        if (!ok) {
           check(false, what + ": q b" + std::to_string(b) + " h" + std::to_string(h) + " t" + std::to_string(t));
           return;
         }
+      }
       for (int s = 1; s < 3; ++s) {
         const Buffer& dst = s == 1 ? kc : vc;
         for (int64_t t = 0; t < capacity; ++t) {
@@ -195,6 +205,13 @@ void split_case(int64_t batch, int64_t heads, int64_t n, int64_t capacity, int64
         }
       }
     }
+}
+
+void split_case(int64_t batch, int64_t heads, int64_t n, int64_t capacity, int64_t head_bytes, int64_t offset_host,
+                const int64_t* offset_dev_value, size_t shift) {
+  split_case_impl(batch, heads, n, capacity, head_bytes, offset_host, offset_dev_value, shift, true);
+  if (failure.empty())
+    split_case_impl(batch, heads, n, capacity, head_bytes, offset_host, offset_dev_value, shift, false);
 }
 
 }  // namespace
