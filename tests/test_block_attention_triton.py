@@ -550,6 +550,23 @@ def test_tma_configs_join_the_pointer_configs(width):
 
 
 
+def test_small_grid_forward_configs():
+    """Grids under one wave (GRID_KEY 0) add the 32-row forward tiles, pointer loads, in an autotuner of their
+    own (its slots hold their tiling); larger grids, the backward kernels and wide heads do not."""
+    small = tuple((*c, False, False) for c in ba._SMALL_GRID_CONFIGS)
+    assert small and all(c[0] == 32 for c in small)
+    assert ba._extra_configs("fwd", 80, True, False, True, small_grid=True) == small
+    assert ba._extra_configs("fwd", 80, True, True, True, small_grid=True)[-len(small):] == small
+    assert ba._extra_configs("fwd", 80, True, False, True) == ()
+    assert ba._extra_configs("fwd", 144, True, False, True, small_grid=True) == ()
+    assert ba._extra_configs("dq", 64, False, False, True, small_grid=True) == ()
+    kernel, pairs = ba._tuned("fwd", False, False, small)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kernel.configs][-len(small):] == [c[:2] for c in small]
+    for c in kernel.configs:
+        assert pairs[c.kwargs["SLOT"]] == (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+    assert kernel is not ba._tuned("fwd", False, False)[0]
+
+
 @pytest.mark.parametrize("kind", ["dq", "dkdv"])
 def test_overlapped_backward_configs_only_on_hopper_in_half_precision_with_a_remainder(kind):
     extra = ba._extra_configs(kind, 80, True, False, True)
@@ -655,11 +672,12 @@ def test_cuda_flash_rule(b, h, bs, nb, lq_blocks, d, pattern, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
-@pytest.mark.parametrize("bs,nb", [(256, 4), (100, 3)])
-def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, kind, monkeypatch):
+@pytest.mark.parametrize("bs,nb,batch,heads", [(256, 4, 2, 16), (100, 3, 2, 16), (256, 1, 1, 16)])
+def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, batch, heads, kind, monkeypatch):
     """Each config the autotuner may choose for ``kind``, pinned in turn (the autotuner alone would only ever run
     its winner; the other kernels pinned to their first config), forward and backward on DiT's shape: bf16, head
-    dim 72, four 256-token blocks (the masked loop compiled out) and one odd block size (with it)."""
+    dim 72, four 256-token blocks (the masked loop compiled out), one odd block size (with it), and B1's
+    one-block step (a grid under one wave: the forward's small-grid configs too)."""
     real_tuned = ba._tuned
     choice = {"fwd": 0, "dkdv": 0, "dq": 0}
 
@@ -670,8 +688,8 @@ def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, kind, monkeypatch)
 
     monkeypatch.setattr(ba, "_tuned", pinned)
     lq = lk = bs * nb
-    q, k, v = _inputs(2, 16, lq, lk, 72, "cuda", dtype=torch.bfloat16, bnhd=True)
-    g = torch.randn(2, 16, lq, 72, device="cuda", dtype=torch.bfloat16)
+    q, k, v = _inputs(batch, heads, lq, lk, 72, "cuda", dtype=torch.bfloat16, bnhd=True)
+    g = torch.randn(batch, heads, lq, 72, device="cuda", dtype=torch.bfloat16)
 
     def run(fn, *inputs):
         out = fn(*inputs)
@@ -682,6 +700,7 @@ def test_cuda_every_tuned_config_obeys_the_flash_rule(bs, nb, kind, monkeypatch)
     mask = masks.dense_mask("causal", lq, lk, bs, device="cuda")
     low = run(lambda *a: attention_in_dtype(*a, mask), q, k, v)
     launch = ba._Launch(q, k, nb, block_schedule.encode_pattern("causal", nb), bs, 1.0, kind, v)
+    assert launch.grid_key == 0 or batch > 1  # B1's step: under one wave
     count = len(real_tuned(kind, False, False, launch.extra_configs())[0].configs)
     for i in range(count):
         choice[kind] = i

@@ -115,6 +115,12 @@ _DQ_OVERLAP_CONFIGS = ((64, 32, 4, 2), (128, 32, 8, 2))
 # The same for dK/dV (Sᵀ and dPᵀ of the next query tile: _dkdv_inner_overlapped): 32×128 by 8 warps 218
 # registers, one program per SM as the plain 32×128 at 181; 32×64 by 4 warps 227, two as the plain 64×64 at 239.
 _DKDV_OVERLAP_CONFIGS = ((32, 128, 8, 2), (32, 64, 4, 2))
+# Forward configs added where the grid is under one wave (GRID_KEY 0: B1's KV-cached step, 256 queries × 16 heads,
+# makes 32 programs of 128 rows or 64 of 64 on 132 SMs): 32-row query tiles double the programs of the 64-row
+# ones, each walking its key tiles on mma.sync (wgmma wants 64 rows a warpgroup). Two stages: three spill with the
+# masked loop under triton 3.6 (sm_90, D72: 255 registers and 36 bytes; two: 202, or 186 without the masked
+# loop). A separate autotuner from the full-grid one, so the larger grids neither compile nor time them.
+_SMALL_GRID_CONFIGS = ((32, 64, 4, 2),)
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
@@ -153,12 +159,15 @@ def _set_fwd_desc_blocks(nargs: dict):
             desc.block_shape = [1, 1, rows, nargs["D0"] if name.endswith("0") else nargs["DP1"]]
 
 
-def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_half: bool) -> tuple:
+def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_half: bool,
+                   small_grid: bool = False) -> tuple:
     """The configs a launch adds to the pointer list, as (BLOCK_M, BLOCK_N, warps, stages, USE_TMA, OVERLAP):
-    the forward's TMA ones where ``tma`` (:func:`_tma_configs`), the overlapped dQ and dK/dV ones on Hopper
-    in half precision for head dims with a remainder up to width 96."""
+    the forward's TMA ones where ``tma`` (:func:`_tma_configs`) and its :data:`_SMALL_GRID_CONFIGS` on a grid
+    under one wave (``small_grid``, head width up to 128), the overlapped dQ and dK/dV ones on Hopper in half
+    precision for head dims with a remainder up to width 96."""
     if kind == "fwd":
-        return tuple((*c[:4], True, c[4]) for c in _tma_configs(width, remainder)) if tma else ()
+        small = tuple((*c, False, False) for c in _SMALL_GRID_CONFIGS) if small_grid and width <= 128 else ()
+        return (tuple((*c[:4], True, c[4]) for c in _tma_configs(width, remainder)) if tma else ()) + small
     if hopper_half and remainder and width <= 96:
         return tuple((*c, False, True) for c in {"dq": _DQ_OVERLAP_CONFIGS, "dkdv": _DKDV_OVERLAP_CONFIGS}[kind])
     return ()
@@ -316,7 +325,7 @@ class _Launch:
 
     def extra_configs(self) -> tuple:
         """The configs this launch adds to the pointer list (:func:`_extra_configs`)."""
-        return _extra_configs(self.kind, self.width, self.d1 > 0, self.tma, self.hopper_half)
+        return _extra_configs(self.kind, self.width, self.d1 > 0, self.tma, self.hopper_half, self.grid_key == 0)
 
     def tma_configs(self) -> tuple:
         """The TMA configs this launch offers the autotuner (none without :attr:`tma`)."""
@@ -677,7 +686,8 @@ def aot_specs():
             # (archs, configs, descriptor arguments?): the launch passes descriptors to every forward
             # config where it offers the TMA ones, None elsewhere.
             tma = kind == "fwd" and dtype != "fp32" and not wide
-            extra = _extra_configs(kind, d0 + (dp1 if d1 else 0), d1 > 0, tma, dtype != "fp32") if 90 in archs else ()
+            extra = (_extra_configs(kind, d0 + (dp1 if d1 else 0), d1 > 0, tma, dtype != "fp32", small_grid=True)
+                     if 90 in archs else ())
             groups = [((90,), tuned + list(extra), tma),
                       (tuple(a for a in archs if a != 90), tuned, False)] if extra else [(archs, tuned, False)]
             for group_archs, group, descs in groups:
