@@ -254,29 +254,37 @@ def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, p
     _assert_grads_match_reference(2, 20, 72, 11, triton_device)
 
 
+@pytest.mark.parametrize("groups", ["several", "one"])
 @pytest.mark.parametrize("gated", [None, "with dout", "without dout"])
-def test_block_column_sums(monkeypatch, triton_device, gated):
+def test_block_column_sums(monkeypatch, triton_device, gated, groups):
     """The split plan's column-parallel sums against float64 sums: Σ a, Σ a·x̂ per sample and block, and for the
     gated residual Σ g·y with g = dout + rstd·(a·(1 + scale) − x̂·c1 − c2) rebuilt from the per-row terms.
-    Several row groups per block (forced), a partial last group and block, two column chunks with a partial
-    second, strided inputs."""
+    Several row groups per block (forced: a partial last group) summed after the kernel in fp32, or one (the
+    kernel stores the sums in the dtypes asked for, here bf16); a partial last block, two column chunks with
+    a partial second, strided inputs."""
     from ard_kernels.ops import _rows
 
-    monkeypatch.setattr(_rows, "_COLUMN_SUM_MIN_ROWS", 3)
-    monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
-    monkeypatch.setattr(_rows, "_COLUMN_SUM_INTERPRETER", (2, 64, 4))
     b, n, c, block_size = 2, 23, 100, 10
     nb = -(-n // block_size)
-    assert _rows.row_groups(block_size, 1, b * nb * 2, triton_device, min_rows=3) == (4, 3)  # 3+3+3+1 rows
+    monkeypatch.setattr(_rows, "_COLUMN_SUM_INTERPRETER", (2, 64, 4))
+    if groups == "several":
+        monkeypatch.setattr(_rows, "_COLUMN_SUM_MIN_ROWS", 3)
+        monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
+        assert _rows.row_groups(block_size, 1, b * nb * 2, triton_device, min_rows=3) == (4, 3)  # 3+3+3+1 rows
+    else:
+        assert _rows.row_groups(block_size, 1, b * nb * 2, triton_device, min_rows=32)[0] == 1
+    dtype = torch.float32 if groups == "several" else torch.bfloat16
     a, dout, y = (torch.randn(b, n, c, device=triton_device) for _ in range(3))
     x = torch.randn(b, c, n, device=triton_device).transpose(1, 2)  # column stride n
     mean, rstd = torch.randn(b, n, device=triton_device), torch.rand(b, n, device=triton_device) + 0.5
     scale = torch.randn(b, nb, c, device=triton_device)
     c1, c2 = torch.randn(b, n, device=triton_device), torch.randn(b, n, device=triton_device)
     dout = dout if gated == "with dout" else None
+    count = 2 if gated is None else 3
     sums = _rows.block_column_sums(a, x, mean, rstd, block_size, nb,
-                                   None if gated is None else (scale, c1, c2, dout, y))
-    assert len(sums) == (2 if gated is None else 3)
+                                   None if gated is None else (scale, c1, c2, dout, y),
+                                   None if groups == "several" else (dtype,) * count)
+    assert len(sums) == count
     d = {name: t.double() for name, t in (("a", a), ("x", x), ("y", y), ("c1", c1), ("c2", c2))}
     xhat = (d["x"] - mean.double()[..., None]) * rstd.double()[..., None]
     terms = [d["a"], d["a"] * xhat]
@@ -287,8 +295,9 @@ def test_block_column_sums(monkeypatch, triton_device, gated):
     pad = nb * block_size - n
     for got, term in zip(sums, terms):
         want = F.pad(term, (0, 0, 0, pad)).unflatten(1, (nb, block_size)).sum(dim=2)
-        assert got.dtype == torch.float32 and got.shape == (b, nb, c)
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        assert got.dtype == dtype and got.shape == (b, nb, c)
+        tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # bf16: one ulp (the interpreter truncates)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
 def test_row_backward_plan_choice(monkeypatch, triton_device):

@@ -415,11 +415,13 @@ def _block_column_sums_kernel(
             if HAS_DOUT:
                 g += load_tile(DOUT_ptr, b, n64, cols, stride_do_b, stride_do_n, stride_do_c, mask)
             acc_gy += g * load_tile(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
+    # Each sum in its pointer's dtype: fp32 partials, or with one group per block the final sums themselves.
     part = ((b * num_blocks + blk64) * groups + grp) * C + cols
-    tl.store(SUM_A_PART_ptr + part, tl.sum(acc_a, axis=0), mask=col_ok)
-    tl.store(SUM_AXHAT_PART_ptr + part, tl.sum(acc_axhat, axis=0), mask=col_ok)
+    tl.store(SUM_A_PART_ptr + part, tl.sum(acc_a, axis=0).to(SUM_A_PART_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(SUM_AXHAT_PART_ptr + part, tl.sum(acc_axhat, axis=0).to(SUM_AXHAT_PART_ptr.dtype.element_ty),
+             mask=col_ok)
     if HAS_GY:
-        tl.store(SUM_GY_PART_ptr + part, tl.sum(acc_gy, axis=0), mask=col_ok)
+        tl.store(SUM_GY_PART_ptr + part, tl.sum(acc_gy, axis=0).to(SUM_GY_PART_ptr.dtype.element_ty), mask=col_ok)
 
 
 # (BLOCK_R, BLOCK_C, num_warps) of the column sums on the GPU: 8 or 16 values of a tile per thread over 8 warps.
@@ -444,22 +446,29 @@ def _column_sums_tuner():
     return tuner
 
 
-def block_column_sums(a, x, mean, rstd, block_size, num_blocks, gated=None):
-    """Per-(sample, block) column sums over a block's rows, in fp32: ``(Σ a, Σ a·x̂[, Σ g·y])``, each
-    (B, nb, C), with ``x̂ = (x − mean)·rstd`` from the saved per-row statistics.
+def block_column_sums(a, x, mean, rstd, block_size, num_blocks, gated=None, out_dtypes=None):
+    """Per-(sample, block) column sums over a block's rows: ``(Σ a, Σ a·x̂[, Σ g·y])``, each (B, nb, C), with
+    ``x̂ = (x − mean)·rstd`` from the saved per-row statistics, accumulated in fp32.
 
     a, x: (B, N, C), any strides; mean, rstd: (B, N) fp32 contiguous. ``gated`` = (scale, c1, c2, dout, y) adds
     Σ g·y, ``g = dout + rstd·(a·(1 + scale) − x̂·c1 − c2)`` (the gated residual's stream gradient; scale
     (B, nb, C), c1 and c2 (B, N) fp32 contiguous, dout (B, N, C) or None, y (B, N, C)). Each program sums a
     fixed row group, the groups are summed in a fixed order afterwards: deterministic for a given tile (the
-    GPU autotunes it once per shape, as the other row kernels)."""
+    GPU autotunes it once per shape, as the other row kernels). ``out_dtypes``: the sums' dtypes (default fp32);
+    where one group spans a block (enough (sample, block, chunk) programs without splitting: training's
+    B16 × 4 blocks at C 1152) the kernel stores them in those dtypes itself, no summing or casting launch after.
+    """
     B, N, C = a.shape
     cuda = a.device.type == "cuda"
+    count = 2 if gated is None else 3
+    out_dtypes = tuple(out_dtypes or (torch.float32,) * count)
     # Row groups sized for the narrowest chunk (the most programs of any config).
     chunks = triton.cdiv(C, min(c for _, c, _ in _COLUMN_SUM_CONFIGS) if cuda else _COLUMN_SUM_INTERPRETER[1])
     groups, rows_per_group = row_groups(block_size, 1, B * num_blocks * chunks, a.device,
                                         min_rows=_COLUMN_SUM_MIN_ROWS)
-    parts = torch.empty((2 if gated is None else 3, B, num_blocks, groups, C), dtype=torch.float32, device=a.device)
+    # Separate tensors: results that were views of one tensor would alias (custom ops forbid it).
+    parts = [torch.empty((B, num_blocks, C) if groups == 1 else (B, num_blocks, groups, C),
+                         dtype=dtype if groups == 1 else torch.float32, device=a.device) for dtype in out_dtypes]
     scale, c1, c2, dout, y = gated if gated is not None else (a, mean, rstd, None, a)  # unread without HAS_GY
     dout_arg = a if dout is None else dout  # unread without HAS_DOUT
     args = (a, x, mean, rstd, scale, c1, c2, dout_arg, y, parts[0], parts[1], parts[-1],
@@ -474,8 +483,9 @@ def block_column_sums(a, x, mean, rstd, block_size, num_blocks, gated=None):
     else:
         r, c, w = _COLUMN_SUM_INTERPRETER
         _block_column_sums_kernel[(pairs, triton.cdiv(C, c))](*args, **flags, BLOCK_R=r, BLOCK_C=c, num_warps=w)
-    # Separate sums: results that were views of one tensor would alias (custom ops forbid it).
-    return tuple(parts[i].sum(dim=2) for i in range(parts.shape[0]))
+    if groups == 1:
+        return tuple(parts)
+    return tuple(p.sum(dim=2).to(dtype) for p, dtype in zip(parts, out_dtypes))
 
 
 # How a row backward that also reduces per-block column sums runs: "fused" (one pass: the row kernel keeps the

@@ -317,7 +317,8 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
             dx, dy, dgate, dshift, dscale = _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, True)
         else:
             dx, dy, c1, c2 = _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, False)
-            dshift, dscale, dgate = block_column_sums(dh, out, mean, rstd, block_size, nb, (scale, c1, c2, dout, y))
+            dshift, dscale, dgate = block_column_sums(dh, out, mean, rstd, block_size, nb, (scale, c1, c2, dout, y),
+                                                      (shift_dtype, scale.dtype, gate.dtype))
         return dx, dy, dgate.to(gate.dtype), dshift.to(shift_dtype), dscale.to(scale.dtype)
 
     if plan is None:

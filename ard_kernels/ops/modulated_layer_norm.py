@@ -248,7 +248,8 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype, 
             dx, dshift, dscale = _launch_bwd(dy, x, scale, mean, rstd, block_size, sums=True)
         else:
             dx = _launch_bwd(dy, x, scale, mean, rstd, block_size, sums=False)[0]
-            dshift, dscale = block_column_sums(dy, x, mean, rstd, block_size, nb)
+            dshift, dscale = block_column_sums(dy, x, mean, rstd, block_size, nb,
+                                               out_dtypes=(shift_dtype, scale.dtype))
         return dx, dshift.to(shift_dtype), dscale.to(scale.dtype)
 
     if plan is None:
