@@ -105,7 +105,9 @@ def _gated_residual_bwd_kernel(
             dout = load_tile_raw(DOUT_ptr, b, n64, cols, stride_do_b, stride_do_n, stride_do_c, mask)
             y = load_tile_raw(Y_ptr, b, n64, cols, stride_y_b, stride_y_n, stride_y_c, mask)
             acc = _bwd_tile_step(dout, y, gate, DY_ptr, b, n64, cols, stride_dy_b, stride_dy_n, mask, acc)
-    tl.store(DGATE_PART_ptr + ((b * num_blocks + blk64) * groups + g) * C + cols, tl.sum(acc, axis=0), mask=col_ok)
+    # In the pointer's dtype: fp32 partials, or with one group per block dgate itself (gated_residual_bwd).
+    tl.store(DGATE_PART_ptr + ((b * num_blocks + blk64) * groups + g) * C + cols,
+             tl.sum(acc, axis=0).to(DGATE_PART_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _tile(C, block_size, device):
@@ -166,7 +168,10 @@ def gated_residual_bwd(dout, y, gate, block_size):
     block_m, block_c, num_warps = _tile(C, block_size, y.device)
     chunks = triton.cdiv(C, block_c)
     groups, rows_per_group = row_groups(block_size, block_m, B * nb * chunks, y.device)
-    part = torch.empty((B, nb, groups, C), dtype=torch.float32, device=y.device)
+    # One group per block (enough (sample, block, chunk) programs without splitting: DiT-XL at B16 and up): the
+    # kernel writes dgate itself, in gate's dtype; else fp32 partials, summed over the groups below.
+    part = torch.empty((B, nb, C) if groups == 1 else (B, nb, groups, C),
+                       dtype=gate.dtype if groups == 1 else torch.float32, device=y.device)
     with launch_device(y):
         _gated_residual_bwd_kernel[(groups * nb * B, chunks)](
             dout, y, gate, dy, part,
@@ -177,7 +182,7 @@ def gated_residual_bwd(dout, y, gate, block_size):
             dy.stride(0), dy.stride(1),
             BLOCK_M=block_m, BLOCK_C=block_c, PREFETCH=_prefetch(y), num_warps=num_warps,
         )
-    return dy, part.sum(dim=2).to(gate.dtype)
+    return dy, part if groups == 1 else part.sum(dim=2).to(gate.dtype)
 
 
 @torch.library.custom_op("ard_kernels::gated_residual_fwd", mutates_args=())
