@@ -226,7 +226,7 @@ def test_gpu_tiling_forced(monkeypatch, triton_device, prefetch, with_dout, row_
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
     monkeypatch.setattr(fused_module, "row_tile", lambda c, bs, device, target: (2, *_rows.row_split(c), 4))
-    monkeypatch.setattr(fused_module, "backward_configs", lambda bm, w, device, **_: ((bm, w, prefetch),))
+    monkeypatch.setattr(_rows, "backward_configs", lambda bm, w, device, **_: ((bm, w, prefetch),))
     inputs = make_inputs(1, 20, 72, 11, device=triton_device)
     dh = torch.randn(1, 20, 72, device=triton_device)
     dout = torch.randn(1, 20, 72, device=triton_device) if with_dout else None  # None: HAS_DOUT off
@@ -239,10 +239,9 @@ def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, p
     """The GPU's autotuned backward may run tiles shorter than the row groups are aligned to (1-row tiles
     in groups sized for 4-row ones), forced here."""
     from ard_kernels.ops import _rows
-    from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
-    monkeypatch.setattr(fused_module, "backward_configs",
+    monkeypatch.setattr(_rows, "backward_configs",
                         lambda bm, w, device, **_: ((1, 4, prefetch), (4, 4, prefetch)))
     inputs = make_inputs(2, 20, 72, 11, device=triton_device)
     dout, dh = torch.randn(2, 20, 72, device=triton_device), torch.randn(2, 20, 72, device=triton_device)
@@ -354,7 +353,7 @@ def test_cuda_every_backward_config(monkeypatch, with_dout, row_bwd_plan):
                    None if dout is None else dout.float(), dh.float())
     lowp = grads2(per_token(256), inputs, dout, dh)
     for config, column_config in pinned_backward_configs(monkeypatch, configs, row_bwd_plan):
-        monkeypatch.setattr(fused_module, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
+        monkeypatch.setattr(_rows, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
         ours = grads2(fused(256), inputs, dout, dh)
         for name, o, r, t in zip(NAMES, ours, ref32, lowp):
             assert_lowp_close(f"{name} {config} {column_config}", o, r, t)

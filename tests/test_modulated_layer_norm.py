@@ -162,7 +162,7 @@ def test_cuda_every_backward_config(monkeypatch, c, row_bwd_plan):
     lowp = grads(lambda a, s, k: F.layer_norm(a, (c,), eps=EPS) * (1 + _per_token(k, 600, 256))
                  + _per_token(s, 600, 256), inputs, dy)
     for config, column_config in pinned_backward_configs(monkeypatch, configs, row_bwd_plan):
-        monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
+        monkeypatch.setattr(_rows, "backward_configs", lambda bm, w, device, config=config, **_: (config,))
         ours = grads(lambda *a: modulated_layer_norm_triton(*a, 256, EPS), inputs, dy)
         for name, o, r, t in zip(["y", "dx", "dshift", "dscale"], ours, ref32, lowp):
             assert_lowp_close(f"{name} {config} {column_config}", o, r, t)
@@ -214,7 +214,7 @@ def test_many_row_groups(monkeypatch, triton_device, prefetch, row_bwd_plan):
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
     monkeypatch.setattr(mln, "row_tile", lambda c, bs, device, target: (2, *_rows.row_split(c), 4))
-    monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, **_: ((bm, w, prefetch),))
+    monkeypatch.setattr(_rows, "backward_configs", lambda bm, w, device, **_: ((bm, w, prefetch),))
     assert _rows.row_groups(11, 2, 2, triton_device) == (2, 6)  # two groups of 6 rows (3 tiles)
     _assert_grads_match_reference(1, 20, 72, 11, triton_device)
 
@@ -246,10 +246,9 @@ def test_backward_tile_shorter_than_the_row_groups(monkeypatch, triton_device, p
     tallest: the shorter tile's loop must stop at its group's end (here 1-row tiles in 4-row-aligned groups;
     with prefetch, the load ahead of the group's last tile must load nothing)."""
     from ard_kernels.ops import _rows
-    from ard_kernels.ops import modulated_layer_norm as mln
 
     monkeypatch.setattr(_rows, "programs_target", lambda device: 64)
-    monkeypatch.setattr(mln, "backward_configs", lambda bm, w, device, **_: ((1, 4, prefetch), (4, 4, prefetch)))
+    monkeypatch.setattr(_rows, "backward_configs", lambda bm, w, device, **_: ((1, 4, prefetch), (4, 4, prefetch)))
     assert _rows.row_groups(11, 4, 2, triton_device) == (2, 8)  # two groups of 8 rows: 8 one-row tiles each
     _assert_grads_match_reference(2, 20, 72, 11, triton_device)
 

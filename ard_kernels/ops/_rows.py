@@ -295,6 +295,28 @@ def backward_configs(block_m, num_warps, device, prefetch=True) -> tuple:
     return tuple(configs)
 
 
+def plan_backward_configs(block_m, num_warps, width, element_size, device, sums: bool) -> tuple:
+    """:func:`backward_configs` of a row backward in the fused plan (``sums``: prefetching only where
+    :func:`prefetch_fits`) or the split plan's dx pass (prefetching at any dtype: :func:`backward_tiling`)."""
+    return backward_configs(block_m, num_warps, device,
+                            prefetch=not sums or prefetch_fits(block_m, num_warps, width, element_size))
+
+
+def backward_tiling(block_m, num_warps, width, element_size, pairs, block_size, device, sums: bool):
+    """(configs, groups, rows_per_group) of a row backward's launch over ``pairs`` (sample, block) pairs.
+
+    With ``sums`` (the fused plan) prefetching only where :func:`prefetch_fits`, and at least 8 rows per group
+    (each writes a C-row of partials). Without (the split plan's dx pass) the kernel holds far fewer registers:
+    it prefetches at any dtype (fp32 rows too: at most 179 registers and no spill from C = 768 to 8192 on
+    sm_90, aot_check), and a group's only cost is its tail: many small groups, four tiles each, so that the
+    prefetching configs overlap them. Row groups are sized for the tallest config's tiles."""
+    configs = plan_backward_configs(block_m, num_warps, width, element_size, device, sums)
+    bm = max(c[0] for c in configs)
+    if sums:
+        return (configs, *row_groups(block_size, bm, pairs, device))
+    return (configs, *row_groups(block_size, bm, pairs, device, min_rows=4 * bm, programs=1 << 30))
+
+
 def _config_meta(config, names=("PREFETCH",)) -> dict:
     """The meta-parameters of a (BLOCK_M, num_warps, *more) config: BLOCK_M, then ``names`` for the more
     (PREFETCH for the backwards, TILES for the modulated LayerNorm's forward)."""
@@ -498,9 +520,14 @@ ROW_BACKWARD_PLANS = ("fused", "split")
 _ROW_BWD_CHOICES: dict = {}
 
 
-def row_backward_plan(op: str, key: tuple, device, run) -> str:
+def row_backward_plan(op: str, key: tuple, device, run, plan=None) -> str:
     """The plan (:data:`ROW_BACKWARD_PLANS`) of ``op``'s backward at ``key`` (its shape and dtypes) on
-    ``device``; ``run(plan)`` runs the backward with that plan (the GPU's first call of a key times both)."""
+    ``device``; ``run(plan)`` runs the backward with that plan (the GPU's first call of a key times both).
+    ``plan``: the caller's own choice, checked and returned as it is (None: choose)."""
+    if plan is not None:
+        if plan not in ROW_BACKWARD_PLANS:
+            raise ValueError(f"plan: expected one of {ROW_BACKWARD_PLANS} or None, got {plan!r}")
+        return plan
     forced = os.environ.get("ARD_KERNELS_ROW_BWD", "auto")
     if forced in ROW_BACKWARD_PLANS:
         return forced

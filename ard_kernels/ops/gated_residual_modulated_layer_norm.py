@@ -30,8 +30,7 @@ from . import direct_launch_ok, forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
-    ROW_BACKWARD_PLANS,
-    backward_configs,
+    backward_tiling,
     block_column_sums,
     block_program,
     block_rows,
@@ -44,10 +43,9 @@ from ._rows import (
     load_row_tile_raw,
     modulated_norm_backward_tile,
     modulated_norm_tile,
-    prefetch_fits,
+    plan_backward_configs,
     row_backward_plan,
     row_columns,
-    row_groups,
     row_tile,
     store_row_sums,
     store_row_tile,
@@ -151,9 +149,6 @@ def _bwd_tile_step(o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, D
     store_row_tile(DX_ptr, b, n64, cols0, cols1, stride_dx_b, stride_dx_n, 1, g0, g1, mask0, mask1)
     store_row_tile(DY_ptr, b, n64, cols0, cols1, stride_dy_b, stride_dy_n, 1, g0 * gate0[None, :],
                    g1 * gate1[None, :], mask0, mask1)
-    if not SUMS:
-        tl.store(C1_ptr + b * N + n64, c1, mask=row_ok)
-        tl.store(C2_ptr + b * N + n64, c2, mask=row_ok)
     if SUMS:
         acc_dgate0 += g0 * y0.to(tl.float32)
         acc_dgate1 += g1 * y1.to(tl.float32)
@@ -161,6 +156,9 @@ def _bwd_tile_step(o0, o1, dh0, dh1, dout0, dout1, y0, y1, mean, rstd, DX_ptr, D
         acc_dshift1 += dh1f
         acc_dscale0 += dh0f * xhat0
         acc_dscale1 += dh1f * xhat1
+    else:
+        tl.store(C1_ptr + b * N + n64, c1, mask=row_ok)
+        tl.store(C2_ptr + b * N + n64, c2, mask=row_ok)
     return acc_dgate0, acc_dgate1, acc_dshift0, acc_dshift1, acc_dscale0, acc_dscale1
 
 
@@ -321,12 +319,9 @@ def gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift_dtype,
                                                       (shift_dtype, scale.dtype, gate.dtype))
         return dx, dy, dgate.to(gate.dtype), dshift.to(shift_dtype), dscale.to(scale.dtype)
 
-    if plan is None:
-        plan = row_backward_plan("gated_residual_modulated_layer_norm",
-                                 (B, N, C, block_size, out.dtype, y.dtype, dh.dtype, dout is not None), out.device, run)
-    elif plan not in ROW_BACKWARD_PLANS:
-        raise ValueError(f"plan: expected one of {ROW_BACKWARD_PLANS} or None, got {plan!r}")
-    return run(plan)
+    return run(row_backward_plan("gated_residual_modulated_layer_norm",
+                                 (B, N, C, block_size, out.dtype, y.dtype, dh.dtype, dout is not None), out.device,
+                                 run, plan))
 
 
 def _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, sums: bool):
@@ -337,12 +332,8 @@ def _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, sums: boo
     dx = torch.empty((B, N, C), dtype=out.dtype, device=out.device)
     dy = torch.empty((B, N, C), dtype=y.dtype, device=out.device)
     block_m, c0, c1p, num_warps = _bwd_tile(C, block_size, out.device)
-    configs = backward_configs(block_m, num_warps, out.device,
-                               prefetch=not sums or prefetch_fits(block_m, num_warps, c0 + c1p, out.element_size()))
-    # As the modulated LayerNorm's (_launch_bwd there): without sums, prefetch at any dtype, four tiles per group.
-    bm = max(c[0] for c in configs)
-    groups, rows_per_group = (row_groups(block_size, bm, B * nb, out.device) if sums
-                              else row_groups(block_size, bm, B * nb, out.device, min_rows=4 * bm, programs=1 << 30))
+    configs, groups, rows_per_group = backward_tiling(block_m, num_warps, c0 + c1p, out.element_size(), B * nb,
+                                                      block_size, out.device, sums)
     parts = torch.empty((3, B, nb, groups, C) if sums else (3, 1), dtype=torch.float32, device=out.device)
     terms = torch.empty((2, 1) if sums else (2, B, N), dtype=torch.float32, device=out.device)
     has_dout = dout is not None
@@ -495,7 +486,6 @@ def aot_specs():
                     tiles = forward_configs(block_m, num_warps, c0 + c1p, cuda, _FWD_VALUES_PER_THREAD)
                 else:
                     block_m, c0, c1p, num_warps = _bwd_tile(C, 256, cuda)
-                    fits = prefetch_fits(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2)
                 # Column strides are 1 at run time, and the JIT compiles a unit stride in: so do these specs.
                 unit = (("stride_do_c", "stride_dh_c", "stride_o_c", "stride_y_c", "stride_g_c", "stride_sc_c")
                         if kind == "bwd" else
@@ -507,8 +497,9 @@ def aot_specs():
                 # The backward in both plans (as the modulated LayerNorm's: fp16 compiles as bf16 does).
                 variants = (True, False) if kind == "bwd" and dtype != "fp16" else (True,)
                 for sums in variants:
-                    if kind == "bwd":  # as _launch_bwd: the split plan's dx pass prefetches at any dtype
-                        tiles = backward_configs(block_m, num_warps, cuda, prefetch=fits or not sums)
+                    if kind == "bwd":  # the tiles _launch_bwd offers in this plan
+                        tiles = plan_backward_configs(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2,
+                                                      cuda, sums)
                     for i, config in enumerate(tiles):
                         bm, warps = config[:2]
                         meta = {**constexprs, "BLOCK_M": bm}

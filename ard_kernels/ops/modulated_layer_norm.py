@@ -24,8 +24,7 @@ from . import forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
-    ROW_BACKWARD_PLANS,
-    backward_configs,
+    backward_tiling,
     block_column_sums,
     block_program,
     block_rows,
@@ -38,10 +37,9 @@ from ._rows import (
     load_row_tile_raw,
     modulated_norm_backward_tile,
     modulated_norm_tile,
-    prefetch_fits,
+    plan_backward_configs,
     row_backward_plan,
     row_columns,
-    row_groups,
     row_tile,
     store_row_sums,
     store_row_tile,
@@ -252,11 +250,8 @@ def modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift_dtype, 
                                                out_dtypes=(shift_dtype, scale.dtype))
         return dx, dshift.to(shift_dtype), dscale.to(scale.dtype)
 
-    if plan is None:
-        plan = row_backward_plan("modulated_layer_norm", (B, N, C, block_size, x.dtype, dy.dtype), x.device, run)
-    elif plan not in ROW_BACKWARD_PLANS:
-        raise ValueError(f"plan: expected one of {ROW_BACKWARD_PLANS} or None, got {plan!r}")
-    return run(plan)
+    return run(row_backward_plan("modulated_layer_norm", (B, N, C, block_size, x.dtype, dy.dtype), x.device, run,
+                                 plan))
 
 
 def _launch_bwd(dy, x, scale, mean, rstd, block_size, sums: bool):
@@ -265,15 +260,8 @@ def _launch_bwd(dy, x, scale, mean, rstd, block_size, sums: bool):
     nb = scale.shape[1]
     dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     block_m, c0, c1p, num_warps = row_tile(C, block_size, x.device, 4096)
-    configs = backward_configs(block_m, num_warps, x.device,
-                               prefetch=not sums or prefetch_fits(block_m, num_warps, c0 + c1p, x.element_size()))
-    # Without sums the kernel holds far fewer registers: it prefetches at any dtype (fp32 rows too: at most 179
-    # registers and no spill from C = 768 to 8192 on sm_90, aot_check), and a group's only cost is its tail:
-    # many small groups (four tiles each, so that the prefetching configs overlap them). With sums at least
-    # 8 rows per group (each writes a C-row of partials).
-    bm = max(c[0] for c in configs)
-    groups, rows_per_group = (row_groups(block_size, bm, B * nb, x.device) if sums
-                              else row_groups(block_size, bm, B * nb, x.device, min_rows=4 * bm, programs=1 << 30))
+    configs, groups, rows_per_group = backward_tiling(block_m, num_warps, c0 + c1p, x.element_size(), B * nb,
+                                                      block_size, x.device, sums)
     dshift_part = torch.empty((B, nb, groups, C) if sums else (1,), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty((B, nb, groups, C) if sums else (1,), dtype=torch.float32, device=x.device)
     with launch_device(x):
@@ -374,7 +362,6 @@ def aot_specs():
                                          ("bwd", _modulated_layer_norm_bwd_kernel, 4096)):
                 block_m, c0, c1p, num_warps = row_tile(C, 256, cuda, target)
                 # every tile the launch autotunes over
-                fits = prefetch_fits(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2)
                 stats = {"MEAN_ptr": "*fp32", "RSTD_ptr": "*fp32", "DSHIFT_PART_ptr": "*fp32",
                          "DSCALE_PART_ptr": "*fp32"}
                 # Column strides are 1 at run time, and the JIT compiles a unit stride in: so do these specs.
@@ -384,8 +371,8 @@ def aot_specs():
                 # fp16 compiles as bf16 does).
                 variants = (True, False) if kind == "bwd" and dtype != "fp16" else (True,)
                 for sums in variants:
-                    # as _launch_bwd: the split plan's dx pass prefetches at any dtype
-                    tiles = (backward_configs(block_m, num_warps, cuda, prefetch=fits or not sums) if kind == "bwd"
+                    tiles = (plan_backward_configs(block_m, num_warps, c0 + c1p, 4 if dtype == "fp32" else 2, cuda,
+                                                   sums) if kind == "bwd"
                              else forward_configs_with_runs(block_m, num_warps, c0 + c1p, 256, cuda))
                     for i, config in enumerate(tiles):
                         bm, warps = config[:2]
