@@ -24,8 +24,8 @@ more host time than the replay of a small batch). Only capture-safe attention ba
 (:func:`check_capturable`): the "reference" backend, and "sdpa" on a pattern that needs a mask,
 build their masks on the host at every call, which a graph cannot contain.
 
-The capture/replay mechanics live in :class:`_GraphRunner`, the one seam the CPU tests replace by
-a stand-in that re-runs the captured function at each replay.
+The capture/replay mechanics live in :class:`ard_kernels.graphs.GraphRunner`, the one seam the CPU
+tests replace by a stand-in that re-runs the captured function at each replay.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import contextlib
 
 import torch
 
-from . import api
+from . import api, graphs, masks
 from ._backends import resolve
 
 VAE_SCALE = 0.18215
@@ -132,7 +132,7 @@ def sample_outputs(model, noise, y, cfg_scale: float = 1.0, use_cuda_graphs: boo
     guided = cfg_scale != 1.0
     b = noise.shape[0]
     if use_cuda_graphs:
-        if noise.device.type not in _GraphRunner.device_types:
+        if noise.device.type not in graphs.GraphRunner.device_types:
             raise ValueError(f"use_cuda_graphs: needs CUDA tensors, got noise on {noise.device}")
         outs = _graph_sampler(model, b, guided, dtype, noise.device).run(noise, y, cfg_scale)
     else:
@@ -216,25 +216,34 @@ def sample_recomputing_history(model, noise, y):
     return torch.stack(outs, dim=1)
 
 
-def check_capturable(model, device) -> None:
+def check_capturable(model, device, training: bool = False) -> None:
     """Raise ValueError unless ``model``'s attention backend can be captured in a CUDA graph on ``device``.
 
     A captured graph may not copy host data to the device nor read device data on the host. The
     attention backends differ there: "triton" (schedules cached on the device at the warm-up) and
-    "flex" (block masks cached, compiled at the warm-up) are capture-safe; "sdpa" is when no step
-    needs a mask (every contiguous pattern: causal, diagonal, window); "reference" never is (its
-    dense mask is built on the host and copied over at every call). The modulation ops and the
-    history cache are device-only in every backend.
+    "flex" (block masks cached, compiled at the warm-up) are capture-safe; "sdpa" is when no attention
+    needs a mask (sampling: every contiguous pattern, causal, diagonal, window; ``training``, all K blocks
+    at once: no history layers, or a history pattern that is block-diagonal or sees everything); "reference"
+    never is (its dense mask is built on the host and copied over at every call). The modulation ops and
+    the history cache are device-only in every backend.
     """
     device = torch.device(device)
     chosen = resolve(model.attn_backend, "block_attention", device)
     if chosen == "triton" and model.config.head_dim not in api.TRITON_HEAD_DIMS and model.attn_backend == "auto":
         chosen = "sdpa"  # what block_attention falls back to
-    hint = "use attn_backend 'triton' (or 'flex') with use_cuda_graphs=True, e.g. model.set_backends(attn='triton')"
+    hint = "use attn_backend 'triton' (or 'flex') with CUDA graphs, e.g. model.set_backends(attn='triton')"
     if chosen == "reference":
         raise ValueError(f"attn_backend: {model.attn_backend!r} resolves to 'reference' on {device}, which builds "
                          f"its dense mask on the host at every call: a CUDA graph cannot capture that; {hint}")
     if chosen == "sdpa" and model.history_layers:
+        if training:
+            table = masks.pattern_table(model.pattern, model.steps)
+            if not (bool(table.all()) or torch.equal(table, torch.eye(model.steps, dtype=torch.bool))):
+                raise ValueError(
+                    f"attn_backend: {model.attn_backend!r} resolves to 'sdpa', which needs a host-built mask for the "
+                    f"history layers' pattern {model.pattern if isinstance(model.pattern, str) else 'table'!r} in "
+                    f"training: a CUDA graph cannot capture that; {hint}")
+            return
         masked = [k for k in range(model.steps) if _sdpa_needs_mask(model.attention_plan(k), k)]
         if masked:
             raise ValueError(
@@ -247,38 +256,6 @@ def _sdpa_needs_mask(plan, k: int) -> bool:
     """Whether SDPA masks history attention at step k: a table plan whose row k does not see every key block."""
     pattern = plan[3]
     return not isinstance(pattern, str) and not bool(pattern[k].all())
-
-
-class _GraphRunner:
-    """Capture and replay of one CUDA graph: ``replay, outputs = _GraphRunner(device).capture(fn)``.
-
-    ``fn`` runs eagerly ``warmup_iters`` times on a side stream (lazy initialisation, autotuning,
-    compilation and cached device copies happen there), then once under capture. ``outputs`` is
-    what ``fn`` returned during capture: tensors of the graph's private memory pool, rewritten in
-    place by every ``replay()``. The tests swap this class for a CPU stand-in (same interface).
-    """
-
-    device_types = ("cuda",)
-    warmup_iters = 2
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.graph = None
-
-    def capture(self, fn):
-        with torch.cuda.device(self.device):  # the capture stream and pool on the tensors' GPU
-            current = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup_iters):
-                    fn()
-            current.wait_stream(side)
-            torch.cuda.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                outputs = fn()
-        return self.graph.replay, outputs
 
 
 class CUDAGraphSampler:
@@ -321,7 +298,7 @@ class CUDAGraphSampler:
         no_cast_cache = (torch.autocast(self.noise.device.type, dtype=autocast_dtype, cache_enabled=False)
                          if autocast_dtype is not None else contextlib.nullcontext())
         with torch.inference_mode(False), torch.no_grad(), no_cast_cache:
-            self._replay, self.outs = _GraphRunner(self.noise.device).capture(self._sample)
+            self._replay, self.outs = graphs.GraphRunner(self.noise.device).capture(self._sample)
 
     def run(self, noise, y, cfg_scale: float):
         """Copy the inputs in, replay; returns the K static outputs (B·(1+guided), C_out, H, W).

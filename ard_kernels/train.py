@@ -16,6 +16,12 @@ flattened to ``state/<param>/<key>`` tensors, the param groups as JSON metadata)
 (step, EMA count, arguments). A directory is renamed into place when complete; a rerun with the
 same ``--out`` resumes from the newest one (model, EMA, optimizer, step, data order).
 Logs: ``OUT/log.jsonl`` (step, loss, per-head losses, images/s) and a tqdm bar on rank 0.
+
+``--cuda-graphs`` (one GPU, no DDP/FSDP, no activation checkpointing): the forward, loss and backward are
+captured once as a CUDA graph at the first step (after two eager warm-up runs of that batch, whose
+gradients are discarded) and replayed at every step (:class:`ard_kernels.training.graphed_step.GraphedStep`);
+the clipping, AdamW and the EMA stay eager. The same arithmetic as without (tested bit for bit with the
+capture stood in for), without the host's per-launch time.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
+from . import graphs
 from .training import ModelEMA, ShardedEMA, TrajectoryDataset, ard_loss, teacher_forced_states
 from .training.ema import clean_name
+from .training.graphed_step import GraphedStep
 from .trajectories import resolve_device
 
 PREFIX = "student."
@@ -278,8 +286,28 @@ def train(args) -> dict:
         return _train(args, rank, world, device, policy)
 
 
+def check_cuda_graphs(args, world: int, device: torch.device, student=None) -> None:
+    """Raise ValueError unless ``--cuda-graphs`` can run here: a CUDA device, one process, no FSDP, no
+    activation checkpointing (see :mod:`ard_kernels.training.graphed_step`), and ``student``'s attention
+    backend capturable in training (:func:`ard_kernels.sampling.check_capturable`)."""
+    if device.type not in graphs.GraphRunner.device_types:
+        raise ValueError(f"cuda_graphs: needs a CUDA device, got {device}")
+    if world > 1 or args.fsdp:
+        raise ValueError(f"cuda_graphs: one process only (got world size {world}{', --fsdp' if args.fsdp else ''}): "
+                         "DDP's and FSDP's gradient communication is not captured; drop --cuda-graphs to scale out")
+    if args.activation_checkpointing:
+        raise ValueError("cuda_graphs: not with --activation-checkpointing (its RNG-state bookkeeping reads the "
+                         "generator on the host, which a capture cannot hold)")
+    if student is not None:
+        from .sampling import check_capturable
+
+        check_capturable(student, device, training=True)
+
+
 def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> dict:
     out = Path(args.out)
+    if args.cuda_graphs:
+        check_cuda_graphs(args, world, device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if args.batch_size % world:
@@ -292,6 +320,8 @@ def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> d
         raise ValueError(f"batch_size: the dataset holds {len(ds)} samples, fewer than one batch of {args.batch_size}")
     torch.manual_seed(args.seed)  # identical initial student on every rank (FSDP needs it; DDP broadcasts anyway)
     student = build_student(args, ds).to(device).train()
+    if args.cuda_graphs:
+        check_cuda_graphs(args, world, device, student)
     model = StudentTrainStep(student)
     ema = None if args.fsdp else ModelEMA(student, args.ema)
     if args.activation_checkpointing:
@@ -320,6 +350,13 @@ def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> d
         raise ValueError(f"batch_size: each of {world} ranks gets {len(sampler)} samples, fewer than {per_rank}")
     batches = _batches(loader, sampler, start, per_rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    graphed = None
+    if args.cuda_graphs:
+        def loss_of_batch(x_t, targets, y, drop):
+            return ard_loss(model(teacher_forced_states(x_t, targets), y, drop), targets, return_per_head=True)
+
+        graphed = GraphedStep(loss_of_batch, train_params, device,
+                              autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
 
     bar = None
     if rank == 0 and args.progress:
@@ -339,11 +376,14 @@ def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> d
         drop = (torch.rand(y.shape, generator=drop_gen) < args.class_dropout).long()
         # from pinned memory without blocking: a pageable copy would wait for the previous step on the GPU
         drop = drop.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else drop.to(device)
-        with autocast:
-            pred = model(teacher_forced_states(x_t, targets), y, drop)
-        loss, per_head = ard_loss(pred, targets, return_per_head=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if graphed is not None:  # forward, loss and backward in one replay; it sets the gradients
+            loss, per_head = graphed(x_t, targets, y, drop)
+        else:
+            with autocast:
+                pred = model(teacher_forced_states(x_t, targets), y, drop)
+            loss, per_head = ard_loss(pred, targets, return_per_head=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(train_params, args.grad_clip)
         optimizer.step()
         ema.update(model if isinstance(ema, ShardedEMA) else student)
@@ -406,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (0: all)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay forward + loss + backward as one CUDA graph (one GPU, no DDP/FSDP)")
     p.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 instead of DDP")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")

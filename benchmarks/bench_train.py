@@ -8,15 +8,18 @@ clipping at 1.0, AdamW). Providers, built one at a time on the same shapes:
   float masks (the published code's formulation);
 - ``ardit-<backend>``: :class:`ard_kernels.models.ARDiT` with attention backend ``<backend>``
   ("auto", "flex", "sdpa", "triton", …) and the modulation ops on "auto";
+- ``ardit-<backend>-graphs``: the same student with forward, loss and backward replayed as one CUDA graph
+  (:class:`ard_kernels.training.graphed_step.GraphedStep`, what ``train --cuda-graphs`` runs; CUDA only):
+  the kernels of ``ardit-<backend>`` without the host's launch time;
 - ``ardit-auto-compile``: opt-in (``--compile``), the training forward through ``torch.compile``.
 
 bf16 autocast on CUDA (as the trainer), fp32 on the CPU. Inputs: random states (B, K, 4, H, W),
 random labels; weights random (zero-initialised adaLN would be as fast).
 
-Run: ``python benchmarks/bench_train.py`` (CUDA: DiT-XL/2, N 6, K 4 × 256 tokens, B 16, ours then
-the published formulation, ``--providers published,ardit-auto,ardit-flex`` for all; CPU: DiT-tiny/2
-at 16×16, B 4, so ``make bench`` prints something). ``--time-budget-s``: no provider starts once
-it is spent. Writes results/train.json after every provider.
+Run: ``python benchmarks/bench_train.py`` (CUDA: DiT-XL/2, N 6, K 4 × 256 tokens, B 16, ours eager and
+graphed, then the published formulation; ``--providers published,ardit-auto,ardit-auto-graphs,ardit-flex``
+for all; CPU: DiT-tiny/2 at 16×16, B 4, so ``make bench`` prints something). ``--time-budget-s``: no
+provider starts once it is spent. Writes results/train.json after every provider.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ NAME = "train"
 CPU_ARGV = ["--config", "DiT-tiny/2", "--input-size", "16", "--batch", "4", "--history-layers", "2"]
 QUICK_ARGV = ["--config", "DiT-tiny/2", "--input-size", "8", "--batch", "2", "--history-layers", "2",
               "--modes", "step"]
-GPU_ARGV: list[str] = ["--providers", "ardit-auto,published", "--modes", "step,fwd_bwd", "--rep-ms", "800"]
+GPU_ARGV: list[str] = ["--providers", "ardit-auto,ardit-auto-graphs,published", "--modes", "step,fwd_bwd",
+                       "--rep-ms", "600"]
 GPU_BUDGET_S = 60
 BUDGET_ARG = "--time-budget-s"
 MODES = ("fwd_bwd", "step")
@@ -51,8 +55,9 @@ def _parse(argv: Sequence[str] | None):
     p.add_argument("--batch", type=int, default=16 if gpu else 4)
     p.add_argument("--history-layers", type=int, default=6 if gpu else 2)
     p.add_argument("--steps", type=int, default=4, help="K blocks")
-    p.add_argument("--providers", default="published,ardit-auto,ardit-flex" if gpu else "published,ardit-auto",
-                   help="comma-separated: published, ardit-<attention backend>")
+    p.add_argument("--providers",
+                   default="published,ardit-auto,ardit-auto-graphs,ardit-flex" if gpu else "published,ardit-auto",
+                   help="comma-separated: published, ardit-<attention backend>[-graphs]")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--compile", action="store_true", help="add ardit-auto-compile")
     p.add_argument("--device", default=str(common.default_device()))
@@ -80,7 +85,7 @@ def _build(provider: str, args, device):
 
     name = provider[len("ardit-"):]
     compiled = name.endswith("-compile")
-    backend = name[: -len("-compile")] if compiled else name
+    backend = name.removesuffix("-compile").removesuffix("-graphs")
     with torch.device(device):
         model = ARDiT(args.config, history_layers=args.history_layers, steps=args.steps,
                       input_size=args.input_size)
@@ -111,8 +116,18 @@ def _measure(provider: str, args, device, profile_rows=None, on_measured=None, b
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    graphed = None
+    if provider.endswith("-graphs"):
+        from ard_kernels.training.graphed_step import GraphedStep
+
+        # Captured at the first call (after two eager warm-up runs); each call copies the batch into the
+        # graph's static inputs and replays: forward, loss and backward, the gradients set in place.
+        graphed = GraphedStep(lambda s, t, labels: ard_loss(fwd(s, labels), t), params, device,
+                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
     def fwd_bwd():
+        if graphed is not None:
+            return graphed(states, targets, y)[0]
         with autocast:
             pred = fwd(states, y)
         loss = ard_loss(pred, targets)
@@ -120,14 +135,16 @@ def _measure(provider: str, args, device, profile_rows=None, on_measured=None, b
         return loss
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        if graphed is None:  # the graph sets the gradients itself
+            opt.zero_grad(set_to_none=True)
         fwd_bwd()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
     def fwd_bwd_only():
-        for p in params:
-            p.grad = None
+        if graphed is None:
+            for p in params:
+                p.grad = None
         fwd_bwd()
 
     rows = []
@@ -147,7 +164,8 @@ def _measure(provider: str, args, device, profile_rows=None, on_measured=None, b
         common.emit(row, ("provider", "mode", "ms", "images_per_s", "peak_gib"))
     if on_measured is not None:
         on_measured(rows)
-    if profile_rows is not None and (budget is None or budget.allows()):
+    # The graphed provider runs the eager provider's kernels: its profile would repeat that one.
+    if profile_rows is not None and graphed is None and (budget is None or budget.allows()):
         # where the step's time goes: attention, GEMMs, elementwise passes
         profile_rows += common.kernel_profile(fwd_bwd_only, device, top=15, provider=provider, mode="fwd_bwd")
     return rows

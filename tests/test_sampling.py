@@ -6,17 +6,16 @@ block k when fed ``[x_T, s_1, …, s_{K−1}]``, for every pattern and history d
 config, reference backends, random weights; the CUDA paths (kernels, CUDA graphs) under ``cuda``.
 
 The CUDA-graph sampler's logic runs on the CPU too: :class:`EagerReplay` replaces
-``sampling._GraphRunner`` (the capture/replay seam) and re-runs the captured function at every
+``ard_kernels.graphs.GraphRunner`` (the capture/replay seam) and re-runs the captured function at every
 replay, and the ``meta`` device stands in for the GPU to prove capture does no host↔device traffic.
 """
 
-import contextlib
 
 import pytest
 import torch
+from _graph_helpers import HostWork, HostWorkGuard, install_eager_replay
 from _model_helpers import randomize
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from ard_kernels import sampling
 from ard_kernels.models import ARDiT, DiT
@@ -214,77 +213,9 @@ def test_cached_sampling_equals_the_training_forward_with_triton_kernels():
 aten = torch.ops.aten
 
 
-class HostWork(AssertionError):
-    """What a CUDA graph cannot capture: host data copied to the device, a device value read on the host."""
-
-
-class HostWorkGuard(TorchDispatchMode):
-    """Fails on host↔device traffic, with any non-CPU device (``meta`` here) standing in for the GPU.
-
-    Host-only work (the CPU pattern tables, Python scalars, 0-dim CPU scalars in arithmetic) is
-    fine in a capture; a CPU tensor feeding a device op (a mask built on the host and copied over)
-    or a device value read back (``.item()``, ``nonzero``) is not.
-    """
-
-    COPIES = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default}
-    SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        on_device = [t for t in tensors if t.device.type != "cpu"]
-        if func in self.SYNCS and on_device:
-            raise HostWork(f"{func}: reads a device value on the host")
-        host = [t for t in tensors if t.device.type == "cpu" and (t.dim() > 0 or func in self.COPIES)]
-        out = func(*args, **kwargs)
-        out_device = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
-        if host and (on_device or out_device):
-            raise HostWork(f"{func}: copies host data {[tuple(t.shape) for t in host]} to the device")
-        return out
-
-
-class EagerReplay:
-    """Stand-in for :class:`sampling._GraphRunner` on CPU (and ``meta``): "capture" runs ``fn`` after
-    a warm-up run, each "replay" runs it again and writes the results into the captured outputs,
-    as a graph replay rewrites its pool. So stale static inputs, a cache not reset by the replay,
-    or a returned output aliasing the pool show up as wrong numbers; capture and replays run under
-    :class:`HostWorkGuard`."""
-
-    device_types = ("cpu", "meta")
-    captures = 0
-    replaying = False
-
-    def __init__(self, device):
-        self.device = device
-
-    def guard(self):
-        # On the CPU every tensor is a host tensor: the guard only means something on meta.
-        return contextlib.nullcontext() if torch.device(self.device).type == "cpu" else HostWorkGuard()
-
-    def capture(self, fn):
-        type(self).captures += 1
-        fn()  # the warm-up
-        with self.guard():
-            outputs = fn()
-
-        def replay():
-            type(self).replaying = True
-            try:
-                with self.guard():
-                    fresh = fn()
-                for old, new in zip(tree_leaves(outputs), tree_leaves(fresh), strict=True):
-                    old.copy_(new)
-            finally:
-                type(self).replaying = False
-
-        return replay, outputs
-
-
 @pytest.fixture
 def graph_runner(monkeypatch):
-    runner = type("Runner", (EagerReplay,), {"captures": 0})
-    monkeypatch.setattr(sampling, "_GraphRunner", runner)
-    return runner
+    return install_eager_replay(monkeypatch)
 
 
 GRAPHABLE = dict(attn_backend="sdpa")  # capture-safe on contiguous patterns; the reference backend is not
