@@ -12,8 +12,12 @@ their launch (so the queue never fills and the loop measures the host), peeling 
   plan      the attention's launch plan alone (schedule lookup, tile configs, TMA eligibility);
   floor     for scale: a torch elementwise op and SDPA on the same tensors (this host's per-op cost).
 
-Attention also as forward + backward through the public op (``fwd+bwd``, autograd's engine included),
-the KV cache's split-append through its checked wrapper, the raw op and ``HistoryKVCache``.
+Forward + backward (``fwd+bwd``, autograd's engine included) of the attention and the two LayerNorm ops
+through the public op, whose plain eager calls take a ``torch.autograd.Function`` over the launchers
+(``ard_kernels.ops.differentiable_call``), beside the same call through the custom op's registered
+autograd (``custom op fwd+bwd``, what torch.compile and dispatch modes get) and PyTorch's own
+(``floor: ... fwd+bwd``). The KV cache's split-append through its checked wrapper, the raw op and
+``HistoryKVCache``.
 ``us`` = median over ``--reps`` rounds of ``--calls`` calls of the host time per call (perf_counter,
 no sync inside a round). CUDA; on the CPU the same code runs under TRITON_INTERPRET=1 (a check that
 it works, its numbers are the interpreter's). Writes results/host.json after every case.
@@ -94,12 +98,29 @@ def _attention_cases(device, dtype, heads):
     return "block_attention", f"B1 H{heads} D{d} 2x{bs}", {
         "floor: x + 1": lambda: q.add(1.0),
         "floor: SDPA, no mask": lambda: F.scaled_dot_product_attention(q, k, v),
+        "floor: SDPA, no mask, fwd+bwd": lambda: F.scaled_dot_product_attention(qg, k, v).backward(grad),
         "api": lambda: ak.block_attention(q, k, v, bs, "causal", backend="triton"),
         "op": lambda: torch.ops.ard_kernels.block_attention_fwd(q, k, v, nb, rows, bs, scale),
         "launcher": lambda: ba.block_attention_fwd(q, k, v, nb, rows, bs, scale),
         "plan": lambda: ba._Launch(q, k, nb, rows, bs, scale, "fwd", v),
         "api fwd+bwd": fwd_bwd,
+        "custom op fwd+bwd": through_custom_op(fwd_bwd),
     }
+
+
+def through_custom_op(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with every op call routed through its torch custom op (direct launches and the eager autograd
+    route off for the call), for the cost of the custom op's layers."""
+    from ard_kernels import ops
+
+    def call():
+        saved, ops._DIRECT_LAUNCH = ops._DIRECT_LAUNCH, False
+        try:
+            return fn()
+        finally:
+            ops._DIRECT_LAUNCH = saved
+
+    return call
 
 
 def _modulation_cases(device, dtype):
@@ -110,8 +131,23 @@ def _modulation_cases(device, dtype):
     x, y = (torch.randn(1, n, c, device=device, dtype=dtype) for _ in range(2))
     gate, shift, scale = (torch.randn(1, n // bs, c, device=device, dtype=dtype) for _ in range(3))
     ops = torch.ops.ard_kernels
+    xg, shift_g, scale_g = (t.detach().clone().requires_grad_() for t in (x, shift, scale))
+    dy = torch.randn_like(x)
+
+    def mln_fwd_bwd():
+        ak.modulated_layer_norm(xg, shift_g, scale_g, bs, backend="triton").backward(dy)
+
+    def grmln_fwd_bwd():
+        out, h = ak.gated_residual_modulated_layer_norm(xg, y, gate, shift_g, scale_g, bs, backend="triton")
+        torch.autograd.backward((out, h), (dy, dy))
+
     return "modulation", f"B1 N{n} C{c}", {
         "floor: x + 1": lambda: x.add(1.0),
+        "floor: F.layer_norm fwd+bwd": lambda: F.layer_norm(xg, (c,)).backward(dy),
+        "modulated_layer_norm api fwd+bwd": mln_fwd_bwd,
+        "modulated_layer_norm custom op fwd+bwd": through_custom_op(mln_fwd_bwd),
+        "fused residual+LN api fwd+bwd": grmln_fwd_bwd,
+        "fused residual+LN custom op fwd+bwd": through_custom_op(grmln_fwd_bwd),
         "modulated_layer_norm api": lambda: ak.modulated_layer_norm(x, shift, scale, bs, backend="triton"),
         "modulated_layer_norm op": lambda: ops.modulated_layer_norm_fwd(x, shift, scale, bs, eps, dtype),
         "modulated_layer_norm launcher": lambda: mln.modulated_layer_norm_fwd(x, shift, scale, bs, eps, dtype),
@@ -167,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 rows.append(common.skipped(**row))
                 continue
             try:
-                if layer == "api fwd+bwd":
+                if layer.endswith("fwd+bwd"):
                     row["us"] = host_us(fn, device, args.calls, args.reps)
                 else:
                     with torch.no_grad():

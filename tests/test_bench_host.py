@@ -16,5 +16,8 @@ def test_every_layer_runs(triton_device):
     layers = {(r["op"], r["layer"]) for r in rows}
     for layer in ("api", "op", "launcher", "plan", "api fwd+bwd", "floor: SDPA, no mask"):
         assert ("block_attention", layer) in layers
-    for layer in ("modulated_layer_norm op", "fused residual+LN op, in place", "fused residual+LN launcher, in place"):
+    assert ("block_attention", "custom op fwd+bwd") in layers
+    for layer in ("modulated_layer_norm op", "fused residual+LN op, in place", "fused residual+LN launcher, in place",
+                  "modulated_layer_norm api fwd+bwd", "modulated_layer_norm custom op fwd+bwd",
+                  "fused residual+LN custom op fwd+bwd", "floor: F.layer_norm fwd+bwd"):
         assert ("modulation", layer) in layers

@@ -147,3 +147,77 @@ def test_attention_launch_memo(monkeypatch):
     # benchmarks record every settled launch plan (common.kernel_choices)
     Tuned.fn.__name__ = "_block_attention_fwd_kernel"
     assert ba.chosen_configs() == {"fwd_kernel Lq256 Lk1024 occ0 D72 float32 tma-offered": "128x64 w8s3 tma"}
+
+
+# ------------------------------------------------------------------------ differentiable calls: the eager route
+def _grad_calls(device):
+    """(name, leaves, fn(*leaves) -> outputs, which outputs the loss reads) of the differentiable public calls."""
+    g = torch.Generator().manual_seed(1)
+    b, h, d, bs, nb, c = 2, 2, 16, 4, 3, 32
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
+
+    def qkv_leaves():
+        return leaf(b, h, nb * bs, d), leaf(b, h, nb * bs, d), leaf(b, h, nb * bs, d)
+
+    def rows():
+        return leaf(b, nb * bs, c), leaf(b, nb * bs, c), leaf(b, nb, c), leaf(b, nb, c), leaf(b, nb, c)
+
+    return [
+        ("block_attention out+lse", qkv_leaves(),
+         lambda q, k, v: ak.block_attention(q, k, v, bs, "causal", backend="triton", return_lse=True), (0, 1)),
+        ("block_attention lse only", qkv_leaves(),
+         lambda q, k, v: ak.block_attention(q, k, v, bs, "window", backend="triton", return_lse=True), (1,)),
+        ("block_attention_qkv", (leaf(b, nb * bs, 3 * h * d),),
+         lambda qkv: (ak.block_attention_qkv(qkv, h, bs, "causal", backend="triton"),), (0,)),
+        ("modulated_layer_norm", (leaf(b, nb * bs, c), leaf(b, nb, c), leaf(b, nb, c)),
+         lambda x, shift, scale: (ak.modulated_layer_norm(x, shift, scale, bs, backend="triton"),), (0,)),
+        ("gated_residual", rows()[:3],
+         lambda x, y, gate: (ak.gated_residual(x, y, gate, bs, backend="triton"),), (0,)),
+        ("fused residual + LN", rows(),
+         lambda *t: ak.gated_residual_modulated_layer_norm(*t, bs, backend="triton"), (0, 1)),
+        ("fused residual + LN, h only", rows(),
+         lambda *t: ak.gated_residual_modulated_layer_norm(*t, bs, backend="triton"), (1,)),
+        ("timestep_embedding", (torch.rand(5, generator=g).mul(999).to(device).requires_grad_(),),
+         lambda t: (ak.timestep_embedding(t, 32, backend="triton"),), (0,)),
+    ]
+
+
+def _forward_backward(leaves, fn, used):
+    for t in leaves:
+        t.grad = None
+    outs = fn(*leaves)
+    gen = torch.Generator().manual_seed(2)
+    loss = sum((outs[i].float() * torch.randn(outs[i].shape, generator=gen).to(outs[i].device)).sum() for i in used)
+    loss.backward()
+    return [o.detach().clone() for o in outs], [t.grad.clone() for t in leaves], outs[used[0]].grad_fn
+
+
+@pytest.mark.parametrize("case", [name for name, *_ in _grad_calls("cpu")])
+def test_eager_autograd_route_gives_what_the_custom_op_gives(case, monkeypatch, triton_device):
+    """A plain eager call that needs gradients runs the launchers through a torch.autograd.Function (less host
+    time than the custom op's autograd layer): the same outputs and every gradient bit for bit, unused outputs
+    included; with direct launches off, the custom op's registered autograd runs instead."""
+    (leaves, fn, used), = [rest for name, *rest in _grad_calls(triton_device) if name == case]
+    eager_outs, eager_grads, eager_node = _forward_backward(leaves, fn, used)
+    assert type(eager_node).__name__.endswith("EagerFunctionBackward"), type(eager_node).__name__
+    monkeypatch.setattr(ops, "_DIRECT_LAUNCH", False)
+    op_outs, op_grads, op_node = _forward_backward(leaves, fn, used)
+    assert not type(op_node).__name__.endswith("EagerFunctionBackward")
+    for a, b in zip(eager_outs + eager_grads, op_outs + op_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # every leaf gets a gradient, but v through the lse alone (it does not depend on v)
+    nonzero = [bool(g.abs().sum() > 0) for g in eager_grads]
+    assert nonzero == ([True, True, False] if case == "block_attention lse only" else [True] * len(leaves))
+
+
+def test_eager_route_leaves_modes_and_compile_to_the_custom_op(triton_device):
+    """Under a dispatch mode (here FlopCounterMode) a differentiable call keeps the custom op (the mode sees it)."""
+    x = torch.randn(1, 8, 32, device=triton_device, requires_grad=True)
+    shift, scale = (torch.randn(1, 2, 32, device=triton_device) for _ in range(2))
+    with FlopCounterMode(display=False):
+        y = ak.modulated_layer_norm(x, shift, scale, 4, backend="triton")
+    assert not type(y.grad_fn).__name__.endswith("EagerFunctionBackward")
+    assert type(ak.modulated_layer_norm(x, shift, scale, 4, backend="triton").grad_fn).__name__.endswith(
+        "EagerFunctionBackward")

@@ -47,7 +47,7 @@ import torch
 import triton
 
 from ..reference import split_qkv
-from . import block_schedule, forward_call, launch_device, sm_count
+from . import block_schedule, differentiable_call, forward_call, launch_device, sm_count
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
     _block_attention_bwd_dq_kernel,
@@ -542,8 +542,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = _block_attention_bwd_op(dout, q, k, v, out, lse, dlse, ctx.nb, ctx.rows, ctx.block_size,
-                                         ctx.scale)
+    dq, dk, dv = forward_call(torch.ops.ard_kernels.block_attention_bwd, block_attention_bwd, dout, q, k, v, out,
+                              lse, dlse, ctx.nb, ctx.rows, ctx.block_size, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -579,6 +579,11 @@ def _(qkv, num_heads, nb, rows, block_size, scale):
 def _block_attention_qkv_bwd_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                 num_heads: int, nb: int, rows: list[int], block_size: int,
                                 scale: float) -> torch.Tensor:
+    return _block_attention_qkv_bwd(do, qkv, out, lse, num_heads, nb, rows, block_size, scale)
+
+
+def _block_attention_qkv_bwd(do, qkv, out, lse, num_heads: int, nb: int, rows, block_size: int, scale: float):
+    """The packed backward: dqkv (B, N, 3·H·D), dq, dk, dv written into their thirds."""
     q, k, v = split_qkv(qkv, num_heads)
     b, h, n, d = q.shape
     dqkv = torch.empty((b, n, 3 * h * d), dtype=qkv.dtype, device=qkv.device)
@@ -606,7 +611,9 @@ def _qkv_backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
     if dout is None:  # O unused: a zero gradient
         return torch.zeros_like(qkv), None, None, None, None, None
-    return _block_attention_qkv_bwd_op(dout, qkv, out, lse, *ctx.args), None, None, None, None, None
+    dqkv = forward_call(torch.ops.ard_kernels.block_attention_qkv_bwd, _block_attention_qkv_bwd, dout, qkv, out, lse,
+                        *ctx.args)
+    return dqkv, None, None, None, None, None
 
 
 _block_attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
@@ -624,8 +631,9 @@ def block_attention_qkv_triton(qkv, num_heads: int, block_size: int, pattern, sc
     """
     nb = -(-qkv.shape[1] // block_size)
     rows = block_schedule.encode_pattern(pattern, nb)
-    return forward_call(torch.ops.ard_kernels.block_attention_qkv_fwd, _block_attention_qkv_fwd, qkv,
-                        int(num_heads), nb, rows, int(block_size), float(scale))[0]
+    return differentiable_call(torch.ops.ard_kernels.block_attention_qkv_fwd, _block_attention_qkv_fwd,
+                               _qkv_setup_context, _qkv_backward, qkv, int(num_heads), nb, rows, int(block_size),
+                               float(scale))[0]
 
 
 def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, return_lse: bool = False):
@@ -647,8 +655,8 @@ def block_attention_triton(q, k, v, block_size: int, pattern, scale: float, retu
     """
     nb = -(-k.shape[2] // block_size)
     rows = block_schedule.encode_pattern(pattern, nb)
-    out, lse = forward_call(torch.ops.ard_kernels.block_attention_fwd, block_attention_fwd, q, k, v, nb, rows,
-                            int(block_size), float(scale))
+    out, lse = differentiable_call(torch.ops.ard_kernels.block_attention_fwd, block_attention_fwd, _setup_context,
+                                   _backward, q, k, v, nb, rows, int(block_size), float(scale))
     return (out, lse) if return_lse else out
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_device
+from . import differentiable_call, direct_launch_ok, forward_call, launch_device
 from ._rows import (
     block_program,
     block_rows,
@@ -214,7 +214,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     y, gate = ctx.saved_tensors
-    dy, dgate = torch.ops.ard_kernels.gated_residual_bwd(dout, y, gate, ctx.block_size)
+    dy, dgate = forward_call(torch.ops.ard_kernels.gated_residual_bwd, gated_residual_bwd, dout, y, gate,
+                             ctx.block_size)
     return dout, dy, dgate, None
 
 
@@ -254,9 +255,15 @@ def gated_residual_triton(x, y, gate, block_size: int, inplace: bool = False):
                 "inplace: gated_residual(inplace=True) is inference-only, but an input requires grad "
                 "(use inplace=False, or run under torch.no_grad())"
             )
-        torch.ops.ard_kernels.gated_residual_inplace(x, y, gate, int(block_size))
+        if direct_launch_ok(x, y, gate):  # plain eager: the launcher without the custom op's dispatch
+            if x.numel():
+                _launch_fwd(x, y, gate, x, int(block_size))
+            torch.autograd.graph.increment_version(x)  # what the mutating op's dispatch would do for x
+        else:
+            torch.ops.ard_kernels.gated_residual_inplace(x, y, gate, int(block_size))
         return x
-    return torch.ops.ard_kernels.gated_residual_fwd(x, y, gate, int(block_size))
+    return differentiable_call(torch.ops.ard_kernels.gated_residual_fwd, gated_residual_fwd, _setup_context,
+                               _backward, x, y, gate, int(block_size))
 
 
 def aot_specs():

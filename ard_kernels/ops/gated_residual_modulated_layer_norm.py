@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import direct_launch_ok, forward_call, launch_device
+from . import differentiable_call, direct_launch_ok, forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -378,7 +378,12 @@ def _bwd_op(
     dout: torch.Tensor | None, dh: torch.Tensor, out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
     shift: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # shift is passed only for its dtype (the schema carries no dtypes); it is never read.
+    return _bwd_launch(dout, dh, out, y, gate, shift, scale, mean, rstd, block_size)
+
+
+def _bwd_launch(dout, dh, out, y, gate, shift, scale, mean, rstd, block_size):
+    """The backward op's body (its argument list): shift is passed only for its dtype (the schema carries no
+    dtypes); it is never read."""
     return gated_residual_modulated_layer_norm_bwd(dout, dh, out, y, gate, shift.dtype, scale, mean, rstd,
                                                    block_size)
 
@@ -405,8 +410,9 @@ def _backward(ctx, dout, dh, _dmean, _drstd):
     out, y, gate, shift, scale, mean, rstd = ctx.saved_tensors
     if dh is None:
         dh = torch.zeros_like(out)
-    dx, dy, dgate, dshift, dscale = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_bwd(
-        dout, dh, out, y, gate, shift, scale, mean, rstd, ctx.block_size)
+    dx, dy, dgate, dshift, dscale = forward_call(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_bwd,
+                                                 _bwd_launch, dout, dh, out, y, gate, shift, scale, mean, rstd,
+                                                 ctx.block_size)
     return dx, dy, dgate, dshift, dscale, None, None, None
 
 
@@ -461,9 +467,9 @@ def gated_residual_modulated_layer_norm_triton(x, y, gate, shift, scale, block_s
         h = torch.ops.ard_kernels.gated_residual_modulated_layer_norm_inplace(x, y, gate, shift, scale,
                                                                               int(block_size), float(eps), h_dtype)
         return x, h
-    out, h, _, _ = forward_call(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd,
-                                gated_residual_modulated_layer_norm_fwd, x, y, gate, shift, scale, int(block_size),
-                                float(eps), h_dtype)
+    out, h, _, _ = differentiable_call(torch.ops.ard_kernels.gated_residual_modulated_layer_norm_fwd,
+                                       gated_residual_modulated_layer_norm_fwd, _setup_context, _backward,
+                                       x, y, gate, shift, scale, int(block_size), float(eps), h_dtype)
     return out, h
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import forward_call, launch_device
+from . import differentiable_call, forward_call, launch_device
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -297,7 +297,12 @@ def _bwd_op(
     dy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # shift is passed only for its dtype (the schema carries no dtypes); it is never read.
+    return _bwd_launch(dy, x, shift, scale, mean, rstd, block_size)
+
+
+def _bwd_launch(dy, x, shift, scale, mean, rstd, block_size):
+    """The backward op's body (its argument list): shift is passed only for its dtype (the schema carries no
+    dtypes); it is never read."""
     return modulated_layer_norm_bwd(dy, x, scale, mean, rstd, block_size, shift.dtype)
 
 
@@ -321,8 +326,8 @@ def _backward(ctx, dy, _dmean, _drstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, dshift, dscale = torch.ops.ard_kernels.modulated_layer_norm_bwd(dy, x, shift, scale, mean, rstd,
-                                                                       ctx.block_size)
+    dx, dshift, dscale = forward_call(torch.ops.ard_kernels.modulated_layer_norm_bwd, _bwd_launch, dy, x, shift,
+                                      scale, mean, rstd, ctx.block_size)
     return dx, dshift, dscale, None, None, None
 
 
@@ -346,8 +351,9 @@ def modulated_layer_norm_triton(x, shift, scale, block_size: int, eps: float = 1
         dshift/dscale reductions are deterministic. Inputs are assumed validated
         (:func:`ard_kernels.modulated_layer_norm` validates).
     """
-    return forward_call(torch.ops.ard_kernels.modulated_layer_norm_fwd, modulated_layer_norm_fwd, x, shift, scale,
-                        int(block_size), float(eps), out_dtype or x.dtype)[0]
+    return differentiable_call(torch.ops.ard_kernels.modulated_layer_norm_fwd, modulated_layer_norm_fwd,
+                               _setup_context, _backward, x, shift, scale, int(block_size), float(eps),
+                               out_dtype or x.dtype)[0]
 
 
 def aot_specs():

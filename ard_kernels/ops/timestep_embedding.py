@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_device
+from . import differentiable_call, launch_device
 
 
 @triton.jit
@@ -116,7 +116,8 @@ def timestep_embedding_triton(t, dim: int, max_period: float = 10000.0):
     Returns:
         (*t.shape, dim) fp32, contiguous. Differentiable in a floating t.
     """
-    return torch.ops.ard_kernels.timestep_embedding(t, int(dim), float(max_period))
+    return differentiable_call(torch.ops.ard_kernels.timestep_embedding, timestep_embedding_fwd, _setup_context,
+                               _backward, t, int(dim), float(max_period))
 
 
 def aot_specs():
