@@ -172,3 +172,54 @@ def test_label_dropout_is_reproduced_on_resume(data_dir, tmp_path):
     table = "y_embedder.embedding_table.weight"
     dropped, kept = (load_file(str(latest_checkpoint(tmp_path / r) / "model.safetensors"))[table] for r in "ac")
     assert not torch.equal(dropped[-1], kept[-1])
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+def test_training_forward_compiles_as_one_graph():
+    """The student's whole training step (forward, ARD loss) traces with fullgraph=True, the Triton ops as custom ops
+    (the interpreter on the CPU), and its compiled backward gives the eager gradients."""
+    torch.manual_seed(0)
+    student = randomize(ARDiT("DiT-tiny/2", history_layers=2, steps=4, input_size=8, num_classes=10)).train()
+    student.set_backends(attn="triton", mod="triton")
+    states, targets = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 4, 4, 8, 8)
+    y, drop = torch.tensor([1, 2]), torch.tensor([0, 1])
+
+    def step(states, y, drop, targets):
+        return ard_loss(student.forward_train(states, y, drop), targets)
+
+    def grads(fn):
+        student.zero_grad(set_to_none=True)
+        loss = fn(states, y, drop, targets)
+        loss.backward()
+        return loss.detach(), [p.grad for p in student.parameters()]
+
+    want_loss, want = grads(step)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    got_loss, got = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [[], ["--pattern", "diagonal", "--cuda-graphs"]], ids=["compile", "compile+graphs"])
+def test_compiled_training_matches_eager(data_dir, tmp_path, monkeypatch, extra):
+    """``--compile`` (here with the aot_eager backend: no code generation on the CPU) trains as the eager loop does,
+    alone and under the CUDA-graph step (its capture stood in for on the CPU); checkpoint keys unchanged."""
+    from _graph_helpers import install_eager_replay
+
+    runner = install_eager_replay(monkeypatch)
+    common = ["--steps", "3", "--class-dropout", "0.5", *extra]
+    torch._dynamo.reset()
+    eager = train(args_for(data_dir, tmp_path / "eager", *[a for a in common if a != "--cuda-graphs"]))
+    compiled = train(args_for(data_dir, tmp_path / "compiled", *common, "--compile", "--compile-backend", "aot_eager"))
+    torch.testing.assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager["student"].state_dict().items(), compiled["student"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    saved = load_file(str(latest_checkpoint(tmp_path / "compiled") / "model.safetensors"))
+    assert set(saved) == set(eager["student"].state_dict())
+    assert runner.captures == (1 if extra else 0)
