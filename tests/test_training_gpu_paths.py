@@ -33,13 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_device_policy_on_cuda(fsdp):
     pol = device_policy(torch.device("cuda", 1), "auto", fsdp)
     assert pol == {"precision": "bf16", "fused_adamw": not fsdp, "pin_memory": True, "tf32": True,
-                   "ddp_kwargs": {"device_ids": [1]}}
+                   "ddp_kwargs": {"device_ids": [1], "gradient_as_bucket_view": True}}
     assert device_policy(torch.device("cuda", 0), "fp32", fsdp)["precision"] == "fp32"
 
 
 def test_device_policy_on_cpu():
     assert device_policy(torch.device("cpu"), "auto", False) == {
-        "precision": "fp32", "fused_adamw": False, "pin_memory": False, "tf32": False, "ddp_kwargs": {}}
+        "precision": "fp32", "fused_adamw": False, "pin_memory": False, "tf32": False,
+        "ddp_kwargs": {"gradient_as_bucket_view": True}}
     assert device_policy(torch.device("cpu"), "bf16", True)["precision"] == "bf16"
 
 
@@ -62,7 +63,7 @@ def test_setup_distributed_gives_each_rank_its_gpu(fake_cuda, monkeypatch, arg):
     rank, world, device = setup_distributed(arg)
     assert (rank, world, device) == (1, 2, torch.device("cuda", 1))
     assert fake_cuda["set_device"] == [torch.device("cuda", 1)] and fake_cuda["init"] == ["nccl"]
-    assert device_policy(device, "auto", False)["ddp_kwargs"] == {"device_ids": [1]}
+    assert device_policy(device, "auto", False)["ddp_kwargs"] == {"device_ids": [1], "gradient_as_bucket_view": True}
 
 
 def test_setup_distributed_on_cpu_uses_gloo(fake_cuda, monkeypatch):
