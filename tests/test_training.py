@@ -61,6 +61,38 @@ def test_model_ema_follows_the_formula():
     assert ema.num_updates == 3
 
 
+def test_model_ema_equals_averaged_model_and_never_waits_for_the_device():
+    """Three updates equal torch's AveragedModel with its EMA function bit for bit; on ``meta`` (standing in for
+    the GPU) an update moves no host data to the device: the training step's queued work is never waited for
+    (AveragedModel copies its CPU counter to the device at every update: a blocking copy)."""
+    from _graph_helpers import HostWork, HostWorkGuard
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema, torch_ema = ModelEMA(model, 0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.add_(1.0)
+        ema.update(model)
+        torch_ema.update_parameters(model)
+    for (name, a), b in zip(ema.module.state_dict().items(), torch_ema.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert ema.num_updates == 3
+
+    meta = torch.nn.Linear(3, 4, device="meta")
+    on_device = ModelEMA(meta, 0.9)
+    on_device.update(meta)
+    with HostWorkGuard():
+        on_device.update(meta)
+    torch_on_device = AveragedModel(meta, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    torch_on_device.update_parameters(meta)  # the first update copies
+    with pytest.raises(HostWork, match="copies host data"), HostWorkGuard():
+        torch_on_device.update_parameters(meta)
+
+
 # -------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -44,8 +44,25 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, student: torch.nn.Module) -> None:
-        """``θ_ema ← decay·θ_ema + (1 − decay)·θ`` (a plain copy at the first update)."""
-        self.averaged.update_parameters(student)
+        """``θ_ema ← decay·θ_ema + (1 − decay)·θ`` (a plain copy at the first update); buffers copied.
+
+        What ``AveragedModel.update_parameters`` with ``get_ema_multi_avg_fn`` computes, without its host
+        synchronisation: it copies its CPU update counter to the device at every call, a blocking copy
+        that waits for the training step's queued GPU work, so the host could never prepare the next batch
+        while the GPU computes. Here the counter stays on the host and the update is launched (one
+        ``_foreach_lerp_``), never waited for.
+        """
+        ema = [p.detach() for p in self.module.parameters()]
+        current = [p.detach() for p in student.parameters()]
+        if len(ema) != len(current):
+            raise ValueError(f"student: expected {len(ema)} parameters like the averaged copy, got {len(current)}")
+        if int(self.averaged.n_averaged) == 0:  # a CPU tensor: no device read
+            torch._foreach_copy_(ema, current)
+        else:
+            torch._foreach_lerp_(ema, current, 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), student.buffers(), strict=True):
+            b_ema.copy_(b.detach())
+        self.averaged.n_averaged.add_(1)
 
     def state_dict(self) -> dict:
         """The averaged weights as CPU tensors, keyed like the student's state dict."""
