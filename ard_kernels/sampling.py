@@ -137,7 +137,8 @@ def sample_outputs(model, noise, y, cfg_scale: float = 1.0, use_cuda_graphs: boo
         outs = _graph_sampler(model, b, guided, dtype, noise.device).run(noise, y, cfg_scale)
     else:
         x, y2 = _inputs(model, noise, y, guided)
-        scale = torch.tensor(float(cfg_scale), dtype=torch.float32, device=noise.device) if guided else None
+        # filled on the device: torch.tensor(..., device=cuda) would copy from the host and wait for the stream
+        scale = torch.full((), float(cfg_scale), dtype=torch.float32, device=noise.device) if guided else None
         cache = make_cache(model, x.shape[0], dtype, noise.device)
         outs, _ = _steps(model, x, y2, scale, cache, guided)
     return torch.stack([o[:b] for o in outs], dim=1)  # a copy: the graphs' buffers are reused next call

@@ -279,3 +279,73 @@ def test_cuda_training_bf16_fused_ac_resume(data_dir, tmp_path):
     student.load_state_dict(load_file(str(latest_checkpoint(tmp_path) / "model.safetensors")))
     opt = load_file(str(latest_checkpoint(tmp_path) / "optimizer.safetensors"))
     assert float(opt["state/blocks.0.attn.qkv.weight/step"]) == 4.0
+
+
+class _NoSync:
+    """``torch.cuda.set_sync_debug_mode("error")`` for the block: any op that makes the host wait for the GPU
+    (``.item()``, a blocking host↔device copy, ``nonzero``...) raises."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.previous)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graphs"])
+def test_cuda_training_step_never_waits_for_the_gpu(graphed):
+    """After two warm-up steps (autotuning, plan timing, the capture), the training loop's step (forward, ARD loss,
+    backward, clipping, fused AdamW, EMA), eager or graphed, makes no synchronising CUDA call."""
+    from ard_kernels.training import ModelEMA, ard_loss, teacher_forced_states
+    from ard_kernels.training.graphed_step import GraphedStep
+
+    torch.manual_seed(0)
+    student = randomize(ARDiT("DiT-tiny/2", history_layers=2, steps=4, input_size=8, num_classes=10)).cuda().train()
+    student.set_backends(attn="triton", mod="triton")
+    params = list(student.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ema = ModelEMA(student, 0.999)
+    x_t, targets = torch.randn(4, 4, 8, 8, device="cuda"), torch.randn(4, 4, 4, 8, 8, device="cuda")
+    y, drop = torch.randint(0, 10, (4,), device="cuda"), torch.tensor([0, 1, 0, 1], device="cuda")
+
+    def loss_of(x_t, targets, y, drop):
+        return ard_loss(student.forward_train(teacher_forced_states(x_t, targets), y, drop), targets)
+
+    graphed_step = GraphedStep(loss_of, params, "cuda", autocast_dtype=torch.bfloat16) if graphed else None
+
+    def step():
+        if graphed_step is not None:
+            graphed_step(x_t, targets, y, drop)
+        else:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_of(x_t, targets, y, drop)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(student)
+
+    step()
+    step()
+    with _NoSync():
+        step()
+        step()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_cuda_eager_sampler_never_waits_for_the_gpu(cfg_scale):
+    """The eager KV-cached sampler (Triton attention and modulation, the history cache) after a warm-up call."""
+    from ard_kernels import sampling
+
+    torch.manual_seed(0)
+    student = randomize(ARDiT("DiT-tiny/2", history_layers=2, steps=4, input_size=8, num_classes=10)).cuda().eval()
+    student.set_backends(attn="triton", mod="triton")
+    noise, y = torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor([3, 7], device="cuda")
+    with torch.no_grad():
+        sampling.sample_outputs(student, noise, y, cfg_scale=cfg_scale)
+        with _NoSync():
+            sampling.sample_outputs(student, noise, y, cfg_scale=cfg_scale)
