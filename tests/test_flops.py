@@ -237,10 +237,15 @@ def test_render_targets_reads_issue_7_from_the_training_rows():
 
     rows = [{"provider": "ardit-auto", "mode": "fwd_bwd", "images_per_s": 170.0, "shape": "s"},
             {"provider": "published", "mode": "fwd_bwd", "images_per_s": 80.6},
-            {"provider": "ardit-auto", "mode": "step", "images_per_s": 120.0, "speedup_vs_published": 0.9}]
+            {"provider": "ardit-auto", "mode": "step", "images_per_s": 120.0, "speedup_vs_published": 0.9},
+            {"provider": "ardit-auto-graphs", "mode": "fwd_bwd", "images_per_s": 150.0, "shape": "s"},
+            {"provider": "ardit-auto-graphs", "mode": "step", "images_per_s": 140.0, "speedup_vs_published": 1.2}]
     table = render_targets({"train": rows})
     assert "| 7 | training fwd_bwd images/s, s | ≥ 160 img/s | 170 | published 80.6 img/s | PASS |" in table
-    assert "| 7 | training step images/s" in table and table.rstrip().endswith("| miss |")
+    graphs = "| 7 | training fwd_bwd images/s, CUDA graphs, s | ≥ 160 img/s | 150 | published 80.6 img/s | miss |"
+    assert graphs in table
+    assert "| 7 | training step images/s" in table and "| 120 |  | miss |" in table
+    assert table.rstrip().endswith("| 140 |  | PASS |")
 
 
 def test_e2e_recompute_stack_runs_beside_the_cached_one(tmp_path):
