@@ -151,6 +151,12 @@ def release_before_atomic(ptx: str) -> bool | None:
     return any("bar.sync" in line for line in lines[last_store + 1:atom])
 
 
+def tile_conversions(ttgir: str) -> list:
+    """The shapes ("4x1024", ...) of the 2-D tiles a kernel moves between register layouts (``ttg.convert_layout``
+    through shared memory): for a row kernel, a tile's round trip that a single layout would avoid."""
+    return re.findall(r"ttg\.convert_layout %\S+ : tensor<(\d+x\d+)x", ttgir)
+
+
 def compile_spec(spec: dict, arch: int) -> dict:
     """Compile one spec for ``sm_<arch>``; returns a row describing the compiled kernel."""
     import triton
@@ -182,6 +188,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
         "dot_in_flight_at_exp": dot_in_flight_at_exp(ttgir),
         "barrier_before_release": release_before_atomic(compiled.asm["ptx"]),
         "l2_loads": compiled.asm["ptx"].count("ld.global.cg"),
+        "tile_conversions": tile_conversions(ttgir),
     }
     row.update(_ptxas_report(compiled.asm["ptx"], arch))
     return row

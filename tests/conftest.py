@@ -46,6 +46,17 @@ def row_bwd_plan(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["exact", "padded"])
+def row_remainder(request, monkeypatch):
+    """Each remainder width of the whole-row kernels in turn (:func:`ard_kernels.ops._rows.remainder_configs`): the
+    row's rest as its own narrow tile, or padded to the main tile's width (its layout). The interpreter runs
+    ``configs[0]``, so the padded kernels run here only when forced."""
+    from ard_kernels.ops import _rows
+
+    monkeypatch.setattr(_rows, "_ROW_REMAINDER", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def cuda_torch_tree(tmp_path_factory):
     """A copy of the package whose CUDA extension is built against the GPU machines' CUDA torch 2.11

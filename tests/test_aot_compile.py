@@ -53,6 +53,20 @@ def test_elementwise_kernels_do_not_spill_at_target_sizes(report):
     assert not spilled, f"kernels spill registers: {spilled}"
 
 
+def test_padded_remainder_keeps_the_row_tiles_in_one_layout(report):
+    """DiT-XL/2's rows (C = 1152 = 1024 + 128, sm_90): with the exact 128-wide remainder the compiled row kernels
+    move their (BLOCK_M, 1024) tiles between register layouts through shared memory (what the padded variant is
+    offered against); with the remainder as wide as the main segment no 2-D tile changes layout."""
+    rows = {r["name"]: r for r in report["compiled"] if r["arch"] == 90 and "layer_norm" in r["name"]}
+    padded = [name for name in rows if name.endswith("_padded")]
+    assert len(padded) >= 12, sorted(rows)
+    for name in padded:
+        assert rows[name]["tile_conversions"] == [], (name, rows[name]["tile_conversions"])
+    exact = [rows[name[: -len("_padded")]] for name in padded]
+    converted = [r["name"] for r in exact if any(shape.endswith("x1024") for shape in r["tile_conversions"])]
+    assert len(converted) >= len(exact) // 2, [(r["name"], r["tile_conversions"]) for r in exact]
+
+
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
 def test_hopper_dit_attention_has_a_clean_wgmma_config(report, kind):
     """DiT-XL/2's case (bf16, head dim 72 = 64 + 16, sm_90): the autotuner has at least one config

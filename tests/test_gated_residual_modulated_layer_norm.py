@@ -73,7 +73,8 @@ def assert_all_close(ours, want, tol, what):
 
 
 @pytest.mark.parametrize("b,n,c,block_size", CPU_SHAPES)
-def test_matches_reference_separate_ops_and_per_token(b, n, c, block_size, triton_device, row_bwd_plan):
+def test_matches_reference_separate_ops_and_per_token(b, n, c, block_size, triton_device, row_bwd_plan,
+                                                      row_remainder):
     inputs = make_inputs(b, n, c, block_size, device=triton_device)
     dout, dh = torch.randn(b, n, c, device=triton_device), torch.randn(b, n, c, device=triton_device)
     ours = grads2(fused(block_size), inputs, dout, dh)
@@ -334,10 +335,10 @@ def test_cuda_dtypes(dtype, b, n, c, block_size, row_bwd_plan):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("with_dout", [True, False])
-def test_cuda_every_backward_config(monkeypatch, with_dout, row_bwd_plan):
+def test_cuda_every_backward_config(monkeypatch, with_dout, row_bwd_plan, row_remainder):
     """Each tile the GPU backward autotunes over at DiT-XL's width (with and without prefetch), pinned in
-    turn, in each plan (the split one also pins each column-sum tile): the autotuner keeps one of them, and
-    a wrong one must not hide behind a faster right one."""
+    turn, in each plan (the split one also pins each column-sum tile) and with each remainder width: the
+    autotuner keeps one of them, and a wrong one must not hide behind a faster right one."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import gated_residual_modulated_layer_norm as fused_module
 

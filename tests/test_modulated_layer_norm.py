@@ -42,7 +42,8 @@ def per_token(x, shift, scale, block_size):
 
 
 @pytest.mark.parametrize("b,n,c,block_size", CPU_SHAPES)
-def test_matches_reference_and_per_token(b, n, c, block_size, triton_device, row_bwd_plan):
+def test_matches_reference_and_per_token(b, n, c, block_size, triton_device, row_bwd_plan,
+                                         row_remainder):
     inputs = make_inputs(b, n, c, block_size, device=triton_device)
     dy = torch.randn(b, n, c, device=triton_device)
     ours = grads(lambda *a: modulated_layer_norm_triton(*a, block_size, EPS), inputs, dy)
@@ -146,10 +147,10 @@ def test_cuda_dtypes(dtype, b, n, c, block_size, row_bwd_plan):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("c", [1152, 2048])
-def test_cuda_every_backward_config(monkeypatch, c, row_bwd_plan):
+def test_cuda_every_backward_config(monkeypatch, c, row_bwd_plan, row_remainder):
     """Each tile the GPU backward autotunes over (with and without prefetch), pinned in turn, in each plan (the
-    split one also pins each column-sum tile): the autotuner keeps one of them, and a wrong one must not hide
-    behind a faster right one."""
+    split one also pins each column-sum tile) and with each remainder width: the autotuner keeps one of them,
+    and a wrong one must not hide behind a faster right one."""
     from ard_kernels.ops import _rows
     from ard_kernels.ops import modulated_layer_norm as mln
 
@@ -169,9 +170,10 @@ def test_cuda_every_backward_config(monkeypatch, c, row_bwd_plan):
 
 
 @pytest.mark.cuda
-def test_cuda_every_forward_config(monkeypatch):
+def test_cuda_every_forward_config(monkeypatch, row_remainder):
     """Each forward config the GPU autotunes over at DiT-XL's width (one tile per program, shorter tiles, a
-    run of prefetched tiles), pinned in turn, against the fp32 reference by PyTorch's own bf16 error."""
+    run of prefetched tiles), pinned in turn with each remainder width, against the fp32 reference by
+    PyTorch's own bf16 error."""
     from ard_kernels.ops import modulated_layer_norm as mln
 
     cuda = torch.device("cuda")
@@ -486,3 +488,26 @@ def test_out_dtype_is_validated():
     x, shift, scale = make_inputs(1, 4, 8, 2, requires_grad=False)
     with pytest.raises(TypeError, match="out_dtype: expected None or a dtype in"):
         ak.modulated_layer_norm(x, shift, scale, 2, out_dtype=torch.int32, backend="reference")
+
+
+def test_remainder_configs(monkeypatch):
+    """The row's remainder width joins each launch's configs: exact everywhere, and on the GPU a padded copy of the
+    first config (as wide as the main segment: its register layout) where the row is at most 2·1024 wide."""
+    from ard_kernels.ops import _rows
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    configs = ((4, 16, 1), (2, 8, 1), (1, 4, 1))
+    got, names = _rows.remainder_configs(configs, ("TILES",), 1024, 128, cuda)
+    assert names == ("TILES", "C1P")
+    assert got == ((4, 16, 1, 128), (2, 8, 1, 128), (1, 4, 1, 128), (4, 16, 1, 1024))
+    assert _rows.remainder_configs(configs, ("TILES",), 1024, 128, cpu)[0] == tuple((*c, 128) for c in configs)
+    assert _rows.remainder_configs(((2, 8),), ("PREFETCH",), 1024, 128, cuda) == (((2, 8, 128), (2, 8, 1024)), ("C1P",))
+    for c0, c1p in ((2048, 1024), (64, 64)):  # too wide to pad; already as wide
+        assert _rows.remainder_configs(configs, ("TILES",), c0, c1p, cuda)[0] == tuple((*c, c1p) for c in configs)
+    monkeypatch.setattr(_rows, "_ROW_REMAINDER", "exact")
+    assert _rows.remainder_configs(configs, ("TILES",), 1024, 128, cuda)[0] == tuple((*c, 128) for c in configs)
+    monkeypatch.setattr(_rows, "_ROW_REMAINDER", "padded")
+    assert _rows.remainder_configs(configs, ("TILES",), 1024, 128, cpu)[0] == tuple((*c, 1024) for c in configs)
+    monkeypatch.setattr(_rows, "_ROW_REMAINDER", "wide")
+    with pytest.raises(ValueError, match="ARD_KERNELS_ROW_REMAINDER: expected one of"):
+        _rows.remainder_configs(configs, ("TILES",), 1024, 128, cuda)

@@ -374,12 +374,61 @@ def tile_grid(block_size, num_blocks, batch):
     return lambda meta: (triton.cdiv(block_size, meta["BLOCK_M"]) * num_blocks * batch,)
 
 
+# The remainder segment of a row (:func:`row_split`: C1P columns past the C0 of the main one) as a tile narrower
+# than the main tile gets another register layout, and Triton then converts the whole main tile into the
+# remainder's layout and back through shared memory: in the compiled sm_90 code (triton 3.6, bf16, C = 1152)
+# every row kernel's (BLOCK_M, 1024) tiles of x, and in the backwards of dy and dx too, make that round trip
+# at every tile, with its barriers (the modulated LayerNorm forward 19-23 per tile, its split backward 21). A
+# remainder as wide as the main segment (C1P = C0, masked past C) shares the main tile's layout: no tile
+# conversion (forward 1 row over 4 warps: 19 → 11 barriers; split backward 21 → 15), at the cost of registers
+# for masked lanes (forward 40 → 53-64, split backward 64 → 80; no spill at C = 1152, bf16 or fp32). Which wins
+# is the GPU's to say: on it the autotuner weighs the padded remainder beside the exact one for the first
+# _PADDED_REMAINDER_CONFIGS configs of a launch (the heuristic tile: the padded second forward tile spills a
+# little under triton 3.7), for rows up to 2·_PADDED_REMAINDER_MAX_C0 columns (wider ones would double large
+# tiles). ARD_KERNELS_ROW_REMAINDER: "auto" (that), "exact" or "padded" (everywhere, the
+# interpreter too: how the tests run the padded kernels).
+ROW_REMAINDERS = ("auto", "exact", "padded")
+_ROW_REMAINDER = os.environ.get("ARD_KERNELS_ROW_REMAINDER", "auto")
+_PADDED_REMAINDER_CONFIGS = 1
+_PADDED_REMAINDER_MAX_C0 = 1024
+
+
+def remainder_configs(configs: tuple, names: tuple, c0: int, c1p: int, device) -> tuple:
+    """``(configs, names)`` with each config's remainder width C1P appended (:data:`_ROW_REMAINDER`): the exact
+    ``c1p``, and on the GPU padded copies (C1P = ``c0``) of the first configs where the row allows."""
+    if _ROW_REMAINDER not in ROW_REMAINDERS:
+        raise ValueError(f"ARD_KERNELS_ROW_REMAINDER: expected one of {ROW_REMAINDERS}, got {_ROW_REMAINDER!r}")
+    names = (*names[:len(configs[0]) - 2], "C1P")
+    padded = c1p < c0 <= _PADDED_REMAINDER_MAX_C0
+    if _ROW_REMAINDER == "padded" and padded:
+        return tuple((*c, c0) for c in configs), names
+    out = [(*c, c1p) for c in configs]
+    if _ROW_REMAINDER == "auto" and padded and device.type == "cuda":
+        out += [(*c, c0) for c in configs[:_PADDED_REMAINDER_CONFIGS]]
+    return tuple(out), names
+
+
+def with_padded_remainder(specs: list, spec: dict, index: int, C: int, dtype: str) -> None:
+    """Append ``spec`` to ``specs`` (an ``aot_check`` spec of a whole-row kernel: the ``index``-th tile of its launch),
+    and for DiT-XL/2's width in bf16 and fp32 also its padded-remainder twin (``_padded``: C1P = C0) where the
+    launch offers one (:func:`remainder_configs`)."""
+    specs.append(spec)
+    meta = spec["constexprs"]
+    if (C == 1152 and dtype in ("bf16", "fp32") and index < _PADDED_REMAINDER_CONFIGS
+            and meta["C1P"] < meta["C0"] <= _PADDED_REMAINDER_MAX_C0):
+        specs.append({**spec, "name": spec["name"] + "_padded", "constexprs": {**meta, "C1P": meta["C0"]}})
+
+
 def launch_rows(kernel, grid, args, configs, device, key, restore=(), names=("PREFETCH",), **constexprs):
     """Launch a row kernel: on the GPU autotuned over ``configs`` (:func:`autotuned_rows`) when there is a
     choice; else with ``configs[0]`` (the interpreter's tile; num_warps is moot there). ``grid`` is a
     tuple, or a function of the config's meta-parameters (``{"BLOCK_M": ...}``); ``names``: those of a
     config's elements past num_warps (:func:`_config_meta`). A backward's row groups
-    must be a multiple of every config's BLOCK_M (:func:`row_groups` with the largest)."""
+    must be a multiple of every config's BLOCK_M (:func:`row_groups` with the largest). A whole-row kernel's
+    remainder width ``C1P`` becomes part of its configs (:func:`remainder_configs`)."""
+    if "C1P" in constexprs:
+        c1p = constexprs.pop("C1P")
+        configs, names = remainder_configs(tuple(configs), tuple(names), constexprs["C0"], c1p, device)
     if device.type == "cuda" and len(configs) > 1:
         autotuned_rows(kernel, configs, tuple(key), tuple(restore), tuple(names))[grid](*args, **constexprs)
     else:

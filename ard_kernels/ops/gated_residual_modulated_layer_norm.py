@@ -50,6 +50,7 @@ from ._rows import (
     store_row_sums,
     store_row_tile,
     tile_grid,
+    with_padded_remainder,
 )
 
 # Elements per program: the forward keeps x, y, out and h live, the backward seven tiles.
@@ -514,12 +515,12 @@ def aot_specs():
                             meta["PREFETCH"] = config[2]
                             meta["SUMS"] = sums
                             suffix += "_prefetch" if config[2] else ""
-                        specs.append({
+                        with_padded_remainder(specs, {
                             "name": name + (suffix if i else "") + ("" if sums else "_split"),
                             "kernel": kernel,
                             "signature": make_signature(kernel, dtype, fp32, floats=("eps",)),
                             "constexprs": meta,
                             "divisible": row_divisible(kernel),
                             "num_warps": warps,
-                        })
+                        }, i, C, dtype)
     return specs

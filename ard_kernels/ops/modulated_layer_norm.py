@@ -43,6 +43,7 @@ from ._rows import (
     row_tile,
     store_row_sums,
     store_row_tile,
+    with_padded_remainder,
 )
 
 
@@ -391,7 +392,7 @@ def aot_specs():
                         else:
                             meta["TILES"] = config[2]
                             suffix += f"_run{config[2]}" if config[2] > 1 else ""
-                        specs.append({
+                        with_padded_remainder(specs, {
                             "name": f"modulated_layer_norm_{kind}_{dtype}_C{C}" + (suffix if i else "")
                                     + ("" if sums else "_split"),
                             "kernel": kernel,
@@ -399,5 +400,5 @@ def aot_specs():
                             "constexprs": meta,
                             "divisible": row_divisible(kernel),
                             "num_warps": warps,
-                        })
+                        }, i, C, dtype)
     return specs + column_sum_specs()
