@@ -492,7 +492,8 @@ def test_out_dtype_is_validated():
 
 def test_remainder_configs(monkeypatch):
     """The row's remainder width joins each launch's configs: exact everywhere, and on the GPU a padded copy of the
-    first config (as wide as the main segment: its register layout) where the row is at most 2·1024 wide."""
+    first config (as wide as the main segment: its register layout) where the row is at most 2·1024 wide and its
+    remainder wider than 16 columns."""
     from ard_kernels.ops import _rows
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -502,7 +503,7 @@ def test_remainder_configs(monkeypatch):
     assert got == ((4, 16, 1, 128), (2, 8, 1, 128), (1, 4, 1, 128), (4, 16, 1, 1024))
     assert _rows.remainder_configs(configs, ("TILES",), 1024, 128, cpu)[0] == tuple((*c, 128) for c in configs)
     assert _rows.remainder_configs(((2, 8),), ("PREFETCH",), 1024, 128, cuda) == (((2, 8, 128), (2, 8, 1024)), ("C1P",))
-    for c0, c1p in ((2048, 1024), (64, 64)):  # too wide to pad; already as wide
+    for c0, c1p in ((2048, 1024), (64, 64), (1024, 16)):  # too wide to pad; already as wide; a power of two
         assert _rows.remainder_configs(configs, ("TILES",), c0, c1p, cuda)[0] == tuple((*c, c1p) for c in configs)
     monkeypatch.setattr(_rows, "_ROW_REMAINDER", "exact")
     assert _rows.remainder_configs(configs, ("TILES",), 1024, 128, cuda)[0] == tuple((*c, 128) for c in configs)

@@ -399,7 +399,9 @@ def remainder_configs(configs: tuple, names: tuple, c0: int, c1p: int, device) -
     if _ROW_REMAINDER not in ROW_REMAINDERS:
         raise ValueError(f"ARD_KERNELS_ROW_REMAINDER: expected one of {ROW_REMAINDERS}, got {_ROW_REMAINDER!r}")
     names = (*names[:len(configs[0]) - 2], "C1P")
-    padded = c1p < c0 <= _PADDED_REMAINDER_MAX_C0
+    # A 16-wide remainder (a power-of-two row's dummy, or a rest of at most 16 columns) is the tile Triton
+    # converts (C = 2048: a 1×16 tile, the main one stays): padding it would only add masked lanes.
+    padded = 16 < c1p < c0 <= _PADDED_REMAINDER_MAX_C0
     if _ROW_REMAINDER == "padded" and padded:
         return tuple((*c, c0) for c in configs), names
     out = [(*c, c1p) for c in configs]
@@ -415,7 +417,7 @@ def with_padded_remainder(specs: list, spec: dict, index: int, C: int, dtype: st
     specs.append(spec)
     meta = spec["constexprs"]
     if (C == 1152 and dtype in ("bf16", "fp32") and index < _PADDED_REMAINDER_CONFIGS
-            and meta["C1P"] < meta["C0"] <= _PADDED_REMAINDER_MAX_C0):
+            and 16 < meta["C1P"] < meta["C0"] <= _PADDED_REMAINDER_MAX_C0):
         specs.append({**spec, "name": spec["name"] + "_padded", "constexprs": {**meta, "C1P": meta["C0"]}})
 
 
