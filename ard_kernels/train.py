@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import graphs
+from .sampling import check_capturable
 from .training import ModelEMA, ShardedEMA, TrajectoryDataset, ard_loss, teacher_forced_states
 from .training.ema import clean_name
 from .training.graphed_step import GraphedStep
@@ -296,10 +297,10 @@ def train(args) -> dict:
         return _train(args, rank, world, device, policy)
 
 
-def check_cuda_graphs(args, world: int, device: torch.device, student=None) -> None:
+def check_cuda_graphs(args, world: int, device: torch.device) -> None:
     """Raise ValueError unless ``--cuda-graphs`` can run here: a CUDA device, one process, no FSDP, no
-    activation checkpointing (see :mod:`ard_kernels.training.graphed_step`), and ``student``'s attention
-    backend capturable in training (:func:`ard_kernels.sampling.check_capturable`)."""
+    activation checkpointing (see :mod:`ard_kernels.training.graphed_step`). The student's attention backend
+    is checked once it is built (:func:`ard_kernels.sampling.check_capturable`)."""
     if device.type not in graphs.GraphRunner.device_types:
         raise ValueError(f"cuda_graphs: needs a CUDA device, got {device}")
     if world > 1 or args.fsdp:
@@ -308,10 +309,6 @@ def check_cuda_graphs(args, world: int, device: torch.device, student=None) -> N
     if args.activation_checkpointing:
         raise ValueError("cuda_graphs: not with --activation-checkpointing (its RNG-state bookkeeping reads the "
                          "generator on the host, which a capture cannot hold)")
-    if student is not None:
-        from .sampling import check_capturable
-
-        check_capturable(student, device, training=True)
 
 
 def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> dict:
@@ -331,7 +328,7 @@ def _train(args, rank: int, world: int, device: torch.device, policy: dict) -> d
     torch.manual_seed(args.seed)  # identical initial student on every rank (FSDP needs it; DDP broadcasts anyway)
     student = build_student(args, ds).to(device).train()
     if args.cuda_graphs:
-        check_cuda_graphs(args, world, device, student)
+        check_capturable(student, device, training=True)
     model = StudentTrainStep(student)
     ema = None if args.fsdp else ModelEMA(student, args.ema)
     if args.activation_checkpointing:

@@ -36,6 +36,11 @@ def _plain_eager(tensors) -> bool:
     return all(type(t) is torch.Tensor and t.device.type in ("cuda", "cpu") for t in tensors)
 
 
+def _needs_grad(tensors) -> bool:
+    """Whether autograd must record a call on ``tensors``: grad mode on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def direct_launch_ok(*tensors: torch.Tensor) -> bool:
     """Whether an op's forward may call its launcher directly rather than through its torch custom op.
 
@@ -48,8 +53,7 @@ def direct_launch_ok(*tensors: torch.Tensor) -> bool:
     transforms. Plain eager calls that do need autograd take :func:`differentiable_call`'s
     ``torch.autograd.Function`` instead.
     """
-    grad = torch.is_grad_enabled()
-    return _plain_eager(tensors) and not (grad and any(t.requires_grad for t in tensors))
+    return _plain_eager(tensors) and not _needs_grad(tensors)
 
 
 def forward_call(op, launcher, *args):
@@ -67,15 +71,16 @@ def differentiable_call(op, launcher, setup_context, backward, *args):
     ``setup_context`` (as given to ``register_autograd``). Plain eager calls (:func:`_plain_eager`) skip the
     custom op's dispatch: ``launcher(*args)`` when no input needs a gradient (:func:`direct_launch_ok`), else a
     ``torch.autograd.Function`` running the same launcher, setup and backward (:func:`_eager_function`). The
-    custom op's autograd layer costs about as much host time as the launch itself (``bench_host``: on this
-    CPU a modulated LayerNorm forward + backward took 400 µs through it, 216 µs through the Function), and an
-    eager training step makes thousands of these calls. Traced, fake, meta, subclass, mode and functorch calls
-    keep the custom op. The backwards route their own kernels through :func:`forward_call` (grad mode is off
-    there), so both routes run the same launchers on the same arguments: the same numbers (tested).
+    custom op's autograd layer costs about as much host time as the launch itself (BENCHMARKS.md: about a
+    third of a modulated LayerNorm forward + backward's host time on the development CPU; ``bench_host``
+    measures both routes), and an eager training step makes thousands of these calls. Traced, fake, meta,
+    subclass, mode and functorch calls keep the custom op. The backwards route their own kernels through
+    :func:`forward_call` (grad mode is off there), so both routes run the same launchers on the same
+    arguments: the same numbers (tested).
     """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if _plain_eager(tensors):
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        if not _needs_grad(tensors):
             return launcher(*args)
         return _eager_function(launcher, setup_context, backward).apply(*args)
     return op(*args)
@@ -93,5 +98,5 @@ def _eager_function(launcher, setup_context, backward):
     name = "".join(part.title() for part in launcher.__name__.strip("_").split("_")) + "EagerFunction"
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
+        "backward": staticmethod(backward),
     })
