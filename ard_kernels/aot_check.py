@@ -157,6 +157,21 @@ def tile_conversions(ttgir: str) -> list:
     return re.findall(r"ttg\.convert_layout %\S+ : tensor<(\d+x\d+)x", ttgir)
 
 
+def wait_comes_first(ptx: str) -> bool | None:
+    """For a kernel compiled for programmatic dependent launch (:mod:`ard_kernels.ops._pdl`): whether
+    ``griddepcontrol.wait`` precedes every global load, store, atomic and asynchronous copy (L2 prefetches may
+    come before it) and ``griddepcontrol.launch_dependents`` follows it. None without a ``griddepcontrol.wait``."""
+    lines = ptx.splitlines()
+    wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), None)
+    if wait is None:
+        return None
+    memory = ("ld.global", "st.global", "atom.global", "red.global", "cp.async", "cp.reduce.async")
+    if any(op in line for line in lines[:wait] for op in memory):
+        return False
+    release = next((i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line), None)
+    return release is not None and release > wait
+
+
 def compile_spec(spec: dict, arch: int) -> dict:
     """Compile one spec for ``sm_<arch>``; returns a row describing the compiled kernel."""
     import triton
@@ -189,6 +204,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
         "barrier_before_release": release_before_atomic(compiled.asm["ptx"]),
         "l2_loads": compiled.asm["ptx"].count("ld.global.cg"),
         "tile_conversions": tile_conversions(ttgir),
+        "pdl_wait_first": wait_comes_first(compiled.asm["ptx"]),
     }
     row.update(_ptxas_report(compiled.asm["ptx"], arch))
     return row

@@ -36,6 +36,7 @@ import torch
 
 from . import api, graphs, masks
 from ._backends import resolve
+from .ops import programmatic_launch_enabled
 
 VAE_SCALE = 0.18215
 
@@ -319,10 +320,11 @@ def _graph_sampler(model, batch_size, guided, dtype, device) -> CUDAGraphSampler
     """``model``'s cached :class:`CUDAGraphSampler` for this call, made on first use.
 
     The key holds everything a captured graph bakes in: batch size, guidance on/off, dtype, the
-    active autocast dtype (the cache's), the device and the three backends.
+    active autocast dtype (the cache's), the device, the three backends and whether the kernels are
+    launched with programmatic dependent launch (:func:`ard_kernels.ops.programmatic_launch`).
     """
     key = (batch_size, guided, dtype, _autocast_dtype(device), str(device), model.attn_backend, model.mod_backend,
-           model.cache_backend)
+           model.cache_backend, programmatic_launch_enabled())
     runner = model._graph_samplers.get(key)
     if runner is None:
         runner = CUDAGraphSampler(model, batch_size, guided, dtype, device)

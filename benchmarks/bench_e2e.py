@@ -7,6 +7,9 @@
   (per-token adaLN rows, SDPA with float masks, ``torch.cat`` history cache);
 - ``eager``: :meth:`ard_kernels.models.ARDiT.sample`, backends "auto" (Triton on CUDA);
 - ``graphs``: the same with ``use_cuda_graphs=True`` (CUDA only);
+- ``graphs-pdl``: ``graphs`` with programmatic dependent launch (:func:`ard_kernels.ops.programmatic_launch`,
+  Hopper and later; opt-in until measured): each kernel of ours starts while the previous one runs, and the
+  split-K Linears (the only GEMMs there) prefetch their weights into L2 meanwhile;
 - ``compile``: opt-in (``--compile``), each step's forward through ``torch.compile``;
 - ``recompute``: opt-in (``--stacks ...,recompute``), the same outputs without the KV cache
   (:func:`ard_kernels.sampling.sample_recomputing_history`: every step rebuilds the history's keys and
@@ -46,7 +49,7 @@ QUICK_ARGV = ["--config", "DiT-tiny/2", "--batches", "1", "--teacher-steps", "2"
 GPU_ARGV: list[str] = ["--batches", "1,64,8", "--teacher-batches", "1,8,64"]
 GPU_BUDGET_S = 80
 BUDGET_ARG = "--time-budget-s"
-STACKS = ("published", "eager", "graphs", "compile", "recompute")
+STACKS = ("published", "eager", "graphs", "graphs-pdl", "compile", "recompute")
 
 
 def _parse(argv: Sequence[str] | None):
@@ -59,7 +62,7 @@ def _parse(argv: Sequence[str] | None):
     p.add_argument("--teacher-steps", type=int, default=25, help="0 skips the teacher")
     p.add_argument("--teacher-batches", default=None, help="batch sizes of the teacher (default: --batches)")
     p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--stacks", default="eager,graphs,published",
+    p.add_argument("--stacks", default="eager,graphs,graphs-pdl,published",
                    help=f"comma-separated subset of {STACKS}, run in order")
     p.add_argument("--compile", action="store_true", help="add the torch.compile stack")
     p.add_argument("--device", default=str(common.default_device()))
@@ -116,6 +119,13 @@ def _runner(stack: str, models, noise, y) -> Callable[[], object]:
         return lambda: ard.sample(noise, y)
     if stack == "graphs":
         return lambda: ard.sample(noise, y, use_cuda_graphs=True)
+    if stack == "graphs-pdl":
+        from ard_kernels.ops import programmatic_launch
+
+        def run_pdl():
+            with programmatic_launch(True):
+                return ard.sample(noise, y, use_cuda_graphs=True)
+        return run_pdl
     if stack == "recompute":
         from ard_kernels.sampling import sample_recomputing_history
 
@@ -185,7 +195,7 @@ def run(args, on_rows=None) -> list[dict]:
     teacher_batches = [int(b) for b in str(args.teacher_batches or args.batches).split(",") if b]
     stacks = [s for s in args.stacks.split(",") if s] + (["compile"] if args.compile else [])
     if device.type != "cuda":
-        stacks = [s for s in stacks if s not in ("graphs", "compile")]
+        stacks = [s for s in stacks if s not in ("graphs", "graphs-pdl", "compile")]
     shape = flops.shape_from_config(args.config)
     ns = sorted({0, args.history_layers})
     gflop = {n: flops.gflops(flops.ard_macs(shape, n, args.steps)) for n in ns}

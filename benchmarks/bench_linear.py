@@ -95,7 +95,7 @@ def run(args, on_rows=None) -> list[dict]:
                         row.update(us=1e3 * ms, tflops=flops / (ms * 1e-3) / 1e12,
                                    weight_gbps=n * k * w.element_size() / (ms * 1e-3) / 1e9)
                         if provider == "auto":
-                            plan = lin._PLANS.get((m, n, k, dtype, gelu, True, device))
+                            plan = lin._PLANS.get((m, n, k, dtype, gelu, True, device, False))
                             row["plan"] = lin.plan_name(plan) if plan is not None else None
                     except Exception as e:  # noqa: BLE001 - one provider failing leaves a gap, not a crash
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"

@@ -176,7 +176,7 @@ fi
 # workers take them roughly in this order): the kernels judged by the flash-attention rule and the
 # graph sampler first, then every other file, the KV-cache tests last (memcheck runs them again).
 # Files, not the directory: pytest orders a directory's files by name, whatever order the arguments give.
-PYTEST_FILES=(tests/test_block_attention_triton.py tests/test_sampling.py tests/test_graphed_step.py
+PYTEST_FILES=(tests/test_block_attention_triton.py tests/test_sampling.py tests/test_pdl.py tests/test_graphed_step.py
               tests/test_modulated_layer_norm.py
               tests/test_linear.py tests/test_gated_residual_modulated_layer_norm.py tests/test_gated_residual.py
               tests/test_timestep_embedding.py tests/test_block_attention_qkv.py tests/test_models.py

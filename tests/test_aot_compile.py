@@ -111,7 +111,8 @@ def test_dit_forward_without_its_masked_loop_is_lighter(report):
     each such config holds no more registers or shared memory than with it, so at least as many programs share
     an SM (block_schedule.has_masked_tiles)."""
     rows = {r["name"]: r for r in report["compiled"]
-            if r["arch"] == 90 and r["name"].startswith("block_attention_fwd_bf16_D72_")}
+            if r["arch"] == 90 and r["name"].startswith("block_attention_fwd_bf16_D72_")
+            and not r["name"].endswith("_pdl")}
     pairs = [(rows[n[:-len("_fullonly")]], r) for n, r in rows.items() if n.endswith("_fullonly")]
     assert pairs and len(pairs) * 2 == len(rows), sorted(rows)
     for masked, full in pairs:
@@ -142,3 +143,37 @@ def test_serial_split_k_releases_its_partials_after_a_barrier(report):
     assert serial and {r["arch"] for r in serial} == {90, 80}
     assert all(r["barrier_before_release"] is True and r["l2_loads"] > 0 for r in serial), serial
     assert all(r["barrier_before_release"] is None and r["l2_loads"] == 0 for r in rows if r not in serial)
+
+
+def test_pdl_kernels_wait_before_touching_memory(report):
+    """Programmatic dependent launch (ard_kernels.ops._pdl): every ``_pdl`` kernel (the inference forwards and the
+    split-K linear, as the sampler launches them) executes ``griddepcontrol.wait`` before any global load, store,
+    atomic or asynchronous copy, and lets the next kernel launch after it; the kernels compiled without PDL have
+    no wait at all. Only sm_90 compiles them (the instructions are Hopper's)."""
+    rows = [r for r in report["compiled"] if r["name"].endswith("_pdl")]
+    ops = {name for name in ("modulated_layer_norm_fwd", "gated_residual_fwd",
+                             "gated_residual_modulated_layer_norm_fwd", "block_attention_fwd", "linear_bf16",
+                             "linear_reduce")
+           if any(r["name"].startswith(name) for r in rows)}
+    assert len(ops) == 6, ops
+    assert {r["arch"] for r in rows} == {90}
+    assert all(r["pdl_wait_first"] is True for r in rows), [(r["name"], r["pdl_wait_first"]) for r in rows]
+    assert all(r["pdl_wait_first"] is None for r in report["compiled"] if not r["name"].endswith("_pdl"))
+    # The wait and the weight prefetch cost no registers to speak of (the same programs per SM).
+    plain = {r["name"]: r for r in report["compiled"] if r["arch"] == 90}
+    twins = [(plain[r["name"][:-len("_pdl")]], r) for r in rows if r["name"][:-len("_pdl")] in plain]
+    assert len(twins) >= 10
+    assert all(r["registers"] <= p["registers"] + 8 and not r["spill_bytes"] for p, r in twins), twins
+
+
+def test_wait_comes_first_reads_the_ptx_order():
+    """The check itself: a load before the wait, or no release after it, fails; an L2 prefetch before it is fine."""
+    wait, release = "griddepcontrol.wait;", "griddepcontrol.launch_dependents;"
+    prefetch, load = "@p prefetch.global.L2 [%rd1];", "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd2];"
+    assert aot_check.wait_comes_first("\n".join([prefetch, wait, release, load])) is True
+    assert aot_check.wait_comes_first("\n".join([load, wait, release])) is False
+    copy = "cp.async.cg.shared.global [%r1], [%rd1], 16;"
+    assert aot_check.wait_comes_first("\n".join([copy, wait, release])) is False
+    assert aot_check.wait_comes_first("\n".join([wait, load])) is False
+    assert aot_check.wait_comes_first("\n".join([release, wait, load])) is False
+    assert aot_check.wait_comes_first(load) is None

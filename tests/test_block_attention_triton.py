@@ -488,6 +488,51 @@ def test_overlapped_loop_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, u
     _assert_triton_matches_reference(q, k, v, bs, table, pattern)
 
 
+# The split-KV forward (grid axis 1 splits each query tile's key list; the last split to finish merges): full and
+# masked tiles in one split, splits with no tile at all (more splits than tiles), keys past Lk, query tiles past Lq,
+# (B, N, H, D) strides, head dims with and without a remainder.
+SPLIT_CASES = [
+    (1, 2, 7, 21, 21, 72, "causal", False),
+    (1, 1, 16, 64, 64, 16, "causal", False),  # full tiles only
+    (2, 1, 13, 39, 13, 24, "causal", True),   # the cached step
+    (1, 2, 6, 24, 19, 72, "random", False),
+    (1, 1, 5, 20, 20, 40, "diagonal", False),
+]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="forces the split-KV forward in the interpreter")
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("b,h,bs,lk,lq,d,pattern,bnhd", SPLIT_CASES)
+def test_split_kv_forward_matches_reference(b, h, bs, lk, lq, d, pattern, bnhd, splits, monkeypatch):
+    from ard_kernels import ops
+
+    monkeypatch.setattr(ba, "_INTERPRETER_SPLITS", splits)
+    if pattern == "random":
+        pattern = _random_table(masks.num_blocks(lk, bs), torch.Generator().manual_seed(lk + 1))
+    q, k, v = _inputs(b, h, lq, lk, d, "cpu", bnhd=bnhd)
+    table = masks.pattern_table(pattern, masks.num_blocks(lk, bs))
+    launch = ba._Launch(q, k, table.shape[0], block_schedule.encode_pattern(table, table.shape[0]), bs, 1.0, "fwd", v)
+    assert launch.constexprs()["SPLITS"] == splits
+    _assert_triton_matches_reference(q, k, v, bs, table, pattern)
+    assert ops._COUNTERS and all(int(c.abs().sum()) == 0 for c in ops._COUNTERS.values())  # left at zero
+
+
+def test_split_kv_configs_only_on_grids_under_one_wave(monkeypatch):
+    """The split-KV configs join the small-grid ones (grids under one wave, head width up to 128) and nowhere
+    else; the autotuner's grid has SPLITS programs along axis 1 for them."""
+    extra = ba._extra_configs("fwd", 80, True, False, True, small_grid=True)
+    split = [c for c in extra if len(c) > 6]
+    assert [c[6] for c in split] == [c[4] for c in ba._SPLIT_KV_CONFIGS] and all(c[6] > 1 for c in split)
+    assert not any(len(c) > 6 for c in ba._extra_configs("fwd", 80, True, True, True))
+    assert not any(len(c) > 6 for c in ba._extra_configs("fwd", 144, True, False, True, small_grid=True))
+    kernel, _ = ba._tuned("fwd", False, False, extra)
+    assert sorted({c.kwargs["SPLITS"] for c in kernel.configs}) == [1, 2, 4]
+    assert ba._grid(256, "BLOCK_M", 16)({"BLOCK_M": 32, "SPLITS": 4}) == (128, 4)
+    monkeypatch.setenv("ARD_KERNELS_SPLIT_KV", "0")
+    assert not any(len(c) > 6 for c in ba._extra_configs("fwd", 80, True, False, True, small_grid=True))
+    assert ba._grid(256, "BLOCK_N", 16)({"BLOCK_N": 64}) == (64, 1)
+
+
 def test_tma_eligibility():
     """Hopper, half precision, widths <= 128 and TMA-legal strides only; everything else keeps pointers."""
     q = torch.empty(2, 3, 40, 72, dtype=torch.bfloat16)
@@ -553,8 +598,9 @@ def test_tma_configs_join_the_pointer_configs(width):
 def test_small_grid_forward_configs():
     """Grids under one wave (GRID_KEY 0) add the 32-row forward tiles, pointer loads, in an autotuner of their
     own (its slots hold their tiling); larger grids, the backward kernels and wide heads do not."""
-    small = tuple((*c, False, False) for c in ba._SMALL_GRID_CONFIGS)
-    assert small and all(c[0] == 32 for c in small)
+    small = (tuple((*c, False, False) for c in ba._SMALL_GRID_CONFIGS)
+             + tuple((*c[:4], False, False, c[4]) for c in ba._SPLIT_KV_CONFIGS))
+    assert small and all(c[0] == 32 for c in small[:len(ba._SMALL_GRID_CONFIGS)])
     assert ba._extra_configs("fwd", 80, True, False, True, small_grid=True) == small
     assert ba._extra_configs("fwd", 80, True, True, True, small_grid=True)[-len(small):] == small
     assert ba._extra_configs("fwd", 80, True, False, True) == ()

@@ -248,6 +248,23 @@ def test_render_targets_reads_issue_7_from_the_training_rows():
     assert table.rstrip().endswith("| 140 |  | PASS |")
 
 
+def test_render_targets_gives_each_graph_stack_its_issue_8_line():
+    """Issue 8's latency lines: one per graph stack (plain launches, and PDL where it ran), the best of ours over
+    every stack of ours, and the N=6 over N=0 line of each stack."""
+    from benchmarks.run_all import render_targets
+
+    rows = [{"stack": s, "variant": v, "batch": 1, "ms": ms, "vs_N0_%": pct}
+            for s, v, ms, pct in (("graphs", "ARD N=6", 6.8, 2.7), ("graphs-pdl", "ARD N=6", 3.9, 2.0),
+                                  ("eager", "ARD N=6", 110.0, 1.0), ("published", "ARD N=6", 54.0, None))]
+    table = render_targets({"e2e": rows})
+    assert "| 8 | ARD N=6, 4 steps, B1, CUDA graphs (best of ours: 3.9 ms) | ≤ 4 ms | 6.8 ms |" in table
+    assert "| 8 | ARD N=6, 4 steps, B1, CUDA graphs + PDL (best of ours: 3.9 ms) | ≤ 4 ms | 3.9 ms |" in table
+    assert "| 8 | ARD N=6 over N=0, graphs-pdl, B1 | ≤ 3% | 2% |" in table
+    no_pdl = render_targets({"e2e": [r for r in rows if r["stack"] != "graphs-pdl"]})
+    assert "PDL" not in no_pdl and "graphs-pdl" not in no_pdl
+    assert "| 8 | ARD N=6, 4 steps, B1, CUDA graphs (best of ours: 6.8 ms) | ≤ 4 ms | 6.8 ms |" in no_pdl
+
+
 def test_e2e_recompute_stack_runs_beside_the_cached_one(tmp_path):
     """bench_e2e's opt-in "recompute" stack: the sampler without the KV cache, timed beside the cached one."""
     from benchmarks import bench_e2e

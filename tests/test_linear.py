@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ard_kernels import ops
 from ard_kernels.ops import linear as lin
 from ard_kernels.reference import linear_ref
 
@@ -64,7 +65,7 @@ def test_serial_plan_gives_the_two_pass_bits_and_resets_its_counters(m, n, k, sp
     for _ in range(2):
         y = lin.linear_triton(x, w, b, gelu, split, serial=True)
         assert torch.equal(y, two_pass)
-        assert all(int(c.abs().sum()) == 0 for c in lin._COUNTERS.values())
+        assert all(int(c.abs().sum()) == 0 for c in ops._COUNTERS.values())
     torch.testing.assert_close(y.double(), _peer(x, w, b, gelu), atol=1e-5, rtol=1e-5)
 
 
@@ -90,10 +91,12 @@ def test_serial_plan_runs_one_launch(triton_device, monkeypatch):
 
 def test_chosen_plans_name_each_timed_shape(monkeypatch):
     """What benchmarks record of the model's Linears (benchmarks/common.kernel_choices)."""
-    monkeypatch.setattr(lin, "_PLANS", {(256, 1152, 1152, torch.bfloat16, False, True, "cuda:0"): -2,
+    monkeypatch.setattr(lin, "_PLANS", {(256, 1152, 1152, torch.bfloat16, False, True, "cuda:0", False): -2,
+                                        (256, 1152, 1152, torch.bfloat16, False, True, "cuda:0", True): 4,
                                         ("triton", 256, 4608, 1152, torch.bfloat16, True, True, "cuda:0"): 1,
-                                        (8, 16, 32, torch.float16, False, False, "cuda:0"): 0})
+                                        (8, 16, 32, torch.float16, False, False, "cuda:0", False): 0})
     assert lin.chosen_plans() == {"M256 N1152 K1152 bfloat16": "serial2",
+                                  "M256 N1152 K1152 bfloat16 (pdl)": "split4",
                                   "M256 N4608 K1152 gelu bfloat16 (triton only)": "split1",
                                   "M8 N16 K32 float16": "cublas"}
 

@@ -238,6 +238,22 @@ def test_graph_runner_equals_eager_over_two_calls(graph_runner, history_layers, 
     assert graph_runner.captures == 1 and len(student._graph_samplers) == 1
 
 
+def test_graph_runner_captures_again_when_programmatic_launch_changes(graph_runner):
+    """A captured graph holds its launches as they were made: with PDL switched on (ard_kernels.ops._pdl) the
+    sampler captures a graph of its own, and switching back replays the first one."""
+    from ard_kernels.ops import programmatic_launch
+
+    student = make_student("causal", 1, **GRAPHABLE)
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    plain = sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+    with programmatic_launch(True):
+        pdl = sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+    again = sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+    assert graph_runner.captures == 2 and len(student._graph_samplers) == 2
+    torch.testing.assert_close(pdl, plain, rtol=0, atol=0)  # never PDL on the CPU: the same kernels
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("pattern", ["causal", "window", "first", "table"])
 @pytest.mark.parametrize("history_layers", [0, 1, DEPTH])
 def test_recomputing_the_history_gives_the_cached_samples(pattern, history_layers):
@@ -423,6 +439,34 @@ def test_cuda_graph_sampler_equals_eager(pattern, guided, cuda_extension):
     again = sampling.sample_outputs(student, noise2, y2, cfg_scale=s2, use_cuda_graphs=True)
     assert rel_err(again, sampling.sample_outputs(student, noise2, y2, cfg_scale=s2)) < 1e-5
     assert len(student._graph_samplers) == 1
+
+
+@pytest.mark.cuda
+def test_cuda_graph_sampler_with_programmatic_launch(cuda_extension):
+    """bf16 sampling with PDL (Hopper): the graph replays what the same launches give eagerly, the Linears run
+    the Triton plans (timed among themselves), and the samples match the plainly launched ones up to the
+    plans' rounding."""
+    from ard_kernels.ops import linear as lin
+    from ard_kernels.ops import programmatic_launch
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or later")
+    student = make_student("causal", 2, **FAST).cuda().to(torch.bfloat16)
+    noise = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.bfloat16)
+    y = torch.tensor([3, 7], device="cuda")
+    plain = sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+    with programmatic_launch(True):
+        eager = sampling.sample_outputs(student, noise, y)
+        graphed = sampling.sample_outputs(student, noise, y, use_cuda_graphs=True)
+        noise2 = torch.randn_like(noise)
+        again = sampling.sample_outputs(student, noise2, y, use_cuda_graphs=True)
+        eager2 = sampling.sample_outputs(student, noise2, y)
+    # (a race, a kernel reading its input before the previous one wrote it, would be far off, not rounding)
+    assert rel_err(graphed, eager) < 1e-2 and rel_err(again, eager2) < 1e-2
+    assert rel_err(graphed, plain) < 2e-2
+    assert len(student._graph_samplers) == 2
+    pdl_plans = {k: v for k, v in lin.chosen_plans().items() if k.endswith("(pdl)")}
+    assert pdl_plans and "cublas" not in pdl_plans.values(), pdl_plans
 
 
 @pytest.mark.cuda

@@ -23,6 +23,26 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# Arrival counters of the kernels whose last program to finish a tile reduces it (the serial split-K linear, the
+# split-KV attention forward), per (device, number of tiles): int32 zeros that every launch leaves at zero. Made
+# outside CUDA-graph captures only (a capture records a memset without running it) and never freed (a captured
+# graph holds their address). One set per device, shared by those kernels: they must not run concurrently on two
+# streams of one device (the model's sampler runs one stream; one stream runs them one after another).
+_COUNTERS: dict = {}
+
+
+def arrival_counters(device: torch.device, tiles: int):
+    """The zeroed arrival counters for ``tiles`` tiles on ``device``, or None inside a CUDA-graph capture when there
+    are none yet (a warm-up outside the capture makes them)."""
+    key = (str(device), tiles)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[key] = torch.zeros(tiles, dtype=torch.int32, device=device)
+    return counters
+
+
 # ARD_KERNELS_DIRECT_LAUNCH=0: every call goes through the ops' torch custom ops (read once, at import).
 _DIRECT_LAUNCH = os.environ.get("ARD_KERNELS_DIRECT_LAUNCH", "1") != "0"
 
@@ -100,3 +120,7 @@ def _eager_function(launcher, setup_context, backward):
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
+
+
+# Programmatic dependent launch of the inference kernels (Hopper): off unless switched on (see ._pdl).
+from ._pdl import programmatic_launch, programmatic_launch_enabled, set_programmatic_launch  # noqa: E402, F401

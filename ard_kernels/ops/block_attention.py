@@ -47,7 +47,8 @@ import torch
 import triton
 
 from ..reference import split_qkv
-from . import block_schedule, differentiable_call, forward_call, launch_device, sm_count
+from . import arrival_counters, block_schedule, differentiable_call, forward_call, launch_device, sm_count
+from ._pdl import pdl_meta, pdl_twins
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
     _block_attention_bwd_dq_kernel,
@@ -121,12 +122,21 @@ _DKDV_OVERLAP_CONFIGS = ((32, 128, 8, 2), (32, 64, 4, 2))
 # masked loop under triton 3.6 (sm_90, D72: 255 registers and 36 bytes; two: 202, or 186 without the masked
 # loop). A separate autotuner from the full-grid one, so the larger grids neither compile nor time them.
 _SMALL_GRID_CONFIGS = ((32, 64, 4, 2),)
+# Split-KV forward configs for the same grids, (BLOCK_M, BLOCK_N, warps, stages, SPLITS): grid axis 1 splits each
+# query tile's key list in SPLITS contiguous runs, each program carries one run, and the query tile's last program
+# to finish merges the SPLITS partials (fp32, through a workspace in L2; block_attention_kernels._split_kv_finish):
+# SPLITS times the programs and a key loop SPLITS times shorter, where the one-wave grid leaves most SMs idle and
+# each program's loop of dependent loads and products is the latency (flash-decoding). B1's KV-cached step walks
+# 4 to 16 key tiles of 64 per query tile. ARD_KERNELS_SPLIT_KV=0: not offered.
+_SPLIT_KV_CONFIGS = ((32, 64, 4, 2, 2), (32, 64, 4, 2, 4), (64, 64, 4, 2, 4))
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
 _INTERPRETER_TMA = False
 # Tests set this to run the overlapped full-tile loops (forward, dQ, dK/dV) through the interpreter.
 _INTERPRETER_OVERLAP = False
+# Tests set this to run the split-KV forward (that many splits) through the interpreter.
+_INTERPRETER_SPLITS = 1
 # GRID_KEY (an occupancy class, :func:`_occupancy_class`): a config tuned on a full grid (B64) is not the one
 # a grid of fewer programs than SMs wants (B1's KV-cached step: 32 query tiles of 128 rows on 132 SMs), and the
 # other keys ignore the batch and head count.
@@ -161,12 +171,15 @@ def _set_fwd_desc_blocks(nargs: dict):
 
 def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_half: bool,
                    small_grid: bool = False) -> tuple:
-    """The configs a launch adds to the pointer list, as (BLOCK_M, BLOCK_N, warps, stages, USE_TMA, OVERLAP):
-    the forward's TMA ones where ``tma`` (:func:`_tma_configs`) and its :data:`_SMALL_GRID_CONFIGS` on a grid
-    under one wave (``small_grid``, head width up to 128), the overlapped dQ and dK/dV ones on Hopper in half
+    """The configs a launch adds to the pointer list, as (BLOCK_M, BLOCK_N, warps, stages, USE_TMA, OVERLAP[, SPLITS]):
+    the forward's TMA ones where ``tma`` (:func:`_tma_configs`) and its :data:`_SMALL_GRID_CONFIGS` and
+    :data:`_SPLIT_KV_CONFIGS` on a grid under one wave (``small_grid``, head width up to 128), the overlapped dQ
+    and dK/dV ones on Hopper in half
     precision for head dims with a remainder up to width 96."""
     if kind == "fwd":
-        small = tuple((*c, False, False) for c in _SMALL_GRID_CONFIGS) if small_grid and width <= 128 else ()
+        split = _SPLIT_KV_CONFIGS if os.environ.get("ARD_KERNELS_SPLIT_KV", "1") != "0" else ()
+        small = (tuple((*c, False, False) for c in _SMALL_GRID_CONFIGS)
+                 + tuple((*c[:4], False, False, c[4]) for c in split)) if small_grid and width <= 128 else ()
         return (tuple((*c[:4], True, c[4]) for c in _tma_configs(width, remainder)) if tma else ()) + small
     if hopper_half and remainder and width <= 96:
         return tuple((*c, False, True) for c in {"dq": _DQ_OVERLAP_CONFIGS, "dkdv": _DKDV_OVERLAP_CONFIGS}[kind])
@@ -198,10 +211,10 @@ def _tuned(kind: str, wide: bool, fp32: bool, extra: tuple = ()):
         configs = configs[:1]
     pairs = tuple(dict.fromkeys(c[:2] for c in configs))
     tconfigs = []
-    for bm, bn, w, st, use_tma, overlap in configs:
+    for bm, bn, w, st, use_tma, overlap, *splits in configs:
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "SLOT": pairs.index((bm, bn))}
         if kind == "fwd":
-            meta.update(USE_TMA=use_tma, OVERLAP=overlap)
+            meta.update(USE_TMA=use_tma, OVERLAP=overlap, SPLITS=splits[0] if splits else 1)
         else:
             meta.update(OVERLAP=overlap)
         tconfigs.append(triton.Config(meta, num_warps=w, num_stages=st,
@@ -306,6 +319,9 @@ class _Launch:
         self.scale = float(scale)
         self.dot_prec = "ieee" if (q.dtype == torch.float32 or self.interp) else "tf32"
         self.align = 1  # the launch sets it (:func:`_row_align` of its tensors)
+        # The forward under programmatic dependent launch (:mod:`._pdl`; the backwards run in training, launched
+        # plainly): USE_PDL and Triton's launch_pdl option, or USE_PDL=False.
+        self.pdl = pdl_meta(q.device) if kind == "fwd" else {}
 
     def scalars(self):
         return (self.H, self.Lq, self.Lk, self.block_size, self.nb, self.scale * _LOG2E)
@@ -313,15 +329,45 @@ class _Launch:
     def constexprs(self):
         meta = dict(D0=self.d0, D1=self.d1, DP1=self.dp1, HAS_D1=self.d1 > 0, D1_MASK=self.dp1 != self.d1,
                     UPCAST=self.interp, DOT_PREC=self.dot_prec, SMALL_NB=self.nb <= block_schedule.SMALL_NB,
-                    ALIGN=self.align, MASKED_TILES=self.masked_tiles)
+                    ALIGN=self.align, MASKED_TILES=self.masked_tiles, **self.pdl)
         if self.interp:
             (bm, bn), = _INTERPRETER_PAIRS
             meta.update(BLOCK_M=bm, BLOCK_N=bn, SLOT=0)
             if self.kind == "fwd":
-                meta.update(USE_TMA=self.tma, OVERLAP=_INTERPRETER_OVERLAP)
+                meta.update(USE_TMA=self.tma, OVERLAP=_INTERPRETER_OVERLAP, SPLITS=_INTERPRETER_SPLITS)
             else:
                 meta.update(OVERLAP=_INTERPRETER_OVERLAP)
         return meta
+
+    def split_kv_buffers(self, q, lse):
+        """The forward's ``Ws, Cnt`` arguments: where this launch offers split-KV configs, an fp32 workspace for the
+        largest split count and the arrival counters of the smallest query tile's grid
+        (:func:`.block_attention_kernels._split_kv_finish`); else ``lse`` and the schedule, never read."""
+        if self.interp:
+            splits, tiles = _INTERPRETER_SPLITS, [_INTERPRETER_PAIRS[0][0]]
+        else:
+            split_configs = [c for c in self.extra_configs() if len(c) > 6 and c[6] > 1]
+            splits = max((c[6] for c in split_configs), default=1)
+            tiles = [c[0] for c in split_configs]
+            chosen = _CHOSEN.get(self.memo_key(q)) if _LAUNCH_MEMO else None
+            capturing = torch.cuda.is_current_stream_capturing()
+            if chosen is not None and chosen.kwargs.get("SPLITS", 1) == 1 and not capturing:
+                splits = 1  # the memo's config reads no workspace (a capture takes the autotuner: any config)
+        if splits <= 1:
+            return lse, self.sched
+        rows = self.B * self.H * self.Lq
+        ws = torch.empty(splits * rows * (self.d0 + self.dp1 + 2), device=q.device, dtype=torch.float32)
+        counters = arrival_counters(q.device, triton.cdiv(self.Lq, min(tiles)) * self.B * self.H)
+        if counters is None:
+            raise RuntimeError(f"block_attention: a forward of shape (B={self.B}, H={self.H}, Lq={self.Lq}, "
+                               f"Lk={self.Lk}) first seen inside a CUDA-graph capture; run it once eagerly first "
+                               "(its autotuning and arrival counters cannot be made in a capture)")
+        return ws, counters
+
+    def memo_key(self, q):
+        """This launch's key in :data:`_CHOSEN` (the config its autotuned launch chose)."""
+        return (self.kernel, self.Lq, self.Lk, self.pat_key, self.grid_key, self.d0, self.d1, self.dot_prec, self.align,
+                q.dtype, self.tma, q.device)
 
     def extra_configs(self) -> tuple:
         """The configs this launch adds to the pointer list (:func:`_extra_configs`)."""
@@ -360,10 +406,11 @@ _LAST_CONFIG: dict = {}
 
 
 def _describe(config) -> str:
-    """"BLOCK_MxBLOCK_N wW sS [tma] [overlap]" of a tuned config."""
+    """"BLOCK_MxBLOCK_N wW sS [tma] [overlap] [splitN]" of a tuned config."""
     kw = config.kwargs
     return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps}s{config.num_stages}"
-            + (" tma" if kw.get("USE_TMA") else "") + (" overlap" if kw.get("OVERLAP") else ""))
+            + (" tma" if kw.get("USE_TMA") else "") + (" overlap" if kw.get("OVERLAP") else "")
+            + (f" split{kw['SPLITS']}" if kw.get("SPLITS", 1) > 1 else ""))
 
 
 def last_configs(clear: bool = False) -> dict:
@@ -393,7 +440,7 @@ def _launch(L, grid, head, tail, q, descriptors=None):
     if L.interp:
         L.kernel[grid](*head, *(descriptors(None) if descriptors else ()), *tail, **meta)
         return
-    key = (L.kernel, L.Lq, L.Lk, L.pat_key, L.grid_key, L.d0, L.d1, L.dot_prec, L.align, q.dtype, L.tma, q.device)
+    key = L.memo_key(q)
     config = _CHOSEN.get(key) if _LAUNCH_MEMO else None
     capturing = torch.cuda.is_current_stream_capturing()
     if config is None or capturing:
@@ -430,7 +477,8 @@ def _strides(t: torch.Tensor, align: int):
 
 
 def _grid(rows: int, tile: str, bh: int):
-    return lambda meta: (triton.cdiv(rows, meta[tile]) * bh,)
+    """Programs: the ``tile``-row tiles of ``rows`` rows per batch·head, by the forward's key splits (SPLITS)."""
+    return lambda meta: (triton.cdiv(rows, meta[tile]) * bh, meta.get("SPLITS", 1))
 
 
 def _token_major_like(q):
@@ -454,7 +502,8 @@ def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float, o
     a = _row_align(q, k, v, out)
     L.align = a
     with launch_device(q):
-        _launch(L, _grid(L.Lq, "BLOCK_M", L.B * L.H), (q, k, v, out, lse, L.sched),
+        ws, counters = L.split_kv_buffers(q, lse)
+        _launch(L, _grid(L.Lq, "BLOCK_M", L.B * L.H), (q, k, v, out, lse, L.sched, ws, counters),
                 (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(out, a), *L.scalars(), L.pat_key,
                  L.grid_key), q, descriptors=lambda config: L.fwd_descriptors(q, k, v, config))
     return out, lse
@@ -685,8 +734,9 @@ def aot_specs():
         configs = _FP32_CONFIGS if dtype == "fp32" else _CONFIGS
         for kind, kernel in kernels.items():
             fn = jit_function(kernel)
-            pointers = {name: "*fp32" if name in ("Lse", "Delta") else "*i32" if name == "S" else f"*{dtype}"
-                        for name in ("Q", "K", "V", "Out", "dO", "dK", "dV", "dQ", "Lse", "Delta", "S")}
+            pointers = {name: "*fp32" if name in ("Lse", "Delta", "Ws") else "*i32" if name in ("S", "Cnt")
+                        else f"*{dtype}"
+                        for name in ("Q", "K", "V", "Out", "dO", "dK", "dV", "dQ", "Lse", "Delta", "S", "Ws", "Cnt")}
             signature = make_signature(kernel, dtype, {n: t for n, t in pointers.items() if n in fn.arg_names},
                                        floats=("qk_scale", "scale"))
             unit = {name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("d")}
@@ -702,7 +752,8 @@ def aot_specs():
                 if not group_archs:
                     continue
                 masked_variants = (True, False) if (d, dtype) == (72, "bf16") else (True,)
-                for (bm, bn, warps, stages, use_tma, overlap), masked in itertools.product(group, masked_variants):
+                for (bm, bn, warps, stages, use_tma, overlap, *splits), masked in itertools.product(group,
+                                                                                                     masked_variants):
                     meta = dict(unit, D0=d0, D1=d1, DP1=dp1, HAS_D1=d1 > 0, D1_MASK=dp1 != d1, BLOCK_M=bm,
                                 BLOCK_N=bn, SLOT=list(dict.fromkeys(c[:2] for c in group)).index((bm, bn)),
                                 UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32", SMALL_NB=True,
@@ -711,6 +762,7 @@ def aot_specs():
                     meta["OVERLAP"] = overlap
                     if kind == "fwd":
                         meta["USE_TMA"] = use_tma
+                        meta["SPLITS"] = splits[0] if splits else 1
                         for name in _FWD_DESCS:
                             if descs and (d1 or name.endswith("0")):
                                 rows = bm if name.startswith("desc_q") else bn
@@ -720,7 +772,7 @@ def aot_specs():
                     specs.append({
                         "name": f"block_attention_{kind}_{dtype}_D{d}_{bm}x{bn}_w{warps}s{stages}"
                                 + ("_tma" if use_tma else "") + ("_overlap" if overlap else "")
-                                + ("" if masked else "_fullonly"),
+                                + (f"_split{splits[0]}" if splits else "") + ("" if masked else "_fullonly"),
                         "kernel": kernel,
                         "signature": sig,
                         "constexprs": meta,
@@ -740,4 +792,7 @@ def aot_specs():
             "num_stages": 3,
             "archs": archs,
         })
-    return specs
+    # the DiT forward (head dim 72, bf16, 256-token blocks) as the sampler launches it under PDL
+    dit = tuple(s["name"] for s in specs
+                if s["name"].startswith("block_attention_fwd_bf16_D72_") and s["name"].endswith("_fullonly"))
+    return specs + pdl_twins(specs, dit)

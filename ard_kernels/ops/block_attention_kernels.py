@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._pdl import wait_previous_kernel
+
 
 @triton.jit
 def _allowed(S, tab_off, nb, block_size, q_off, rows, cols, Lq, Lk, SMALL_NB: tl.constexpr):
@@ -222,9 +224,76 @@ def _fwd_inner_overlapped(acc0, acc1, l_i, m_i, q0, q1, K0, K1, V0, V1, S, it_lo
     return acc0, acc1, l_i, m_i
 
 
+@triton.jit
+def _store_output(acc0, acc1, l_i, m_i, Out, Lse, bh, b, h, offs_m, offs_d0, offs_d1, m_valid, Lq, stride_ob, stride_oh,
+                  stride_om, stride_od, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
+    """O = acc / l in Out's dtype and lse = (m + log2 l)·ln 2 of one query tile (m, l: base-2 row max and sum)."""
+    # Rows past Lq never see a key in masked tiles; keep their (unstored) values finite.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    inv_l = 1.0 / l_safe
+    Ob = Out + b * stride_ob + h * stride_oh
+    o_ptrs0 = Ob + offs_m[:, None] * stride_om + offs_d0[None, :] * stride_od
+    tl.store(o_ptrs0, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=m_valid[:, None])
+    if HAS_D1:
+        o_ptrs1 = Ob + offs_m[:, None] * stride_om + (D0 + offs_d1)[None, :] * stride_od
+        tl.store(o_ptrs1, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=m_valid[:, None] & (offs_d1 < D1)[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _split_kv_finish(acc0, acc1, l_i, m_i, Ws, Cnt, Out, Lse, bh, b, h, offs_m, offs_d0, offs_d1, m_valid, Lq,
+                     stride_ob, stride_oh, stride_om, stride_od, D0: tl.constexpr, D1: tl.constexpr,
+                     DP1: tl.constexpr, HAS_D1: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr):
+    """Split-KV: store this split's partial (unnormalised acc, row max m, row sum l; fp32) and, in the query
+    tile's last split to arrive, merge the SPLITS partials in split order and store O and lse.
+
+    Workspace ``Ws`` (fp32): acc as (SPLITS, rows, D0 + DP1), then m and l as (SPLITS, rows) each, rows = B·H·Lq.
+    ``Cnt``: one int32 arrival counter per query tile (program along axis 0), zero before the launch and put back
+    to zero by the merging program. The merge is the same sum whichever split arrives last (deterministic).
+    """
+    WIDTH: tl.constexpr = D0 + DP1
+    tile = tl.program_id(0)
+    rows = (tl.num_programs(0) // tl.cdiv(Lq, BLOCK_M)).to(tl.int64) * Lq
+    row = bh.to(tl.int64) * Lq + offs_m
+    Ws_m = Ws + SPLITS * rows * WIDTH
+    Ws_l = Ws_m + SPLITS * rows
+    mine = tl.program_id(1) * rows + row
+    tl.store(Ws + mine[:, None] * WIDTH + offs_d0[None, :], acc0, mask=m_valid[:, None])
+    if HAS_D1:
+        tl.store(Ws + mine[:, None] * WIDTH + (D0 + offs_d1)[None, :], acc1, mask=m_valid[:, None])
+    tl.store(Ws_m + mine, m_i, mask=m_valid)
+    tl.store(Ws_l + mine, l_i, mask=m_valid)
+    # Every thread's partial is stored before one thread's release (the barrier); the counter's acquire makes the
+    # other splits' partials visible to the merging program, whose loads skip L1 (not coherent across SMs).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Cnt + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLITS - 1:
+        m_all = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        for t in tl.static_range(SPLITS):
+            m_all = tl.maximum(m_all, tl.load(Ws_m + t * rows + row, mask=m_valid, other=-1.0e30,
+                                               cache_modifier=".cg"))
+        l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+        o0 = tl.zeros_like(acc0)
+        o1 = tl.zeros_like(acc1)
+        for t in tl.static_range(SPLITS):
+            part = t * rows + row
+            w = tl.math.exp2(tl.load(Ws_m + part, mask=m_valid, other=-1.0e30, cache_modifier=".cg") - m_all)
+            l_all += w * tl.load(Ws_l + part, mask=m_valid, other=0.0, cache_modifier=".cg")
+            o0 += w[:, None] * tl.load(Ws + part[:, None] * WIDTH + offs_d0[None, :], mask=m_valid[:, None],
+                                       other=0.0, cache_modifier=".cg")
+            if HAS_D1:
+                o1 += w[:, None] * tl.load(Ws + part[:, None] * WIDTH + (D0 + offs_d1)[None, :],
+                                           mask=m_valid[:, None], other=0.0, cache_modifier=".cg")
+        _store_output(o0, o1, l_all, m_all, Out, Lse, bh, b, h, offs_m, offs_d0, offs_d1, m_valid, Lq, stride_ob,
+                      stride_oh, stride_om, stride_od, D0, D1, HAS_D1)
+        tl.atomic_xchg(Cnt + tile, 0, sem="relaxed", scope="gpu")
+
+
 @triton.jit(do_not_specialize=["PAT_KEY", "GRID_KEY"])
 def _block_attention_fwd_kernel(
-    Q, K, V, Out, Lse, S,
+    Q, K, V, Out, Lse, S, Ws, Cnt,
     desc_q0, desc_q1, desc_k0, desc_k1, desc_v0, desc_v1,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -234,8 +303,10 @@ def _block_attention_fwd_kernel(
     D0: tl.constexpr, D1: tl.constexpr, DP1: tl.constexpr, HAS_D1: tl.constexpr, D1_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     SMALL_NB: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr, MASKED_TILES: tl.constexpr,
-    OVERLAP: tl.constexpr,
+    OVERLAP: tl.constexpr, SPLITS: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
 ):
+    wait_previous_kernel(USE_PDL)  # programmatic dependent launch (:mod:`._pdl`): before any global access
+    # Ws, Cnt: the split-KV workspace and arrival counters (:func:`_split_kv_finish`), used when SPLITS > 1.
     # desc_*: TMA descriptors over (B, H, L, D), columns [0, D0) ("0") and [D0, D0 + DP1) ("1"), when
     # USE_TMA (Hopper configs; the launcher's pre-hook sets their block shapes), else None.
     # Strides arrive divided by ALIGN (8 when every non-unit stride allows it): multiplying back by a
@@ -279,6 +350,15 @@ def _block_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
 
     tab_off, full_lo, mask_lo, mask_hi = _tile_lists(S, m, 0, SLOT)
+    if SPLITS > 1:
+        # Split-KV (grid axis 1, for grids under one wave): this program takes its share of the tile's key list,
+        # a contiguous run of full then masked tiles; its partial is merged in :func:`_split_kv_finish`.
+        per = tl.cdiv(mask_hi - full_lo, SPLITS)
+        lo = tl.minimum(full_lo + tl.program_id(1) * per, mask_hi)
+        hi = tl.minimum(lo + per, mask_hi)
+        full_lo, mask_lo, mask_hi, masked_lo = lo, tl.minimum(hi, mask_lo), hi, tl.maximum(lo, mask_lo)
+    else:
+        masked_lo = mask_lo
     if OVERLAP:
         acc0, acc1, l_i, m_i = _fwd_inner_overlapped(
             acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, full_lo, mask_lo,
@@ -293,23 +373,17 @@ def _block_attention_fwd_kernel(
             BLOCK_N, False, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
     if MASKED_TILES:
         acc0, acc1, l_i, m_i = _fwd_inner(
-            acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, mask_lo, mask_hi,
+            acc0, acc1, l_i, m_i, q0, q1, Kb, Kb + D0 * stride_kd, Vb, Vb + D0 * stride_vd, S, masked_lo, mask_hi,
             stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n0, offs_d0, offs_d1, qk_scale, Lq, Lk, q_off,
             block_size, nb, tab_off, desc_k0, desc_k1, desc_v0, desc_v1, b32, h32, D0, D1, DP1, HAS_D1, D1_MASK,
             BLOCK_N, True, UPCAST, DOT_PREC, SMALL_NB, USE_TMA)
 
-    # Rows past Lq never see a key in masked tiles; keep their (unstored) values finite.
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    inv_l = 1.0 / l_safe
-    Ob = Out + b * stride_ob + h * stride_oh
-    o_ptrs0 = Ob + offs_m[:, None] * stride_om + offs_d0[None, :] * stride_od
-    tl.store(o_ptrs0, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=m_valid[:, None])
-    if HAS_D1:
-        o_ptrs1 = Ob + offs_m[:, None] * stride_om + (D0 + offs_d1)[None, :] * stride_od
-        tl.store(o_ptrs1, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
-                 mask=m_valid[:, None] & (offs_d1 < D1)[None, :])
-    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_valid)
+    if SPLITS > 1:
+        _split_kv_finish(acc0, acc1, l_i, m_i, Ws, Cnt, Out, Lse, bh, b, h, offs_m, offs_d0, offs_d1, m_valid, Lq,
+                         stride_ob, stride_oh, stride_om, stride_od, D0, D1, DP1, HAS_D1, BLOCK_M, SPLITS)
+    else:
+        _store_output(acc0, acc1, l_i, m_i, Out, Lse, bh, b, h, offs_m, offs_d0, offs_d1, m_valid, Lq, stride_ob,
+                      stride_oh, stride_om, stride_od, D0, D1, HAS_D1)
 
 
 @triton.jit

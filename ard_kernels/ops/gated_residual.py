@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import differentiable_call, direct_launch_ok, forward_call, launch_device
+from ._pdl import pdl_meta, pdl_twins, wait_previous_kernel
 from ._rows import (
     block_program,
     block_rows,
@@ -37,8 +38,9 @@ def _gated_residual_fwd_kernel(
     stride_y_b, stride_y_n, stride_y_c,
     stride_g_b, stride_g_n, stride_g_c,
     stride_o_b, stride_o_n, stride_o_c,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_previous_kernel(USE_PDL)  # programmatic dependent launch (:mod:`._pdl`): before any global access
     # Axis 0: (sample, block, row tile), row tiles fastest; axis 1: C-chunks.
     b, blk, tile = block_program(tl.program_id(0), tiles_per_block, num_blocks)
     n64, row_ok = block_rows(blk, tile * BLOCK_M, block_size, N, BLOCK_M)
@@ -136,7 +138,7 @@ def _launch_fwd(x, y, gate, out, block_size):
             y.stride(0), y.stride(1), y.stride(2),
             gate.stride(0), gate.stride(1), gate.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps, **pdl_meta(x.device),
         )
 
 
@@ -288,4 +290,4 @@ def aot_specs():
                     "divisible": row_divisible(kernel) if C % 16 == 0 else (),  # C = 100: nothing is
                     "num_warps": num_warps,
                 })
-    return specs
+    return specs + pdl_twins(specs, ("gated_residual_fwd_bf16_C1152",))

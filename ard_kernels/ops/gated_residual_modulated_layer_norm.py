@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import differentiable_call, direct_launch_ok, forward_call, launch_device
+from ._pdl import pdl_meta, pdl_twins, wait_previous_kernel
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -75,8 +76,9 @@ def _gated_residual_modulated_layer_norm_fwd_kernel(
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_o_b, stride_o_n, stride_o_c,
     stride_h_b, stride_h_n,
-    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr,
+    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_previous_kernel(USE_PDL)  # programmatic dependent launch (:mod:`._pdl`): before any global access
     # One program per (sample, block, row tile), row tiles fastest; whole rows (LayerNorm needs them),
     # each in two column segments. In place, OUT is X: every element is read before the same program
     # overwrites it. B: the batch, an autotuning key only (the grid holds it).
@@ -271,7 +273,7 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
             scale.stride(0), scale.stride(1), scale.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             h.stride(0), h.stride(1),
-        ), configs, x.device, FORWARD_AUTOTUNE_KEY, restore=("OUT_ptr",), C0=c0, C1P=c1p)
+        ), configs, x.device, FORWARD_AUTOTUNE_KEY, restore=("OUT_ptr",), C0=c0, C1P=c1p, **pdl_meta(x.device))
     return h, mean, rstd
 
 
@@ -523,4 +525,4 @@ def aot_specs():
                             "divisible": row_divisible(kernel),
                             "num_warps": warps,
                         }, i, C, dtype)
-    return specs
+    return specs + pdl_twins(specs, ("gated_residual_modulated_layer_norm_fwd_bf16_C1152",))

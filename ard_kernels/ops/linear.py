@@ -31,7 +31,8 @@ import triton.language as tl
 
 from .._backends import log_once
 from ..reference import linear_ref
-from . import launch_device, sm_count
+from . import arrival_counters, launch_device, sm_count
+from ._pdl import pdl_active, pdl_meta, prefetch_l2, wait_previous_kernel
 
 
 @triton.jit
@@ -61,6 +62,7 @@ def _linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False, LINE: tl.constexpr = 64,
 ):
     # Axis 0: output tiles, M fastest (the M-tiles sharing a weight tile run together and read it from L2);
     # axis 1: the K-slice [s·k_per_split, (s + 1)·k_per_split), k_per_split a multiple of BLOCK_K.
@@ -76,6 +78,14 @@ def _linear_kernel(
     k_lo = s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     offs_k = tl.arange(0, BLOCK_K)
+    if USE_PDL:
+        # Launched while the previous kernel runs (PDL, :mod:`._pdl`): stream this program's share of its weight
+        # slice into L2 meanwhile (the previous kernel never writes weights), then wait for it. The M-tiles of one
+        # weight tile share the prefetch: M-tile pid_m takes every num_m-th line of LINE elements (128 bytes).
+        w_rows = W_ptr + offs_n.to(tl.int64) * stride_wn
+        for kk in range(k_lo + pid_m * LINE, k_hi, num_m * LINE):
+            prefetch_l2(w_rows + kk * stride_wk, n_ok)
+    wait_previous_kernel(USE_PDL)
     x_ptrs = X_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
     w_ptrs = W_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -117,8 +127,10 @@ def _linear_kernel(
 
 @triton.jit
 def _linear_reduce_kernel(PART_ptr, BIAS_ptr, Y_ptr, M, N, stride_ym, stride_yn, SPLIT_K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):
     """``y = act(Σ_s PART[s] + bias)``, the slices summed in order s = 0, 1, ... (deterministic)."""
+    wait_previous_kernel(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     acc = tl.load(PART_ptr + offs, mask=ok, other=0.0)
@@ -162,25 +174,6 @@ def _k_per_split(K: int, split_k: int, block_k: int) -> int:
     return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
 
 
-# Arrival counters of the serial plans, per (device, number of output tiles): int32 zeros that every launch
-# leaves at zero. Made outside CUDA-graph captures only (a capture records a memset without running it) and
-# never freed (a captured graph holds their address). One set per device: serial GEMMs of one device must not
-# run concurrently on two streams (the model's sampler runs one stream).
-_COUNTERS: dict = {}
-
-
-def _counters(device: torch.device, tiles: int):
-    """The zeroed arrival counters for ``tiles`` output tiles on ``device``, or None inside a CUDA-graph capture
-    when there are none yet."""
-    key = (str(device), tiles)
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[key] = torch.zeros(tiles, dtype=torch.int32, device=device)
-    return counters
-
-
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
                   split_k: int = 1, serial: bool = False) -> torch.Tensor:
     """``y = act(x·Wᵀ + b)`` in Triton, K split over ``split_k`` slices (partials reduced in a fixed order).
@@ -206,10 +199,14 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias_arg = bias if bias is not None else y
     # Counters for the smallest tiles any config uses (more tiles than a larger config has: it uses a prefix).
     min_bm, min_bn = (_INTERPRETER_CONFIG[:2] if interp else (min(c[0] for c in _CONFIGS), min(c[1] for c in _CONFIGS)))
-    counters = _counters(x.device, triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn)) if (serial and splits > 1) else None
+    counters = (arrival_counters(x.device, triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn))
+                if serial and splits > 1 else None)
     serial = counters is not None
     meta = dict(HAS_BIAS=bias is not None, GELU=gelu, SPLIT=splits > 1, SERIAL=serial, UPCAST=interp,
-                DOT_PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32")
+                DOT_PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32", **pdl_meta(x.device))
+    pdl = {k: v for k, v in meta.items() if k in ("USE_PDL", "launch_pdl")}
+    if meta["USE_PDL"]:
+        meta["LINE"] = 128 // weight.element_size()  # elements per 128-byte line: the prefetch's stride
     args = (x, weight, bias_arg, y, part, counters if serial else y, M, N, K, k_per_split, x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
     with launch_device(x):
@@ -223,7 +220,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if splits > 1 and not serial:
             _linear_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
                 part, bias_arg, y, M, N, y.stride(0), y.stride(1), SPLIT_K=splits, HAS_BIAS=bias is not None,
-                GELU=gelu, BLOCK=_REDUCE_BLOCK, num_warps=4)
+                GELU=gelu, BLOCK=_REDUCE_BLOCK, num_warps=4, **pdl)
     return y
 
 
@@ -253,6 +250,10 @@ def split_candidates(M: int, N: int, K: int, sms: int) -> tuple:
 # (backend="triton" keys start with "triton": cuBLAS was not a candidate there).
 _PLANS: dict = {}
 _MAX_ROWS = int(os.environ.get("ARD_KERNELS_LINEAR_MAX_ROWS", "4096"))
+# Under PDL, the rows up to which a GEMM reads more weight bytes than it has FLOPs per byte to hide them behind
+# (an H100 does ~300 FLOP per byte of DRAM; a GEMM does M FLOPs per weight byte): there the Triton plans, whose
+# weight prefetch overlaps the previous kernel, are timed without cuBLAS.
+_PDL_TRITON_ROWS = 512
 
 
 def _choose(x, weight, bias, gelu, with_cublas: bool = True) -> int:
@@ -286,7 +287,7 @@ def chosen_plans() -> dict:
         forced = key[0] == "triton"
         m, n, k, dtype, gelu = key[1:6] if forced else key[:5]
         out[f"M{m} N{n} K{k}{' gelu' if gelu else ''} {str(dtype).replace('torch.', '')}"
-            + (" (triton only)" if forced else "")] = plan_name(plan)
+            + (" (triton only)" if forced else "") + (" (pdl)" if not forced and key[-1] else "")] = plan_name(plan)
     return out
 
 
@@ -305,7 +306,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         backend: "auto" (CUDA bf16/fp16 inputs of at most ARD_KERNELS_LINEAR_MAX_ROWS rows, default 4096,
             without autograd: the plan timed fastest on the first call of each shape, else PyTorch),
             "torch" (cuBLAS / PyTorch), "triton" (the split-K kernel, its slices chosen by timing on the
-            GPU; one slice under the interpreter).
+            GPU; one slice under the interpreter). With programmatic dependent launch on
+            (:mod:`ard_kernels.ops._pdl`) "auto" times the Triton plans only for at most 512 rows: their
+            weight prefetch overlaps the previous kernel, which a GEMM timed on its own cannot show.
 
     Returns:
         (..., N) in x's dtype. Never timed inside a CUDA-graph capture: a shape first seen there runs
@@ -342,14 +345,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
               and not torch.is_grad_enabled() and os.environ.get("ARD_KERNELS_FAST_LINEAR", "1") != "0")
     if not usable:
         return _cublas(rows, weight, bias, gelu).reshape(*lead, -1)
-    key = (M, weight.shape[0], K, x.dtype, gelu, bias is not None, x.device)
+    # Under PDL (:mod:`._pdl`) the Triton plans prefetch their weights into L2 while the previous kernel runs, which
+    # a GEMM timed on its own cannot show, and a cuBLAS GEMM would break the chain of early launches: where the
+    # weights bound the GEMM (few rows) the plans are timed among themselves.
+    pdl = pdl_active(x.device)
+    key = (M, weight.shape[0], K, x.dtype, gelu, bias is not None, x.device, pdl)
     plan = _PLANS.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             log_once(f"linear-capture-{key[:3]}", f"ard_kernels.linear: (M, N, K) = {key[:3]} first seen inside a "
                      "CUDA-graph capture: cuBLAS (warm up eagerly to time the split-K plans)")
             return _cublas(rows, weight, bias, gelu).reshape(*lead, -1)
-        plan = _PLANS[key] = _choose(rows, weight, bias, gelu)
+        plan = _PLANS[key] = _choose(rows, weight, bias, gelu, with_cublas=not (pdl and M <= _PDL_TRITON_ROWS))
     if plan == 0:
         return _cublas(rows, weight, bias, gelu).reshape(*lead, -1)
     return linear_triton(rows, weight, bias, gelu, abs(plan), plan < 0).reshape(*lead, -1)
@@ -360,21 +367,36 @@ def aot_specs():
     from ..aot_check import make_signature
 
     specs = []
+    # (split, gelu, serial, PDL): PDL (the weight prefetch and the wait) on bf16, as the B1 sampler would run it.
+    variants = ((False, False, False, False), (False, True, False, False), (True, False, False, False),
+                (True, True, True, False), (False, True, False, True), (True, False, True, True))
     for dtype in ("bf16", "fp16"):
         for bm, bn, bk, w, st in _CONFIGS:
-            for split, gelu, serial in ((False, False, False), (False, True, False), (True, False, False),
-                                        (True, True, True)):
+            for split, gelu, serial, pdl in variants:
+                if pdl and dtype != "bf16":
+                    continue
                 specs.append({
                     "name": f"linear_{dtype}_{bm}x{bn}x{bk}_w{w}s{st}" + ("_split" if split else "")
-                            + ("_serial" if serial else "") + ("_gelu" if gelu else ""),
+                            + ("_serial" if serial else "") + ("_gelu" if gelu else "") + ("_pdl" if pdl else ""),
                     "kernel": _linear_kernel,
                     "signature": make_signature(_linear_kernel, dtype, {"PART_ptr": "*fp32", "COUNT_ptr": "*i32"}),
                     "constexprs": {"HAS_BIAS": True, "GELU": gelu, "SPLIT": split, "SERIAL": serial, "UPCAST": False,
                                    "DOT_PREC": "tf32",
                                    "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "stride_xk": 1, "stride_wk": 1,
-                                   "stride_yn": 1},
+                                   "stride_yn": 1, "USE_PDL": pdl, "LINE": 64},
                     "divisible": ("K", "N", "stride_xm", "stride_wn", "stride_ym", "k_per_split"),
                     "num_warps": w,
                     "num_stages": st,
+                    **({"archs": (90,)} if pdl else {}),  # griddepcontrol: sm_90 and later
                 })
+    specs.append({
+        "name": "linear_reduce_bf16_pdl",
+        "kernel": _linear_reduce_kernel,
+        "signature": make_signature(_linear_reduce_kernel, "bf16", {"PART_ptr": "*fp32"}),
+        "constexprs": {"SPLIT_K": 2, "HAS_BIAS": True, "GELU": False, "BLOCK": _REDUCE_BLOCK, "stride_yn": 1,
+                       "USE_PDL": True},
+        "divisible": ("N", "stride_ym"),
+        "num_warps": 4,
+        "archs": (90,),
+    })
     return specs

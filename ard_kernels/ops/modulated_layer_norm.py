@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import differentiable_call, forward_call, launch_device
+from ._pdl import pdl_meta, pdl_twins, wait_previous_kernel
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
     FORWARD_AUTOTUNE_KEY,
@@ -55,8 +56,9 @@ def _modulated_layer_norm_fwd_kernel(
     stride_sh_b, stride_sh_n, stride_sh_c,
     stride_sc_b, stride_sc_n, stride_sc_c,
     stride_y_b, stride_y_n,
-    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, C0: tl.constexpr, C1P: tl.constexpr, TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_previous_kernel(USE_PDL)  # programmatic dependent launch (:mod:`._pdl`): before any global access
     # One program per (sample, block, run of TILES row tiles), runs fastest; each row in two column
     # segments. With TILES > 1 each tile's successor is loaded before the tile is normalised and stored,
     # so a program keeps a load in flight through its math (one tile per program waits on its load, then
@@ -207,7 +209,7 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
             shift.stride(0), shift.stride(1), shift.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
             y.stride(0), y.stride(1),
-        ), configs, x.device, FORWARD_AUTOTUNE_KEY, names=("TILES",), C0=c0, C1P=c1p)
+        ), configs, x.device, FORWARD_AUTOTUNE_KEY, names=("TILES",), C0=c0, C1P=c1p, **pdl_meta(x.device))
     return y, mean, rstd
 
 
@@ -401,4 +403,4 @@ def aot_specs():
                             "divisible": row_divisible(kernel),
                             "num_warps": warps,
                         }, i, C, dtype)
-    return specs + column_sum_specs()
+    return specs + pdl_twins(specs, ("modulated_layer_norm_fwd_bf16_C1152",)) + column_sum_specs()
