@@ -3,9 +3,13 @@
 One forward and backward of B4 H16 D72 4×256 causal in bf16 through the autotuner (every tuned
 config runs once), checked against the fp32 reference, in both layouts the package feeds the kernels:
 contiguous (B, H, N, D) tensors, and the strided views of a packed QKV projection that the model's
-attention passes (``block_attention_qkv``). Exit status 0 when both agree.
+attention passes (``block_attention_qkv``). Then B1's KV-cached step (256 queries over 1024 keys: a grid under
+one wave, whose autotuner also runs the split-KV configs), with the TMA configs left out so that a failure there
+points at the split-KV ones. Exit status 0 when everything agrees; bit 1 (1) for the first two checks, bit 2 (2)
+for the cached step: gpu_check.sh then runs the rest with ARD_KERNELS_TMA=0, ARD_KERNELS_SPLIT_KV=0 or both.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,9 +23,13 @@ from ard_kernels.reference import block_attention_ref  # noqa: E402
 
 
 def _check(name, run, q, k, v, leaves) -> bool:
-    out = run()
-    out.float().square().mean().backward()
-    torch.cuda.synchronize()
+    try:
+        out = run()
+        out.float().square().mean().backward()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - reported as this check's failure; a later one may still run
+        print(f"tma_smoke {name}: {type(exc).__name__}: {str(exc)[:300]}")
+        return False
     ref = block_attention_ref(q.detach(), k.detach(), v.detach(), 256, "causal")
     if out.dim() == 3:  # the packed op's (B, N, H·D) layout
         ref = ref.transpose(1, 2).reshape(out.shape)
@@ -43,7 +51,20 @@ def main() -> int:
     views = qkv.detach().reshape(4, 1024, 3, 16, 72).permute(2, 0, 3, 1, 4).unbind(0)
     ok &= _check("packed qkv", lambda: ak.block_attention_qkv(qkv, 16, 256, "causal", backend="triton"), *views,
                  (qkv,))
-    return 0 if ok else 1
+    q1 = torch.randn(1, 16, 256, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k1, v1 = (torch.randn(1, 16, 1024, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    tma = os.environ.get("ARD_KERNELS_TMA")
+    os.environ["ARD_KERNELS_TMA"] = "0"  # read per launch: the cached step's configs without the TMA ones
+    try:
+        step_ok = _check("B1 cached step (split-KV)",
+                         lambda: ak.block_attention(q1, k1, v1, 256, "causal", backend="triton"), q1, k1, v1,
+                         (q1, k1, v1))
+    finally:
+        if tma is None:
+            del os.environ["ARD_KERNELS_TMA"]
+        else:
+            os.environ["ARD_KERNELS_TMA"] = tma
+    return (0 if ok else 1) | (0 if step_ok else 2)
 
 
 if __name__ == "__main__":

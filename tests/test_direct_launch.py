@@ -106,6 +106,7 @@ def test_attention_launch_memo(monkeypatch):
 
     L = SimpleNamespace(kernel=Tuned("tuned"), kind="fwd", interp=False, Lq=256, Lk=1024, pat_key=7, grid_key=0,
                         d0=64, d1=8, dot_prec="tf32", align=8, tma=True, constexprs=lambda: {"D0": 64, "ALIGN": 8})
+    L.memo_key = lambda q: ba._Launch.memo_key(L, q)
 
     def descriptors(config):
         if config is None:

@@ -33,7 +33,20 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # triton >= 3.4; without them PDL stays off (pdl_active)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAVE_GDC = True
+except ImportError:  # pragma: no cover - depends on the installed triton
+    _HAVE_GDC = False
+
+    @triton.jit
+    def gdc_wait():  # never reached: USE_PDL is never set without the real instructions
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 PDL_MODES = ("0", "1")
 _MODE = os.environ.get("ARD_KERNELS_PDL", "0")
@@ -73,8 +86,9 @@ def _capability_major(index: int) -> int:
 
 
 def pdl_active(device: torch.device) -> bool:
-    """PDL switched on and ``device`` a CUDA GPU of compute capability 9.0 or later."""
-    if not _STATE["on"] or device.type != "cuda":
+    """PDL switched on, ``device`` a CUDA GPU of compute capability 9.0 or later, and a triton that has the
+    instructions."""
+    if not _STATE["on"] or device.type != "cuda" or not _HAVE_GDC:
         return False
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
