@@ -273,3 +273,27 @@ def test_e2e_recompute_stack_runs_beside_the_cached_one(tmp_path):
                            "--stacks", "eager,recompute", "--out", str(tmp_path), "--no-profile"])
     ms = {(r["stack"], r["variant"]): r["ms"] for r in rows if r.get("ms")}
     assert set(ms) == {(s, v) for s in ("eager", "recompute") for v in ("N=0 (step distillation)", "ARD N=2")}
+
+
+def test_e2e_graphs_pdl_stack_samples_with_programmatic_launch_on(monkeypatch):
+    """bench_e2e's "graphs-pdl" stack: the graphed sampler called with PDL switched on (and off again after), its
+    own captured graph beside the "graphs" stack's; the same samples where PDL cannot apply (here: the CPU)."""
+    from _graph_helpers import install_eager_replay
+
+    from ard_kernels.ops import programmatic_launch_enabled
+    from benchmarks import bench_e2e
+
+    runner = install_eager_replay(monkeypatch)
+    models = bench_e2e._build("DiT-tiny/2", 2, 4, torch.device("cpu"), torch.float32, ("eager",))
+    ard = models["ard"]
+    ard.set_backends(attn="sdpa")  # capture-safe on the CPU (the reference backend builds masks on the host)
+    seen = []
+    real_sample = type(ard).sample
+    monkeypatch.setattr(type(ard), "sample", lambda self, *a, **k: (seen.append(programmatic_launch_enabled()),
+                                                                      real_sample(self, *a, **k))[1])
+    noise, y = torch.randn(1, 4, ard.input_size, ard.input_size), torch.tensor([3])
+    pdl = bench_e2e._runner("graphs-pdl", models, noise, y)()
+    plain = bench_e2e._runner("graphs", models, noise, y)()
+    assert seen == [True, False] and not programmatic_launch_enabled()
+    assert runner.captures == 2 and len(ard._graph_samplers) == 2
+    torch.testing.assert_close(pdl, plain, rtol=0, atol=0)
