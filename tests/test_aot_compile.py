@@ -177,3 +177,17 @@ def test_wait_comes_first_reads_the_ptx_order():
     assert aot_check.wait_comes_first("\n".join([wait, load])) is False
     assert aot_check.wait_comes_first("\n".join([release, wait, load])) is False
     assert aot_check.wait_comes_first(load) is None
+
+
+def test_split_kv_forward_merges_after_a_barrier_without_spilling(report):
+    """The split-KV forward configs (``_split<n>``): each program's partial stored, a CTA barrier, then one thread's
+    gpu-scope acq_rel atomic on the query tile's counter, and the merging program reading the partials through L2
+    (ld.global.cg); on sm_90 no spill at the widths they are offered for (the 64-row one only up to width 96; on
+    sm_80 some spill a few bytes, 8 to 32 under triton 3.6 and 3.7)."""
+    rows = [r for r in report["compiled"] if r["name"].startswith("block_attention_fwd_") and "_split" in r["name"]]
+    assert {r["name"].split("_D")[1].split("_")[0] for r in rows} >= {"72", "128"}
+    assert {r["arch"] for r in rows} == {90, 80}
+    assert all(r["barrier_before_release"] is True and r["l2_loads"] > 0 for r in rows), rows
+    assert not any(r["spill_bytes"] for r in rows if r["arch"] == 90), rows
+    assert all(r["spill_bytes"] <= 64 for r in rows), rows
+    assert not any("_D128_64x64" in r["name"] for r in rows)

@@ -522,7 +522,9 @@ def test_split_kv_configs_only_on_grids_under_one_wave(monkeypatch):
     else; the autotuner's grid has SPLITS programs along axis 1 for them."""
     extra = ba._extra_configs("fwd", 80, True, False, True, small_grid=True)
     split = [c for c in extra if len(c) > 6]
-    assert [c[6] for c in split] == [c[4] for c in ba._SPLIT_KV_CONFIGS] and all(c[6] > 1 for c in split)
+    assert [c[6] for c in split] == [c[4] for c in ba._SPLIT_KV_CONFIGS[96]] and all(c[6] > 1 for c in split)
+    wide = [c for c in ba._extra_configs("fwd", 128, False, False, True, small_grid=True) if len(c) > 6]
+    assert wide and all(c[0] == 32 for c in wide)  # the 64-row split tile spills at width 128
     assert not any(len(c) > 6 for c in ba._extra_configs("fwd", 80, True, True, True))
     assert not any(len(c) > 6 for c in ba._extra_configs("fwd", 144, True, False, True, small_grid=True))
     kernel, _ = ba._tuned("fwd", False, False, extra)
@@ -599,7 +601,7 @@ def test_small_grid_forward_configs():
     """Grids under one wave (GRID_KEY 0) add the 32-row forward tiles, pointer loads, in an autotuner of their
     own (its slots hold their tiling); larger grids, the backward kernels and wide heads do not."""
     small = (tuple((*c, False, False) for c in ba._SMALL_GRID_CONFIGS)
-             + tuple((*c[:4], False, False, c[4]) for c in ba._SPLIT_KV_CONFIGS))
+             + tuple((*c[:4], False, False, c[4]) for c in ba._SPLIT_KV_CONFIGS[96]))
     assert small and all(c[0] == 32 for c in small[:len(ba._SMALL_GRID_CONFIGS)])
     assert ba._extra_configs("fwd", 80, True, False, True, small_grid=True) == small
     assert ba._extra_configs("fwd", 80, True, True, True, small_grid=True)[-len(small):] == small

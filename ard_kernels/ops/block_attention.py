@@ -127,8 +127,11 @@ _SMALL_GRID_CONFIGS = ((32, 64, 4, 2),)
 # to finish merges the SPLITS partials (fp32, through a workspace in L2; block_attention_kernels._split_kv_finish):
 # SPLITS times the programs and a key loop SPLITS times shorter, where the one-wave grid leaves most SMs idle and
 # each program's loop of dependent loads and products is the latency (flash-decoding). B1's KV-cached step walks
-# 4 to 16 key tiles of 64 per query tile. ARD_KERNELS_SPLIT_KV=0: not offered.
-_SPLIT_KV_CONFIGS = ((32, 64, 4, 2, 2), (32, 64, 4, 2, 4), (64, 64, 4, 2, 4))
+# 4 to 16 key tiles of 64 per query tile. Per head width (D0 + DP1): the 64-row tile holds too much at 128 (sm_90,
+# triton 3.6: 255 registers and 68 bytes of spill; 181 at DiT's 80; the 32-row ones 187 at 128).
+# ARD_KERNELS_SPLIT_KV=0: not offered.
+_SPLIT_KV_CONFIGS = {96: ((32, 64, 4, 2, 2), (32, 64, 4, 2, 4), (64, 64, 4, 2, 4)),
+                     128: ((32, 64, 4, 2, 2), (32, 64, 4, 2, 4))}
 # The interpreter costs ~ms per program and loop step whatever the tile: one small config.
 _INTERPRETER_PAIRS = ((16, 16),)
 # Tests set this to run the TMA path through the interpreter (which emulates descriptor loads).
@@ -177,7 +180,8 @@ def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_hal
     and dK/dV ones on Hopper in half
     precision for head dims with a remainder up to width 96."""
     if kind == "fwd":
-        split = _SPLIT_KV_CONFIGS if os.environ.get("ARD_KERNELS_SPLIT_KV", "1") != "0" else ()
+        split = (_SPLIT_KV_CONFIGS[96 if width <= 96 else 128]
+                 if os.environ.get("ARD_KERNELS_SPLIT_KV", "1") != "0" and width <= 128 else ())
         small = (tuple((*c, False, False) for c in _SMALL_GRID_CONFIGS)
                  + tuple((*c[:4], False, False, c[4]) for c in split)) if small_grid and width <= 128 else ()
         return (tuple((*c[:4], True, c[4]) for c in _tma_configs(width, remainder)) if tma else ()) + small
@@ -292,6 +296,7 @@ class _Launch:
             raise ValueError(f"nb: expected ceil(Lk / block_size) = {-(-self.Lk // block_size)} blocks, got {nb}")
         self.d0, self.d1, self.dp1 = _split_head_dim(d)
         self.width = self.d0 + (self.dp1 if self.d1 else 0)  # the tile columns the kernels hold per row
+        self.dtype = q.dtype
         if q.device.type == "cpu" and not _interpreting():
             raise RuntimeError("q: Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before import "
                                f"for CPU tensors; got device {q.device}")
@@ -371,7 +376,9 @@ class _Launch:
 
     def extra_configs(self) -> tuple:
         """The configs this launch adds to the pointer list (:func:`_extra_configs`)."""
-        return _extra_configs(self.kind, self.width, self.d1 > 0, self.tma, self.hopper_half, self.grid_key == 0)
+        # fp32 keeps its one exact config (its dots run on CUDA cores; the small-grid tiles spill kilobytes there).
+        small_grid = self.grid_key == 0 and self.dtype != torch.float32
+        return _extra_configs(self.kind, self.width, self.d1 > 0, self.tma, self.hopper_half, small_grid)
 
     def tma_configs(self) -> tuple:
         """The TMA configs this launch offers the autotuner (none without :attr:`tma`)."""
@@ -744,10 +751,13 @@ def aot_specs():
             # (archs, configs, descriptor arguments?): the launch passes descriptors to every forward
             # config where it offers the TMA ones, None elsewhere.
             tma = kind == "fwd" and dtype != "fp32" and not wide
-            extra = (_extra_configs(kind, d0 + (dp1 if d1 else 0), d1 > 0, tma, dtype != "fp32", small_grid=True)
+            extra = (_extra_configs(kind, d0 + (dp1 if d1 else 0), d1 > 0, tma, dtype != "fp32",
+                                    small_grid=dtype != "fp32")
                      if 90 in archs else ())
+            # Ampere gets the small-grid forward configs (pointer loads, split-KV too) as the launch offers them there.
+            ampere = [c for c in extra if not c[4] and not c[5]]
             groups = [((90,), tuned + list(extra), tma),
-                      (tuple(a for a in archs if a != 90), tuned, False)] if extra else [(archs, tuned, False)]
+                      (tuple(a for a in archs if a != 90), tuned + ampere, False)] if extra else [(archs, tuned, False)]
             for group_archs, group, descs in groups:
                 if not group_archs:
                     continue
