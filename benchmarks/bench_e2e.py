@@ -9,7 +9,8 @@
 - ``graphs``: the same with ``use_cuda_graphs=True`` (CUDA only);
 - ``graphs-pdl``: ``graphs`` with programmatic dependent launch (:func:`ard_kernels.ops.programmatic_launch`,
   Hopper and later; opt-in until measured): each kernel of ours starts while the previous one runs, and the
-  split-K Linears (the only GEMMs there) prefetch their weights into L2 meanwhile;
+  Linears of up to 512 rows (batch 1, 2 with guidance) run the split-K plans, which prefetch their weights into
+  L2 meanwhile;
 - ``compile``: opt-in (``--compile``), each step's forward through ``torch.compile``;
 - ``recompute``: opt-in (``--stacks ...,recompute``), the same outputs without the KV cache
   (:func:`ard_kernels.sampling.sample_recomputing_history`: every step rebuilds the history's keys and

@@ -8,7 +8,14 @@ Triton kernel with s K-slices reduced by a second launch; its tile autotuned), `
 reduced by each tile's last program: one launch), ``auto`` (:func:`ard_kernels.ops.linear.linear`, the
 plan its first call timed fastest: what the model runs). ``us`` median µs (do_bench); ``tflops``;
 ``weight_gbps`` = weight bytes over time (the bound at few rows); ``vs_cublas`` cuBLAS's time over this
-one. CPU: one tiny shape through the interpreter (a check that it runs; timings meaningless). Writes
+one. CPU: one tiny shape through the interpreter (a check that it runs; timings meaningless).
+
+``chain`` rows (CUDA, compute capability 9.0 and later, the first batch): what programmatic dependent launch
+(:mod:`ard_kernels.ops._pdl`) does for a Linear that follows a latency-bound kernel, as in the sampler: one CUDA
+graph of 8 (modulated LayerNorm of the layer input → Linear) pairs, each Linear with its own weights (8 layers'
+worth, more than L2 holds), ``us`` per pair. Providers: ``auto`` (plain launches, the plan ``linear`` times
+fastest), ``triton`` (plain launches, the Triton plan ``linear`` times fastest among its own), ``pdl`` (PDL
+launches, the Triton plan: its weights are prefetched into L2 while the LayerNorm runs). Writes
 results/linear.json.
 """
 
@@ -110,14 +117,62 @@ def run(args, on_rows=None) -> list[dict]:
             common.free_device_memory(device)
             if on_rows:
                 on_rows(rows)
+    if gpu and torch.cuda.get_device_capability(device)[0] >= 9 and rows:
+        first = min(r["batch"] for r in rows if "batch" in r)
+        for name, n, k, gelu in _layers(args.hidden):
+            if not budget.allows():
+                rows.append(common.skipped(op="chain", shape=f"LN + {name}", batch=first))
+                continue
+            rows += _chain_rows(name, first, first * args.tokens, n, k, gelu, device, dtype)
+            if on_rows:
+                on_rows(rows)
     # Per batch: one layer's four Linears, the sum of each provider's times (auto: what the model runs).
     for batch in sorted({r["batch"] for r in rows if "batch" in r}):
         for provider in ("cublas", "auto"):
-            got = [r["us"] for r in rows if r.get("batch") == batch and r.get("provider") == provider and r.get("us")]
+            got = [r["us"] for r in rows if r.get("op") == "linear" and r.get("batch") == batch
+                   and r.get("provider") == provider and r.get("us")]
             if len(got) == 4:
                 rows.append({"op": "linear_layer", "shape": f"4 Linears of a DiT layer, M{batch * args.tokens}",
                              "batch": batch, "provider": provider, "us": sum(got)})
     print(common.markdown_table(rows), flush=True)
+    return rows
+
+
+def _chain_rows(name, batch, m, n, k, gelu, device, dtype, pairs: int = 8) -> list:
+    """The ``chain`` rows of one Linear (module docstring): µs per (LayerNorm → Linear) pair, 8 pairs a graph."""
+    from ard_kernels.ops import programmatic_launch
+    from ard_kernels.ops.modulated_layer_norm import modulated_layer_norm_fwd
+
+    x = torch.randn(1, m, k, device=device, dtype=dtype)
+    shift, scale = (torch.randn(1, 1, k, device=device, dtype=dtype) * 0.1 for _ in range(2))
+    layers = [(torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5, torch.randn(n, device=device, dtype=dtype))
+              for _ in range(pairs)]
+    rows = []
+    for provider, backend, pdl in (("auto", "auto", False), ("triton", "triton", False), ("pdl", "auto", True)):
+        row = {"op": "chain", "shape": f"LN + {name} M{m} N{n} K{k} x{pairs}", "batch": batch, "provider": provider,
+               "us": None}
+        try:
+            with torch.no_grad(), programmatic_launch(pdl):
+                def chain(backend=backend):
+                    for w, b in layers:
+                        h = modulated_layer_norm_fwd(x, shift, scale, m, 1e-6, dtype)[0].reshape(m, k)
+                        y = lin.linear(h, w, b, gelu, backend=backend)
+                    return y
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # plans timed, kernels compiled, counters made: never in the capture
+                    chain()
+                    chain()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    chain()
+                row["us"] = 1e3 * common.time_ms(graph.replay, device) / pairs
+            del graph
+        except Exception as e:  # noqa: BLE001 - one provider failing leaves a gap, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        rows.append(row)
+        common.emit(row, ("shape", "provider", "us"))
     return rows
 
 

@@ -113,12 +113,12 @@ def wait_previous_kernel(USE_PDL: tl.constexpr):
 
 @triton.jit
 def prefetch_l2(ptrs, mask):
-    """``prefetch.global.L2`` of the 128-byte line of each pointer where ``mask``: a hint that moves no data into
-    registers and never faults on its own (predicated off where ``mask`` is false). Returns a dummy tensor."""
+    """``prefetch.global.L2`` of the 128-byte line of each pointer where ``mask`` (predicated off elsewhere): a hint
+    that moves no data into registers. Only addresses inside an allocation may be passed unmasked. Returns a dummy
+    tensor (the instruction has no result)."""
     return tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
         "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
 
 
 def pdl_twins(specs: list, names: tuple) -> list:
