@@ -393,15 +393,20 @@ _PADDED_REMAINDER_CONFIGS = 1
 _PADDED_REMAINDER_MAX_C0 = 1024
 
 
+def _padding_applies(c0: int, c1p: int) -> bool:
+    """Whether a row split C0 + C1P may take the padded remainder: wider than 16 (a 16-wide remainder, a power-of-two
+    row's dummy or a rest of at most 16 columns, is the tile Triton converts, the main one stays: C = 2048; padding
+    it would only add masked lanes) and narrower than a main segment of at most _PADDED_REMAINDER_MAX_C0."""
+    return 16 < c1p < c0 <= _PADDED_REMAINDER_MAX_C0
+
+
 def remainder_configs(configs: tuple, names: tuple, c0: int, c1p: int, device) -> tuple:
     """``(configs, names)`` with each config's remainder width C1P appended (:data:`_ROW_REMAINDER`): the exact
     ``c1p``, and on the GPU padded copies (C1P = ``c0``) of the first configs where the row allows."""
     if _ROW_REMAINDER not in ROW_REMAINDERS:
         raise ValueError(f"ARD_KERNELS_ROW_REMAINDER: expected one of {ROW_REMAINDERS}, got {_ROW_REMAINDER!r}")
     names = (*names[:len(configs[0]) - 2], "C1P")
-    # A 16-wide remainder (a power-of-two row's dummy, or a rest of at most 16 columns) is the tile Triton
-    # converts (C = 2048: a 1×16 tile, the main one stays): padding it would only add masked lanes.
-    padded = 16 < c1p < c0 <= _PADDED_REMAINDER_MAX_C0
+    padded = _padding_applies(c0, c1p)
     if _ROW_REMAINDER == "padded" and padded:
         return tuple((*c, c0) for c in configs), names
     out = [(*c, c1p) for c in configs]
@@ -417,7 +422,7 @@ def with_padded_remainder(specs: list, spec: dict, index: int, C: int, dtype: st
     specs.append(spec)
     meta = spec["constexprs"]
     if (C == 1152 and dtype in ("bf16", "fp32") and index < _PADDED_REMAINDER_CONFIGS
-            and 16 < meta["C1P"] < meta["C0"] <= _PADDED_REMAINDER_MAX_C0):
+            and _padding_applies(meta["C0"], meta["C1P"])):
         specs.append({**spec, "name": spec["name"] + "_padded", "constexprs": {**meta, "C1P": meta["C0"]}})
 
 

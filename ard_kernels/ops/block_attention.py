@@ -180,7 +180,7 @@ def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_hal
     and dK/dV ones on Hopper in half
     precision for head dims with a remainder up to width 96."""
     if kind == "fwd":
-        split = (_SPLIT_KV_CONFIGS[96 if width <= 96 else 128]
+        split = (_SPLIT_KV_CONFIGS[_width_bucket(width)]
                  if os.environ.get("ARD_KERNELS_SPLIT_KV", "1") != "0" and width <= 128 else ())
         small = (tuple((*c, False, False) for c in _SMALL_GRID_CONFIGS)
                  + tuple((*c[:4], False, False, c[4]) for c in split)) if small_grid and width <= 128 else ()
@@ -190,10 +190,15 @@ def _extra_configs(kind: str, width: int, remainder: bool, tma: bool, hopper_hal
     return ()
 
 
+def _width_bucket(width: int) -> int:
+    """The head width (D0 + DP1, at most 128) a config list is tuned for: 96 (DiT's 80 and narrower) or 128."""
+    return 96 if width <= 96 else 128
+
+
 def _tma_configs(width: int, remainder: bool = False) -> tuple:
     """The forward's TMA configs, (BLOCK_M, BLOCK_N, warps, stages, OVERLAP), for head width ``width`` =
     D0 + DP1 (<= 128); with a ``remainder`` (D1 > 0) also the overlapped ones of that width."""
-    bucket = 96 if width <= 96 else 128
+    bucket = _width_bucket(width)
     overlapped = _TMA_OVERLAP_CONFIGS.get(bucket, ()) if remainder else ()
     return tuple((*c, False) for c in _TMA_CONFIGS[bucket]) + tuple((*c, True) for c in overlapped)
 
@@ -315,7 +320,8 @@ class _Launch:
                            "dq": _block_attention_bwd_dq_kernel}[kind]
             pairs = _INTERPRETER_PAIRS
         else:
-            self.kernel, pairs = _tuned(kind, self.width > 128, q.dtype == torch.float32, self.extra_configs())
+            self.extra = self.extra_configs()  # once per launch: the autotuner's configs and the split-KV buffers
+            self.kernel, pairs = _tuned(kind, self.width > 128, q.dtype == torch.float32, self.extra)
         self.sched = block_schedule.schedule_on(rows, self.nb, self.Lq, self.Lk, block_size, pairs,
                                                 str(q.device))
         self.masked_tiles = block_schedule.has_masked_tiles(rows, self.nb, self.Lq, self.Lk, block_size, pairs)
@@ -351,7 +357,7 @@ class _Launch:
         if self.interp:
             splits, tiles = _INTERPRETER_SPLITS, [_INTERPRETER_PAIRS[0][0]]
         else:
-            split_configs = [c for c in self.extra_configs() if len(c) > 6 and c[6] > 1]
+            split_configs = [c for c in self.extra if len(c) > 6 and c[6] > 1]
             splits = max((c[6] for c in split_configs), default=1)
             tiles = [c[0] for c in split_configs]
             chosen = _CHOSEN.get(self.memo_key(q)) if _LAUNCH_MEMO else None

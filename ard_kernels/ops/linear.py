@@ -202,10 +202,10 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     counters = (arrival_counters(x.device, triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn))
                 if serial and splits > 1 else None)
     serial = counters is not None
+    pdl = pdl_meta(x.device)  # both kernels' launch keywords
     meta = dict(HAS_BIAS=bias is not None, GELU=gelu, SPLIT=splits > 1, SERIAL=serial, UPCAST=interp,
-                DOT_PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32", **pdl_meta(x.device))
-    pdl = {k: v for k, v in meta.items() if k in ("USE_PDL", "launch_pdl")}
-    if meta["USE_PDL"]:
+                DOT_PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32", **pdl)
+    if pdl["USE_PDL"]:
         meta["LINE"] = 128 // weight.element_size()  # elements per 128-byte line: the prefetch's stride
     args = (x, weight, bias_arg, y, part, counters if serial else y, M, N, K, k_per_split, x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
