@@ -31,8 +31,14 @@ def log_once(key: str, message: str, level: int = logging.WARNING) -> None:
         logger.log(level, message)
 
 
+# Whether Triton runs as its interpreter: read once, when this module is imported, as Triton decides it when
+# the kernels are defined (TRITON_INTERPRET must be set before either). Every op asks at every call, and an
+# environment lookup per call was a few µs of each small launch's host time.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 # Plain module constants, not cached functions: torch.compile traces resolve() inside the model

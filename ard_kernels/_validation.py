@@ -40,7 +40,7 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) 
 
 
 def check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != tuple(expected):  # torch.Size is a tuple: compared as it is
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 

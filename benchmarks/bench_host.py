@@ -18,14 +18,18 @@ through the public op, whose plain eager calls take a ``torch.autograd.Function`
 autograd (``custom op fwd+bwd``, what torch.compile and dispatch modes get) and PyTorch's own
 (``floor: ... fwd+bwd``). The KV cache's split-append through its checked wrapper, the raw op and
 ``HistoryKVCache``.
-``us`` = median over ``--reps`` rounds of ``--calls`` calls of the host time per call (perf_counter,
-no sync inside a round). CUDA; on the CPU the same code runs under TRITON_INTERPRET=1 (a check that
-it works, its numbers are the interpreter's). Writes results/host.json after every case.
+``us`` = median (``--stat min``: minimum) over ``--reps`` rounds of ``--calls`` calls of the host time per
+call (perf_counter, no sync inside a round; ``--interleave``: the rounds of all cases taken in turn).
+CUDA; on the CPU the same code runs under TRITON_INTERPRET=1 (a check that it works, its numbers are the
+interpreter's), and with ``--stub-kernels`` the interpreter's kernel runs are no-ops: what is left is the host
+time the package adds per call (validation, plans, allocations, dispatch), measurable without a GPU. Writes
+results/host.json after every case.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -59,15 +63,23 @@ def _parse(argv):
     p.add_argument("--device", default=str(common.default_device()))
     p.add_argument("--heads", type=int, default=16 if gpu else 1, help="attention heads (B1, 2 blocks of 16 tokens)")
     p.add_argument("--calls", type=int, default=200, help="calls per timed round")
-    p.add_argument("--reps", type=int, default=5, help="timed rounds (the median is reported)")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds (their median is reported, or see --stat)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="statistic over the rounds: min is the steadier on a shared machine (noise only adds time)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the cases round by round (each round every case once) instead of one after another")
     p.add_argument("--out", default=None, help="directory of host.json (default results/)")
     p.add_argument("--no-json", action="store_true")
+    p.add_argument("--stub-kernels", action="store_true",
+                   help="CPU under TRITON_INTERPRET=1 only: the interpreter's kernel runs replaced by a no-op, so "
+                        "that the rows time the package's own host path (validation, plans, allocations, dispatch)")
     common.add_budget_arg(p)
     return p.parse_args(argv)
 
 
-def host_us(fn: Callable[[], object], device: torch.device, calls: int, reps: int) -> float:
-    """Median host µs per call of ``fn`` over ``reps`` rounds of ``calls`` calls, after 3 warm-up calls."""
+def host_us(fn: Callable[[], object], device: torch.device, calls: int, reps: int, stat: str = "median") -> float:
+    """Host µs per call of ``fn``: the median (or min) over ``reps`` rounds of ``calls`` calls, after 3 warm-up
+    calls."""
     for _ in range(3):
         fn()
     common.sync(device)
@@ -78,7 +90,7 @@ def host_us(fn: Callable[[], object], device: torch.device, calls: int, reps: in
             fn()
         per_call.append((time.perf_counter() - t0) / calls)
     common.sync(device)
-    return 1e6 * statistics.median(per_call)
+    return 1e6 * (min(per_call) if stat == "min" else statistics.median(per_call))
 
 
 def _attention_cases(device, dtype, heads):
@@ -89,6 +101,7 @@ def _attention_cases(device, dtype, heads):
     q, k, v = (torch.randn(1, heads, nb * bs, d, device=device, dtype=dtype) for _ in range(3))
     scale = 1.0 / math.sqrt(d)
     rows = block_schedule.encode_pattern("causal", nb)
+    qkv = torch.randn(1, nb * bs, 3 * heads * d, device=device, dtype=dtype)
     qg = q.detach().clone().requires_grad_()
     grad = torch.randn_like(q)
 
@@ -100,12 +113,30 @@ def _attention_cases(device, dtype, heads):
         "floor: SDPA, no mask": lambda: F.scaled_dot_product_attention(q, k, v),
         "floor: SDPA, no mask, fwd+bwd": lambda: F.scaled_dot_product_attention(qg, k, v).backward(grad),
         "api": lambda: ak.block_attention(q, k, v, bs, "causal", backend="triton"),
+        "api, packed qkv": lambda: ak.block_attention_qkv(qkv, heads, bs, "diagonal", backend="triton"),
         "op": lambda: torch.ops.ard_kernels.block_attention_fwd(q, k, v, nb, rows, bs, scale),
         "launcher": lambda: ba.block_attention_fwd(q, k, v, nb, rows, bs, scale),
         "plan": lambda: ba._Launch(q, k, nb, rows, bs, scale, "fwd", v),
         "api fwd+bwd": fwd_bwd,
         "custom op fwd+bwd": through_custom_op(fwd_bwd),
     }
+
+
+@contextlib.contextmanager
+def stubbed_kernels(on: bool):
+    """With ``on``: every interpreted Triton kernel launch returns at once (``InterpretedFunction.run`` a no-op), the
+    launch path up to it unchanged. Without a GPU that isolates the host time the package adds per call."""
+    if not on:
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    saved = InterpretedFunction.run
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = saved
 
 
 def through_custom_op(fn: Callable[[], object]) -> Callable[[], object]:
@@ -148,6 +179,7 @@ def _modulation_cases(device, dtype):
         "modulated_layer_norm custom op fwd+bwd": through_custom_op(mln_fwd_bwd),
         "fused residual+LN api fwd+bwd": grmln_fwd_bwd,
         "fused residual+LN custom op fwd+bwd": through_custom_op(grmln_fwd_bwd),
+        "gated_residual api": lambda: ak.gated_residual(x, y, gate, bs, backend="triton"),
         "modulated_layer_norm api": lambda: ak.modulated_layer_norm(x, shift, scale, bs, backend="triton"),
         "modulated_layer_norm op": lambda: ops.modulated_layer_norm_fwd(x, shift, scale, bs, eps, dtype),
         "modulated_layer_norm launcher": lambda: mln.modulated_layer_norm_fwd(x, shift, scale, bs, eps, dtype),
@@ -182,6 +214,29 @@ def _kv_cases(device, dtype, heads):
     }
 
 
+def _interleaved(groups, device, args) -> list[dict]:
+    """Every case's rounds taken in turn (round r times each case once), so that a slow spell of a shared machine
+    falls on all cases alike rather than on the one being timed; then each case's ``--stat`` over its rounds."""
+    cases = [({"op": op, "shape": shape, "layer": layer, **({"kernels": "stubbed"} if args.stub_kernels else {})}, fn)
+             for op, shape, group in filter(None, groups) for layer, fn in group.items()]
+    times: dict = {}
+    with stubbed_kernels(args.stub_kernels):
+        for r in range(args.reps + 1):  # round 0 warms every case up
+            for i, (row, fn) in enumerate(cases):
+                if "error" in row:
+                    continue
+                try:
+                    with torch.set_grad_enabled(row["layer"].endswith("fwd+bwd")):
+                        times.setdefault(i, []).append(host_us(fn, device, args.calls, 1) if r else fn())
+                except Exception as exc:  # noqa: BLE001 - one layer failing leaves a gap, not a crash
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    for i, (row, _) in enumerate(cases):
+        per_round = times.get(i, [])[1:]
+        if "error" not in row and per_round:
+            row["us"] = min(per_round) if args.stat == "min" else statistics.median(per_round)
+    return [row for row, _ in cases]
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = _parse(argv)
     device = torch.device(args.device)
@@ -190,24 +245,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows.append(common.skipped("the Triton kernels do not run here (CUDA, or TRITON_INTERPRET=1 on the CPU)",
                                    op="all"))
         return rows
+    if args.stub_kernels and device.type == "cuda":
+        raise SystemExit("--stub-kernels: CPU tensors under TRITON_INTERPRET=1 only (a GPU runs its kernels)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     budget = common.Budget(args.time_budget_s)
     with torch.no_grad():
         groups = [_attention_cases(device, dtype, args.heads), _modulation_cases(device, dtype),
                   _kv_cases(device, dtype, args.heads)]
-    for group in filter(None, groups):
+    if args.interleave:
+        rows = _interleaved(groups, device, args)
+    for group in filter(None, () if args.interleave else groups):
         op, shape, cases = group
         for layer, fn in cases.items():
-            row = {"op": op, "shape": shape, "layer": layer}
+            row = {"op": op, "shape": shape, "layer": layer, **({"kernels": "stubbed"} if args.stub_kernels else {})}
             if not budget.allows():
                 rows.append(common.skipped(**row))
                 continue
             try:
-                if layer.endswith("fwd+bwd"):
-                    row["us"] = host_us(fn, device, args.calls, args.reps)
-                else:
-                    with torch.no_grad():
-                        row["us"] = host_us(fn, device, args.calls, args.reps)
+                with stubbed_kernels(args.stub_kernels), torch.set_grad_enabled(layer.endswith("fwd+bwd")):
+                    row["us"] = host_us(fn, device, args.calls, args.reps, args.stat)
             except Exception as exc:  # noqa: BLE001 - one layer failing leaves a gap, not a crash
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             rows.append(row)

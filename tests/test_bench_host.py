@@ -21,3 +21,27 @@ def test_every_layer_runs(triton_device):
                   "modulated_layer_norm api fwd+bwd", "modulated_layer_norm custom op fwd+bwd",
                   "fused residual+LN custom op fwd+bwd", "floor: F.layer_norm fwd+bwd"):
         assert ("modulation", layer) in layers
+
+
+def test_stubbed_kernels_time_the_host_path_alone(triton_device):
+    """--stub-kernels (CPU, interpreter): the rows time the launch path with the kernels' runs as no-ops, and the
+    interpreter's kernels run again afterwards."""
+    import pytest
+    import torch
+
+    import ard_kernels as ak
+
+    if triton_device.type == "cuda":
+        with pytest.raises(SystemExit, match="stub-kernels"):
+            bench_host.main(["--device", "cuda", "--stub-kernels", "--no-json"])
+        return
+    rows = bench_host.main(["--device", "cpu", "--calls", "2", "--reps", "1", "--no-json", "--stub-kernels"])
+    interleaved = bench_host.main(["--device", "cpu", "--calls", "2", "--reps", "2", "--no-json", "--stub-kernels",
+                                   "--interleave", "--stat", "min"])
+    assert [(r["op"], r["layer"]) for r in interleaved] == [(r["op"], r["layer"]) for r in rows]
+    assert all(r["us"] > 0 and "error" not in r for r in interleaved), interleaved
+    assert rows and all(r.get("kernels") == "stubbed" and r["us"] > 0 for r in rows if "skipped" not in r), rows
+    layers = {(r["op"], r["layer"]) for r in rows}
+    assert {("block_attention", "api, packed qkv"), ("modulation", "gated_residual api")} <= layers
+    x, y, gate = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 1, 8)
+    torch.testing.assert_close(ak.gated_residual(x, y, gate, 4, backend="triton"), x + gate * y)  # kernels back

@@ -150,7 +150,10 @@ def test_bnhd_strides_and_layout(triton_device):
 def test_unaligned_strides(triton_device):
     """Head dim not unit-stride (a (B, H, D, N) tensor transposed): the kernels' alignment hint is off."""
     q, k, v = (torch.randn(1, 2, 24, n, device=triton_device).transpose(-1, -2).requires_grad_() for n in (11, 13, 13))
-    assert ba._row_align(q, k, v) == 1
+    align, strides = ba._aligned_strides(q, k, v)
+    assert align == 1 and strides[:4] == q.stride()  # strides passed as they are
+    aligned = torch.empty(2, 3, 8, 16)
+    assert ba._aligned_strides(aligned, aligned[:, :, :4]) == (8, (48, 16, 2, 1) * 2)  # (B, H, rows) strides / 8
     out, lse, grads = _run(lambda *a: ard_kernels.block_attention(*a, 4, "window", return_lse=True,
                                                                   backend="triton"), q, k, v)
     ref_out, ref_lse, ref_grads = _run(lambda *a: block_attention_ref(*a, 4, "window", return_lse=True), q, k, v)

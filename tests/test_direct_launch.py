@@ -150,6 +150,81 @@ def test_attention_launch_memo(monkeypatch):
     assert ba.chosen_configs() == {"fwd_kernel Lq256 Lk1024 occ0 D72 float32 tma-offered": "128x64 w8s3 tma"}
 
 
+def test_launch_device_switches_only_off_the_current_device(monkeypatch):
+    """ops.launch_device: a kernel on another GPU than the current one runs there (Triton launches on the current
+    device); on the current one, and on the CPU, nothing is switched."""
+    import contextlib
+
+    class OnGpu:  # a stand-in for a CUDA tensor (no GPU here)
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index, self.device = index, torch.device("cuda", index)
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert isinstance(ops.launch_device(OnGpu(0)), contextlib.nullcontext)
+    switch = ops.launch_device(OnGpu(1))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+    assert isinstance(ops.launch_device(torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_autotuned_launch_memo(monkeypatch):
+    """ops.launch_autotuned: an autotuned kernel's first launch of an autotuning key goes through its autotuner, later
+    ones launch the JIT function with the config it chose; a new key value or a new tensor dtype (both in Triton's
+    autotuning key) goes through the autotuner again; a key argument passed as a keyword counts; with the memo off,
+    always the autotuner. Simulated (the interpreter has no autotuner), with a stand-in that picks by N."""
+    import triton
+
+    calls = []
+
+    class Jit:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("jit", grid, args, kwargs))
+
+    class Tuner:
+        keys = ["N", "SUMS"]
+        arg_names = ["X_ptr", "N", "C", "SUMS"]
+        fn = Jit()
+        best_config = None
+
+        hooked = False
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.best_config = triton.Config({"BLOCK_M": 4 if args[1] < 100 else 8}, num_warps=4,
+                                                 pre_hook=(lambda nargs: None) if self.hooked else None)
+                calls.append(("tuner", grid, args, kwargs))
+            return run
+
+    monkeypatch.setattr(ops, "_TUNED", {})
+    monkeypatch.setattr(ops, "_TUNED_KEY_INDEX", {})
+    tuner, grid = Tuner(), (lambda meta: (1,))
+    x16, x32 = torch.zeros(2, dtype=torch.float16), torch.zeros(2)
+
+    def launch(x, n, c=3, sums=True):
+        calls.clear()
+        ops.launch_autotuned(tuner, grid, (x, n, c), {"SUMS": sums, "USE_PDL": False})
+        return calls[0]
+
+    assert launch(x16, 64)[0] == "tuner"
+    kind, g, args, kwargs = launch(x16, 64, c=5)  # C is not in the key: the memo
+    assert kind == "jit" and g is grid and args == (x16, 64, 5)
+    assert kwargs == {"SUMS": True, "USE_PDL": False, **triton.Config({"BLOCK_M": 4}, num_warps=4).all_kwargs()}
+    assert launch(x16, 256)[0] == "tuner"  # another key value
+    assert launch(x16, 256)[3]["BLOCK_M"] == 8  # ... with its own config
+    assert launch(x32, 64)[0] == "tuner"  # another dtype
+    assert launch(x16, 64, sums=False)[0] == "tuner"  # a keyword key argument
+    assert launch(x16, 64, sums=False)[0] == "jit"
+    tuner.hooked = True  # a config with its own pre-hook: its autotuner runs it at every launch
+    assert [launch(x16, 512)[0] for _ in range(2)] == ["tuner", "tuner"]
+    tuner.hooked = False
+    monkeypatch.setattr(ops, "_LAUNCH_MEMO", False)
+    assert launch(x16, 64)[0] == "tuner"
+
+
 # ------------------------------------------------------------------------ differentiable calls: the eager route
 def _grad_calls(device):
     """(name, leaves, fn(*leaves) -> outputs, which outputs the loss reads) of the differentiable public calls."""

@@ -248,6 +248,18 @@ def test_render_targets_reads_issue_7_from_the_training_rows():
     assert table.rstrip().endswith("| 140 |  | PASS |")
 
 
+def test_render_targets_names_the_device_and_cautions_off_an_h100():
+    from benchmarks.run_all import render_targets
+
+    rows = [{"provider": "ardit-auto", "mode": "fwd_bwd", "images_per_s": 170.0, "shape": "s"}]
+    assert "Measured on" not in render_targets({"train": rows})
+    h100 = render_targets({"train": rows}, "NVIDIA H100 80GB HBM3")
+    assert "Measured on: NVIDIA H100 80GB HBM3. The targets were set for one H100 (bf16)." in h100
+    assert "indicative only" not in h100
+    h200 = render_targets({"train": rows}, "NVIDIA H200")
+    assert "Measured on: NVIDIA H200." in h200 and "indicative only" in h200 and "| 170 |" in h200
+
+
 def test_render_targets_gives_each_graph_stack_its_issue_8_line():
     """Issue 8's latency lines: one per graph stack (plain launches, and PDL where it ran), the best of ours over
     every stack of ours, and the N=6 over N=0 line of each stack."""

@@ -9,8 +9,23 @@ import torch
 
 def launch_device(t: torch.Tensor):
     """Launch on ``t``'s GPU, not whichever one is current: Triton launches on the current device,
-    so a model on ``cuda:1`` would otherwise run its kernels on GPU 0."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    so a model on ``cuda:1`` would otherwise run its kernels on GPU 0. On the current device already (the usual
+    case) nothing is switched: entering and leaving ``torch.cuda.device`` costs a few µs of every launch."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+# Host-side integer helpers. Triton's own ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions:
+# called from Python they unwrap every argument first, a few µs a call, and a launch makes several (grids, tiles).
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @functools.cache
@@ -43,6 +58,44 @@ def arrival_counters(device: torch.device, tiles: int):
     return counters
 
 
+# The config each autotuned kernel chose, per (autotuner, autotuning key): later launches with that key call the JIT
+# function with it directly (:func:`launch_autotuned`). ARD_KERNELS_LAUNCH_MEMO=0: never (read once, at import; the
+# attention keeps a memo of its own, which also drops the TMA descriptors a pointer config ignores).
+_TUNED: dict = {}
+_TUNED_KEY_INDEX: dict = {}
+_LAUNCH_MEMO = os.environ.get("ARD_KERNELS_LAUNCH_MEMO", "1") != "0"
+
+
+def launch_autotuned(tuner, grid, args: tuple, kwargs: dict) -> None:
+    """``tuner[grid](*args, **kwargs)`` for a ``triton.autotune``d kernel, past the autotuner once it has chosen.
+
+    Triton's autotuner rebuilds a dict over every argument and its key from them at each call, then launches the
+    JIT function with the config cached for that key: with the 20 to 40 arguments of these kernels that is host
+    time of the order of a batch-1 kernel's GPU time (the first H100 run found batch 1 host-bound). Here the key is
+    what the autotuner builds (the key arguments' values and the dtype of every tensor argument), in a tuple made
+    without dicts; its first launch goes through the autotuner (timing, or its cache) and records the config it
+    used; later ones launch ``tuner.fn`` with that config: the same compiled kernel, the same bits. Under a
+    CUDA-graph capture too (the recorded config was compiled when it was chosen, outside the capture).
+    """
+    index = _TUNED_KEY_INDEX.get(tuner) if _LAUNCH_MEMO else None
+    if index is None:
+        if not _LAUNCH_MEMO or not all(hasattr(tuner, a) for a in ("keys", "arg_names", "fn")):
+            tuner[grid](*args, **kwargs)
+            return
+        positions = {name: i for i, name in enumerate(tuner.arg_names)}
+        index = _TUNED_KEY_INDEX[tuner] = tuple((positions[k], k) for k in tuner.keys if k in positions)
+    key = (tuner, *(args[i] if i < len(args) else kwargs.get(k) for i, k in index),
+           *(a.dtype for a in args if isinstance(a, torch.Tensor)),
+           *(a.dtype for a in kwargs.values() if isinstance(a, torch.Tensor)))
+    config = _TUNED.get(key)
+    if config is None:
+        tuner[grid](*args, **kwargs)
+        if tuner.best_config.pre_hook is None:  # a config's own hook runs at every launch: only its autotuner runs it
+            _TUNED[key] = tuner.best_config.all_kwargs()
+        return
+    tuner.fn[grid](*args, **kwargs, **config)
+
+
 # ARD_KERNELS_DIRECT_LAUNCH=0: every call goes through the ops' torch custom ops (read once, at import).
 _DIRECT_LAUNCH = os.environ.get("ARD_KERNELS_DIRECT_LAUNCH", "1") != "0"
 
@@ -53,7 +106,8 @@ def _plain_eager(tensors) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(type(t) is torch.Tensor and t.device.type in ("cuda", "cpu") for t in tensors)
+    # is_cuda / is_cpu rather than t.device.type: no torch.device object made per tensor per call
+    return all(type(t) is torch.Tensor and (t.is_cuda or t.is_cpu) for t in tensors)
 
 
 def _needs_grad(tensors) -> bool:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._backends import log_once
-from . import sm_count
+from . import cdiv, launch_autotuned, next_power_of_2, sm_count
 
 # Interpreter tiles: at most this many elements per tile, and 16 rows (each program costs ms there).
 _INTERPRETER_ELEMS = 4096
@@ -176,14 +176,14 @@ def tile_rows(block_size, block_c, target_elems, max_rows=None):
     """BLOCK_M for tiles BLOCK_C columns wide (any width): about ``target_elems`` elements, at most ``max_rows`` rows,
     and no more than a block's rows rounded up to a power of two (a tile never straddles two blocks)."""
     fit = max(1, target_elems // block_c)
-    rows = min(triton.next_power_of_2(block_size), 1 << (fit.bit_length() - 1))  # a power of two
+    rows = min(next_power_of_2(block_size), 1 << (fit.bit_length() - 1))  # a power of two
     return rows if max_rows is None else min(rows, max_rows)
 
 
 def interpreter_tile(C, block_size):
     """(BLOCK_M, BLOCK_C, num_warps) under the interpreter: the whole row and as many rows as
     possible, because its cost is per program, not per element."""
-    block_c = triton.next_power_of_2(C)
+    block_c = next_power_of_2(C)
     return tile_rows(block_size, block_c, _INTERPRETER_ELEMS, _MAX_ROWS), block_c, 4
 
 
@@ -192,12 +192,12 @@ def row_groups(block_size, block_m, pairs, device, min_rows=8, programs=None):
     block) pairs × groups fill the device (``programs`` of them, default :func:`programs_target`);
     at least ``min_rows`` rows per group so the fp32 partial sums (one C-row per group) stay small
     next to the rows themselves. rows_per_group is a multiple of block_m."""
-    tiles = triton.cdiv(block_size, block_m)
-    min_tiles = triton.cdiv(min(min_rows, block_size), block_m)
+    tiles = cdiv(block_size, block_m)
+    min_tiles = cdiv(min(min_rows, block_size), block_m)
     programs = programs_target(device) if programs is None else programs
-    groups = max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(programs, pairs)))
-    rows_per_group = triton.cdiv(tiles, groups) * block_m
-    return triton.cdiv(block_size, rows_per_group), rows_per_group
+    groups = max(1, min(cdiv(tiles, min_tiles), cdiv(programs, pairs)))
+    rows_per_group = cdiv(tiles, groups) * block_m
+    return cdiv(block_size, rows_per_group), rows_per_group
 
 
 def row_split(C):
@@ -207,7 +207,7 @@ def row_split(C):
     256, 1152 = 1024 + 128), where one power-of-two tile would pad 1152 to 2048: 44% of its lanes
     and registers idle, fewer rows in flight."""
     c0 = 1 << (int(C).bit_length() - 1)
-    return c0, max(16, triton.next_power_of_2(C - c0)) if C > c0 else 16
+    return c0, max(16, next_power_of_2(C - c0)) if C > c0 else 16
 
 
 def row_tile(C, block_size, device, target_elems):
@@ -218,14 +218,21 @@ def row_tile(C, block_size, device, target_elems):
     with the tile); a backward keeps more tiles live, so it asks for fewer. Interpreter: as many
     rows as :data:`_INTERPRETER_ELEMS` allows (its cost is per program, not per element).
     """
+    return _row_tile(C, block_size, device.type == "cuda", target_elems)
+
+
+# The launch plans below are pure functions of a few ints, asked at every launch: cached, since each launch's host
+# time is what a small batch waits for (the first H100 run found batch 1 host-bound).
+@functools.lru_cache(maxsize=1024)
+def _row_tile(C, block_size, cuda: bool, target_elems):
     c0, c1p = row_split(C)
     width = c0 + c1p
-    if device.type != "cuda":
+    if not cuda:
         target_elems, max_rows = _INTERPRETER_ELEMS, _MAX_ROWS
     else:
         max_rows = 16
     block_m = tile_rows(block_size, width, target_elems, max_rows)
-    if device.type != "cuda":
+    if not cuda:
         return block_m, c0, c1p, 4
     elems = block_m * width
     num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
@@ -255,8 +262,13 @@ def forward_configs(block_m, num_warps, width, device, values_per_thread=16) -> 
     half its rows and one row, each over the fewest warps (4 to 16) that give a thread at most
     ``values_per_thread`` values of a tile ``width`` columns wide; the heuristic alone elsewhere (the
     interpreter). At most three: each is one more compile per width and dtype."""
+    return _forward_configs(block_m, num_warps, width, device.type == "cuda", values_per_thread)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_configs(block_m, num_warps, width, cuda: bool, values_per_thread) -> tuple:
     configs = [(block_m, num_warps)]
-    for rows in ((block_m // 2, 1) if device.type == "cuda" else ()):
+    for rows in ((block_m // 2, 1) if cuda else ()):
         if rows < 1:
             continue
         warps = 4
@@ -371,7 +383,7 @@ def _tuning_bench(kernel_call, quantiles):
 
 def tile_grid(block_size, num_blocks, batch):
     """A forward's grid as a function of its tile: one program per row tile of every (sample, block)."""
-    return lambda meta: (triton.cdiv(block_size, meta["BLOCK_M"]) * num_blocks * batch,)
+    return lambda meta: (cdiv(block_size, meta["BLOCK_M"]) * num_blocks * batch,)
 
 
 # The remainder segment of a row (:func:`row_split`: C1P columns past the C0 of the main one) as a tile narrower
@@ -403,14 +415,19 @@ def _padding_applies(c0: int, c1p: int) -> bool:
 def remainder_configs(configs: tuple, names: tuple, c0: int, c1p: int, device) -> tuple:
     """``(configs, names)`` with each config's remainder width C1P appended (:data:`_ROW_REMAINDER`): the exact
     ``c1p``, and on the GPU padded copies (C1P = ``c0``) of the first configs where the row allows."""
-    if _ROW_REMAINDER not in ROW_REMAINDERS:
-        raise ValueError(f"ARD_KERNELS_ROW_REMAINDER: expected one of {ROW_REMAINDERS}, got {_ROW_REMAINDER!r}")
+    return _remainder_configs(configs, names, c0, c1p, device.type == "cuda", _ROW_REMAINDER)
+
+
+@functools.lru_cache(maxsize=1024)
+def _remainder_configs(configs: tuple, names: tuple, c0: int, c1p: int, cuda: bool, mode: str) -> tuple:
+    if mode not in ROW_REMAINDERS:
+        raise ValueError(f"ARD_KERNELS_ROW_REMAINDER: expected one of {ROW_REMAINDERS}, got {mode!r}")
     names = (*names[:len(configs[0]) - 2], "C1P")
     padded = _padding_applies(c0, c1p)
-    if _ROW_REMAINDER == "padded" and padded:
+    if mode == "padded" and padded:
         return tuple((*c, c0) for c in configs), names
     out = [(*c, c1p) for c in configs]
-    if _ROW_REMAINDER == "auto" and padded and device.type == "cuda":
+    if mode == "auto" and padded and cuda:
         out += [(*c, c0) for c in configs[:_PADDED_REMAINDER_CONFIGS]]
     return tuple(out), names
 
@@ -437,7 +454,8 @@ def launch_rows(kernel, grid, args, configs, device, key, restore=(), names=("PR
         c1p = constexprs.pop("C1P")
         configs, names = remainder_configs(tuple(configs), tuple(names), constexprs["C0"], c1p, device)
     if device.type == "cuda" and len(configs) > 1:
-        autotuned_rows(kernel, configs, tuple(key), tuple(restore), tuple(names))[grid](*args, **constexprs)
+        launch_autotuned(autotuned_rows(kernel, configs, tuple(key), tuple(restore), tuple(names)), grid, args,
+                         constexprs)
     else:
         meta = _config_meta(configs[0], names)
         kernel[grid(meta) if callable(grid) else grid](*args, num_warps=configs[0][1], **meta, **constexprs)
@@ -541,7 +559,7 @@ def block_column_sums(a, x, mean, rstd, block_size, num_blocks, gated=None, out_
     count = 2 if gated is None else 3
     out_dtypes = tuple(out_dtypes or (torch.float32,) * count)
     # Row groups sized for the narrowest chunk (the most programs of any config).
-    chunks = triton.cdiv(C, min(c for _, c, _ in _COLUMN_SUM_CONFIGS) if cuda else _COLUMN_SUM_INTERPRETER[1])
+    chunks = cdiv(C, min(c for _, c, _ in _COLUMN_SUM_CONFIGS) if cuda else _COLUMN_SUM_INTERPRETER[1])
     groups, rows_per_group = row_groups(block_size, 1, B * num_blocks * chunks, a.device,
                                         min_rows=_COLUMN_SUM_MIN_ROWS)
     # Separate tensors: results that were views of one tensor would alias (custom ops forbid it).
@@ -551,16 +569,15 @@ def block_column_sums(a, x, mean, rstd, block_size, num_blocks, gated=None, out_
     dout_arg = a if dout is None else dout  # unread without HAS_DOUT
     args = (a, x, mean, rstd, scale, c1, c2, dout_arg, y, parts[0], parts[1], parts[-1],
             N, C, block_size, num_blocks, groups, rows_per_group,
-            a.stride(0), a.stride(1), a.stride(2), x.stride(0), x.stride(1), x.stride(2),
-            scale.stride(0), scale.stride(1), scale.stride(2), dout_arg.stride(0), dout_arg.stride(1),
-            dout_arg.stride(2), y.stride(0), y.stride(1), y.stride(2))
+            *a.stride(), *x.stride(),
+            *scale.stride(), *dout_arg.stride(), *y.stride())
     flags = {"HAS_GY": gated is not None, "HAS_DOUT": dout is not None}
     pairs = groups * num_blocks * B
     if cuda:
-        _column_sums_tuner()[lambda meta: (pairs, triton.cdiv(C, meta["BLOCK_C"]))](*args, **flags)
+        launch_autotuned(_column_sums_tuner(), lambda meta: (pairs, cdiv(C, meta["BLOCK_C"])), args, flags)
     else:
         r, c, w = _COLUMN_SUM_INTERPRETER
-        _block_column_sums_kernel[(pairs, triton.cdiv(C, c))](*args, **flags, BLOCK_R=r, BLOCK_C=c, num_warps=w)
+        _block_column_sums_kernel[(pairs, cdiv(C, c))](*args, **flags, BLOCK_R=r, BLOCK_C=c, num_warps=w)
     if groups == 1:
         return tuple(parts)
     return tuple(p.sum(dim=2).to(dtype) for p, dtype in zip(parts, out_dtypes))

@@ -47,7 +47,17 @@ import torch
 import triton
 
 from ..reference import split_qkv
-from . import arrival_counters, block_schedule, differentiable_call, forward_call, launch_device, sm_count
+from . import (
+    _LAUNCH_MEMO,
+    arrival_counters,
+    block_schedule,
+    cdiv,
+    differentiable_call,
+    forward_call,
+    launch_device,
+    next_power_of_2,
+    sm_count,
+)
 from ._pdl import pdl_meta, pdl_twins
 from .block_attention_kernels import (
     _block_attention_bwd_dkdv_kernel,
@@ -68,7 +78,7 @@ def _split_head_dim(d: int):
     """``D = D0 + D1``: D0 the largest power of two <= D, D1 the rest, padded to DP1 (pow2, >= 16)."""
     d0 = 1 << (d.bit_length() - 1)
     d1 = d - d0
-    dp1 = max(16, triton.next_power_of_2(d1)) if d1 else 16
+    dp1 = max(16, next_power_of_2(d1)) if d1 else 16
     return d0, d1, dp1
 
 
@@ -151,7 +161,7 @@ _FWD_DESCS = ("desc_q0", "desc_q1", "desc_k0", "desc_k1", "desc_v0", "desc_v1")
 def _occupancy_class(rows: int, bh: int, sms: int) -> int:
     """How a grid over ``rows`` rows (per batch·head, ``bh`` of them) fills ``sms`` SMs at 128-row tiles:
     0 under one wave (programs < SMs), 1 under four, 2 beyond."""
-    programs = triton.cdiv(rows, _OCCUPANCY_TILE) * bh
+    programs = cdiv(rows, _OCCUPANCY_TILE) * bh
     return 0 if programs < sms else (1 if programs < 4 * sms else 2)
 
 
@@ -329,7 +339,7 @@ class _Launch:
         self.kind = kind
         self.scale = float(scale)
         self.dot_prec = "ieee" if (q.dtype == torch.float32 or self.interp) else "tf32"
-        self.align = 1  # the launch sets it (:func:`_row_align` of its tensors)
+        self.align = 1  # the launch sets it (:func:`_aligned_strides` of its tensors)
         # The forward under programmatic dependent launch (:mod:`._pdl`; the backwards run in training, launched
         # plainly): USE_PDL and Triton's launch_pdl option, or USE_PDL=False.
         self.pdl = pdl_meta(q.device) if kind == "fwd" else {}
@@ -368,7 +378,7 @@ class _Launch:
             return lse, self.sched
         rows = self.B * self.H * self.Lq
         ws = torch.empty(splits * rows * (self.d0 + self.dp1 + 2), device=q.device, dtype=torch.float32)
-        counters = arrival_counters(q.device, triton.cdiv(self.Lq, min(tiles)) * self.B * self.H)
+        counters = arrival_counters(q.device, cdiv(self.Lq, min(tiles)) * self.B * self.H)
         if counters is None:
             raise RuntimeError(f"block_attention: a forward of shape (B={self.B}, H={self.H}, Lq={self.Lq}, "
                                f"Lk={self.Lk}) first seen inside a CUDA-graph capture; run it once eagerly first "
@@ -412,7 +422,6 @@ class _Launch:
 # Inside a CUDA-graph capture the autotuned path runs as before (the memo path's first call compiles a
 # variant without descriptors, which a capture must not see). ARD_KERNELS_LAUNCH_MEMO=0: never.
 _CHOSEN: dict = {}
-_LAUNCH_MEMO = os.environ.get("ARD_KERNELS_LAUNCH_MEMO", "1") != "0"
 # The config of the latest GPU launch of each kernel ("fwd", "dkdv", "dq"): benchmarks record what the
 # autotuner chose (:func:`last_configs`).
 _LAST_CONFIG: dict = {}
@@ -478,27 +487,25 @@ def _launch_chosen(L, grid, head, tail, meta, config, descriptors):
     L.kernel.fn[grid](*head, *descs, *tail, **meta, **kwargs)
 
 
-def _row_align(*tensors) -> int:
-    """8 when every stride but the last (head-dim) one of ``tensors`` is a multiple of 8, else 1."""
-    return 8 if all(st % 8 == 0 for t in tensors for st in t.stride()[:-1]) else 1
-
-
-def _strides(t: torch.Tensor, align: int):
-    """(B, H, rows) strides divided by ``align`` (the kernels multiply back), then the head-dim stride."""
-    sb, sh, sm, sd = t.stride()
-    return sb // align, sh // align, sm // align, sd
-
-
 def _grid(rows: int, tile: str, bh: int):
     """Programs: the ``tile``-row tiles of ``rows`` rows per batch·head, by the forward's key splits (SPLITS)."""
-    return lambda meta: (triton.cdiv(rows, meta[tile]) * bh, meta.get("SPLITS", 1))
+    return lambda meta: (cdiv(rows, meta[tile]) * bh, meta.get("SPLITS", 1))
 
 
 def _token_major_like(q):
     """An empty (B, H, Lq, D) tensor like q laid out (B, Lq, H, D) in memory: the attention projection's
     input ``O.transpose(1, 2).reshape(B, Lq, H·D)`` is then a view, not a copy of O."""
     B, H, Lq, D = q.shape
-    return q.new_empty((B, Lq, H, D)).transpose(1, 2)
+    return torch.empty_strided((B, H, Lq, D), (Lq * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
+
+
+def _aligned_strides(*tensors):
+    """(align, strides) of (B, H, L, D) ``tensors``: align 8 when every stride but the last (head-dim) one is a
+    multiple of 8, else 1; then each tensor's (B, H, rows) strides divided by align (the kernels multiply back, so
+    the compiler sees the multiple) and its head-dim stride, in one tuple."""
+    all_strides = [t.stride() for t in tensors]
+    a = 8 if all(st % 8 == 0 for sts in all_strides for st in sts[:-1]) else 1
+    return a, tuple(x for sb, sh, sm, sd in all_strides for x in (sb // a, sh // a, sm // a, sd))
 
 
 def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float, out=None):
@@ -512,13 +519,12 @@ def block_attention_fwd(q, k, v, nb: int, rows, block_size: int, scale: float, o
     L = _Launch(q, k, nb, rows, block_size, scale, "fwd", v)
     out = _token_major_like(q) if out is None else out
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
-    a = _row_align(q, k, v, out)
-    L.align = a
+    L.align, strides = _aligned_strides(q, k, v, out)
     with launch_device(q):
         ws, counters = L.split_kv_buffers(q, lse)
         _launch(L, _grid(L.Lq, "BLOCK_M", L.B * L.H), (q, k, v, out, lse, L.sched, ws, counters),
-                (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(out, a), *L.scalars(), L.pat_key,
-                 L.grid_key), q, descriptors=lambda config: L.fwd_descriptors(q, k, v, config))
+                (*strides, *L.scalars(), L.pat_key, L.grid_key), q,
+                descriptors=lambda config: L.fwd_descriptors(q, k, v, config))
     return out, lse
 
 
@@ -532,7 +538,7 @@ def block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size: 
 def _preprocess_tile(d: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_D) of the backward's row pass: 4096 values of O and of dO per program, 32 per thread
     of its 4 warps (a fixed 64 rows spilled at D = 256), 16 rows under the interpreter (tiny grids)."""
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     return (16 if _interpreting() else max(16, 4096 // block_d)), block_d
 
 
@@ -541,21 +547,21 @@ def _block_attention_bwd(do, q, k, v, out, lse, dlse, nb: int, rows, block_size:
     B, H, Lq, d = q.shape
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     pre_m, pre_d = _preprocess_tile(d)
-    _block_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m) * B * H,)](
+    _block_attention_bwd_preprocess_kernel[(cdiv(Lq, pre_m) * B * H,)](
         out, do, dlse.contiguous() if dlse is not None else delta, delta, *out.stride(), *do.stride(), H, Lq, d,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=pre_d)
     dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if grads is None else grads
 
-    a = _row_align(q, k, v, do, dq, dk, dv)
-    st = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a))
+    a, strides = _aligned_strides(q, k, v, do, dq, dk, dv)
+    st, st_dq, st_dkdv = strides[:16], strides[16:20], strides[20:]
     L = _Launch(q, k, nb, rows, block_size, scale, "dkdv")
     L.align = a
     _launch(L, _grid(L.Lk, "BLOCK_N", B * H), (q, k, v, do, lse, delta, dk, dv, L.sched),
-            (*st, *_strides(dk, a), *_strides(dv, a), *L.scalars(), L.scale, L.pat_key, L.grid_key), q)
+            (*st, *st_dkdv, *L.scalars(), L.scale, L.pat_key, L.grid_key), q)
     L = _Launch(q, k, nb, rows, block_size, scale, "dq")
     L.align = a
     _launch(L, _grid(L.Lq, "BLOCK_M", B * H), (q, k, v, do, lse, delta, dq, L.sched),
-            (*st, *_strides(dq, a), *L.scalars(), L.scale, L.pat_key, L.grid_key), q)
+            (*st, *st_dq, *L.scalars(), L.scale, L.pat_key, L.grid_key), q)
     return dq, dk, dv
 
 

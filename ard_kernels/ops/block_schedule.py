@@ -79,9 +79,23 @@ def encode_pattern(pattern, nb: int) -> list:
     Returns a list of nb·W non-negative ints below ``2**WORD_BITS``.
     """
     if isinstance(pattern, str):
-        masks = [_named_row_mask(pattern, i) for i in range(nb)]
-    else:
-        masks = [sum(1 << j for j, seen in enumerate(row) if seen) for row in pattern.tolist()]
+        # Every eager attention call encodes its pattern: a named one is encoded once per (name, nb) (traced
+        # calls skip the memo, so that no dict of this module is guarded on).
+        if torch.compiler.is_compiling():
+            return _encode_masks([_named_row_mask(pattern, i) for i in range(nb)], nb)
+        rows = _NAMED_ROWS.get((pattern, nb))
+        if rows is None:
+            rows = _NAMED_ROWS[(pattern, nb)] = tuple(_encode_masks([_named_row_mask(pattern, i) for i in range(nb)],
+                                                                    nb))
+        return list(rows)
+    return _encode_masks([sum(1 << j for j, seen in enumerate(row) if seen) for row in pattern.tolist()], nb)
+
+
+_NAMED_ROWS: dict = {}
+
+
+def _encode_masks(masks: list, nb: int) -> list:
+    """Row bit masks (bit j: key block j allowed) as ``words_per_row(nb)`` words of WORD_BITS bits each."""
     word = (1 << WORD_BITS) - 1
     return [(m >> (WORD_BITS * w)) & word for m in masks for w in range(words_per_row(nb))]
 

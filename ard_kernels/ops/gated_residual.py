@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import differentiable_call, direct_launch_ok, forward_call, launch_device
+from . import cdiv, differentiable_call, direct_launch_ok, forward_call, launch_device, next_power_of_2
 from ._pdl import pdl_meta, pdl_twins, wait_previous_kernel
 from ._rows import (
     block_program,
@@ -120,7 +120,7 @@ def _tile(C, block_size, device):
     """
     if device.type != "cuda":
         return interpreter_tile(C, block_size)
-    block_c = next((w for w in (256, 128, 64) if C % w == 0), min(256, triton.next_power_of_2(C)))
+    block_c = next((w for w in (256, 128, 64) if C % w == 0), min(256, next_power_of_2(C)))
     return tile_rows(block_size, block_c, 4096), block_c, 8
 
 
@@ -128,16 +128,16 @@ def _launch_fwd(x, y, gate, out, block_size):
     B, N, C = x.shape
     nb = gate.shape[1]
     block_m, block_c, num_warps = _tile(C, block_size, x.device)
-    tiles = triton.cdiv(block_size, block_m)
-    grid = (tiles * nb * B, triton.cdiv(C, block_c))
+    tiles = cdiv(block_size, block_m)
+    grid = (tiles * nb * B, cdiv(C, block_c))
     with launch_device(x):
         _gated_residual_fwd_kernel[grid](
             x, y, gate, out,
             N, C, block_size, nb, tiles,
-            x.stride(0), x.stride(1), x.stride(2),
-            y.stride(0), y.stride(1), y.stride(2),
-            gate.stride(0), gate.stride(1), gate.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            *x.stride(),
+            *y.stride(),
+            *gate.stride(),
+            *out.stride(),
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps, **pdl_meta(x.device),
         )
 
@@ -168,7 +168,7 @@ def gated_residual_bwd(dout, y, gate, block_size):
     if dy.numel() == 0:
         return dy, torch.zeros(gate.shape, dtype=gate.dtype, device=gate.device)
     block_m, block_c, num_warps = _tile(C, block_size, y.device)
-    chunks = triton.cdiv(C, block_c)
+    chunks = cdiv(C, block_c)
     groups, rows_per_group = row_groups(block_size, block_m, B * nb * chunks, y.device)
     # One group per block (enough (sample, block, chunk) programs without splitting: DiT-XL at B16 and up): the
     # kernel writes dgate itself, in gate's dtype; else fp32 partials, summed over the groups below.
@@ -178,10 +178,10 @@ def gated_residual_bwd(dout, y, gate, block_size):
         _gated_residual_bwd_kernel[(groups * nb * B, chunks)](
             dout, y, gate, dy, part,
             N, C, block_size, nb, groups, rows_per_group,
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            y.stride(0), y.stride(1), y.stride(2),
-            gate.stride(0), gate.stride(1), gate.stride(2),
-            dy.stride(0), dy.stride(1),
+            *dout.stride(),
+            *y.stride(),
+            *gate.stride(),
+            *dy.stride()[:2],
             BLOCK_M=block_m, BLOCK_C=block_c, PREFETCH=_prefetch(y), num_warps=num_warps,
         )
     return dy, part if groups == 1 else part.sum(dim=2).to(gate.dtype)

@@ -266,13 +266,13 @@ def _launch_fwd(x, y, gate, shift, scale, out, block_size, eps, h_dtype):
         launch_rows(_gated_residual_modulated_layer_norm_fwd_kernel, tile_grid(block_size, nb, B), (
             x, y, gate, shift, scale, out, h, mean, rstd,
             B, N, C, block_size, nb, eps,
-            x.stride(0), x.stride(1), x.stride(2),
-            y.stride(0), y.stride(1), y.stride(2),
-            gate.stride(0), gate.stride(1), gate.stride(2),
-            shift.stride(0), shift.stride(1), shift.stride(2),
-            scale.stride(0), scale.stride(1), scale.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            h.stride(0), h.stride(1),
+            *x.stride(),
+            *y.stride(),
+            *gate.stride(),
+            *shift.stride(),
+            *scale.stride(),
+            *out.stride(),
+            *h.stride()[:2],
         ), configs, x.device, FORWARD_AUTOTUNE_KEY, restore=("OUT_ptr",), C0=c0, C1P=c1p, **pdl_meta(x.device))
     return h, mean, rstd
 
@@ -346,14 +346,14 @@ def _launch_bwd(dout, dh, out, y, gate, scale, mean, rstd, block_size, sums: boo
             dout_arg, dh, out, y, gate, scale, mean, rstd,
             dx, dy, parts[0], parts[1], parts[2], terms[0], terms[1],
             N, C, block_size, nb, groups, rows_per_group,
-            dout_arg.stride(0), dout_arg.stride(1), dout_arg.stride(2),
-            dh.stride(0), dh.stride(1), dh.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            y.stride(0), y.stride(1), y.stride(2),
-            gate.stride(0), gate.stride(1), gate.stride(2),
-            scale.stride(0), scale.stride(1), scale.stride(2),
-            dx.stride(0), dx.stride(1),
-            dy.stride(0), dy.stride(1),
+            *dout_arg.stride(),
+            *dh.stride(),
+            *out.stride(),
+            *y.stride(),
+            *gate.stride(),
+            *scale.stride(),
+            *dx.stride()[:2],
+            *dy.stride()[:2],
         ), configs, out.device, BACKWARD_AUTOTUNE_KEY, HAS_DOUT=has_dout, C0=c0, C1P=c1p, SUMS=sums)
     if not sums:
         return dx, dy, terms[0], terms[1]

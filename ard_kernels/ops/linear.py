@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._backends import log_once
 from ..reference import linear_ref
-from . import arrival_counters, launch_device, sm_count
+from . import arrival_counters, cdiv, launch_autotuned, launch_device, sm_count
 from ._pdl import pdl_active, pdl_meta, prefetch_l2, wait_previous_kernel
 
 
@@ -171,7 +171,7 @@ def _tuned_kernel():
 def _k_per_split(K: int, split_k: int, block_k: int) -> int:
     """The K-slice of each of ``split_k`` programs: a multiple of ``block_k`` (every config's BLOCK_K
     divides it), covering K."""
-    return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    return cdiv(cdiv(K, split_k), block_k) * block_k
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
@@ -194,12 +194,12 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     interp = _interpreting()
     max_bk = _INTERPRETER_CONFIG[2] if interp else max(c[2] for c in _CONFIGS)
     k_per_split = _k_per_split(K, split_k, max_bk)
-    splits = triton.cdiv(K, k_per_split)  # no empty slice: a slice count that K allows
+    splits = cdiv(K, k_per_split)  # no empty slice: a slice count that K allows
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     bias_arg = bias if bias is not None else y
     # Counters for the smallest tiles any config uses (more tiles than a larger config has: it uses a prefix).
     min_bm, min_bn = (_INTERPRETER_CONFIG[:2] if interp else (min(c[0] for c in _CONFIGS), min(c[1] for c in _CONFIGS)))
-    counters = (arrival_counters(x.device, triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn))
+    counters = (arrival_counters(x.device, cdiv(M, min_bm) * cdiv(N, min_bn))
                 if serial and splits > 1 else None)
     serial = counters is not None
     pdl = pdl_meta(x.device)  # both kernels' launch keywords
@@ -207,19 +207,19 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 DOT_PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32", **pdl)
     if pdl["USE_PDL"]:
         meta["LINE"] = 128 // weight.element_size()  # elements per 128-byte line: the prefetch's stride
-    args = (x, weight, bias_arg, y, part, counters if serial else y, M, N, K, k_per_split, x.stride(0), x.stride(1),
-            weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
+    args = (x, weight, bias_arg, y, part, counters if serial else y, M, N, K, k_per_split, *x.stride()[:2],
+            *weight.stride()[:2], *y.stride()[:2])
     with launch_device(x):
         if interp:
             bm, bn, bk, w, st = _INTERPRETER_CONFIG
-            _linear_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn), splits)](
+            _linear_kernel[(cdiv(M, bm) * cdiv(N, bn), splits)](
                 *args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
         else:
-            grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), splits)  # noqa: E731
-            _tuned_kernel()[grid](*args, **meta)
+            grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), splits)  # noqa: E731
+            launch_autotuned(_tuned_kernel(), grid, args, meta)
         if splits > 1 and not serial:
-            _linear_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
-                part, bias_arg, y, M, N, y.stride(0), y.stride(1), SPLIT_K=splits, HAS_BIAS=bias is not None,
+            _linear_reduce_kernel[(cdiv(M * N, _REDUCE_BLOCK),)](
+                part, bias_arg, y, M, N, *y.stride()[:2], SPLIT_K=splits, HAS_BIAS=bias is not None,
                 GELU=gelu, BLOCK=_REDUCE_BLOCK, num_warps=4, **pdl)
     return y
 
@@ -237,7 +237,7 @@ def split_candidates(M: int, N: int, K: int, sms: int) -> tuple:
     """The K-split counts worth timing for an (M, N, K) GEMM on ``sms`` SMs: 1 (no split), and the
     powers of two (at most 16) while the programs stay within four per SM at 64 × 64 output tiles and each
     slice at least 256 deep. DiT-XL/2 at batch 1 on an H100: qkv (1, 2), proj and fc2 (1, 2, 4), fc1 (1,)."""
-    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
+    tiles = cdiv(M, 64) * cdiv(N, 64)
     out, split = [1], 2
     while split <= 16 and K // split >= 256 and tiles * split <= 4 * sms:
         out.append(split)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import differentiable_call, forward_call, launch_device
+from . import cdiv, differentiable_call, forward_call, launch_device
 from ._pdl import pdl_meta, pdl_twins, wait_previous_kernel
 from ._rows import (
     BACKWARD_AUTOTUNE_KEY,
@@ -199,16 +199,16 @@ def modulated_layer_norm_fwd(x, shift, scale, block_size, eps, out_dtype):
     configs = forward_configs_with_runs(block_m, num_warps, c0 + c1p, block_size, x.device)
 
     def grid(meta):
-        return (triton.cdiv(triton.cdiv(block_size, meta["BLOCK_M"]), meta["TILES"]) * nb * B,)
+        return (cdiv(cdiv(block_size, meta["BLOCK_M"]), meta["TILES"]) * nb * B,)
 
     with launch_device(x):
         launch_rows(_modulated_layer_norm_fwd_kernel, grid, (
             x, shift, scale, y, mean, rstd,
             B, N, C, block_size, nb, eps,
-            x.stride(0), x.stride(1), x.stride(2),
-            shift.stride(0), shift.stride(1), shift.stride(2),
-            scale.stride(0), scale.stride(1), scale.stride(2),
-            y.stride(0), y.stride(1),
+            *x.stride(),
+            *shift.stride(),
+            *scale.stride(),
+            *y.stride()[:2],
         ), configs, x.device, FORWARD_AUTOTUNE_KEY, names=("TILES",), C0=c0, C1P=c1p, **pdl_meta(x.device))
     return y, mean, rstd
 
@@ -225,7 +225,7 @@ def forward_configs_with_runs(block_m, num_warps, width, block_size, device) -> 
     singles = forward_configs(block_m, num_warps, width, device)
     configs = [(bm, w, 1) for bm, w in singles]
     bm, w = singles[1] if len(singles) > 1 else singles[0]
-    if device.type == "cuda" and triton.cdiv(block_size, bm) >= _FWD_RUN_TILES:
+    if device.type == "cuda" and cdiv(block_size, bm) >= _FWD_RUN_TILES:
         configs.append((bm, w, _FWD_RUN_TILES))
     return tuple(configs)
 
@@ -271,10 +271,10 @@ def _launch_bwd(dy, x, scale, mean, rstd, block_size, sums: bool):
         launch_rows(_modulated_layer_norm_bwd_kernel, (groups * nb * B,), (
             dy, x, scale, mean, rstd, dx, dshift_part, dscale_part,
             N, C, block_size, nb, groups, rows_per_group,
-            dy.stride(0), dy.stride(1), dy.stride(2),
-            x.stride(0), x.stride(1), x.stride(2),
-            scale.stride(0), scale.stride(1), scale.stride(2),
-            dx.stride(0), dx.stride(1),
+            *dy.stride(),
+            *x.stride(),
+            *scale.stride(),
+            *dx.stride()[:2],
         ), configs, x.device, BACKWARD_AUTOTUNE_KEY, C0=c0, C1P=c1p, SUMS=sums)
     if not sums:
         return dx, None, None

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import differentiable_call, launch_device
+from . import cdiv, differentiable_call, launch_device, next_power_of_2
 
 
 @triton.jit
@@ -57,13 +57,13 @@ def timestep_embedding_fwd(t, dim, max_period):
     if dim < 2:  # no frequencies: only the zero column of an odd width
         out.zero_()
     elif M:
-        block_d = min(triton.next_power_of_2(dim), 256)
+        block_d = min(next_power_of_2(dim), 256)
         if t.device.type == "cuda":
             # fp64 sin/cos take many registers: 2048 elements per program spill (ptxas), 512 do not
             block_m = max(1, _CUDA_ELEMS_PER_PROGRAM // block_d)
         else:  # interpreter: cost is per program
-            block_m = min(triton.next_power_of_2(M), 64)
-        grid = (triton.cdiv(M, block_m), triton.cdiv(dim, block_d))
+            block_m = min(next_power_of_2(M), 64)
+        grid = (cdiv(M, block_m), cdiv(dim, block_d))
         with launch_device(flat):
             _timestep_embedding_fwd_kernel[grid](
                 flat, out, M, dim, dim // 2, -math.log(max_period),
