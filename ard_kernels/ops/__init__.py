@@ -70,8 +70,8 @@ def launch_autotuned(tuner, grid, args: tuple, kwargs: dict) -> None:
     """``tuner[grid](*args, **kwargs)`` for a ``triton.autotune``d kernel, past the autotuner once it has chosen.
 
     Triton's autotuner rebuilds a dict over every argument and its key from them at each call, then launches the
-    JIT function with the config cached for that key: with the 20 to 40 arguments of these kernels that is host
-    time of the order of a batch-1 kernel's GPU time (the first H100 run found batch 1 host-bound). Here the key is
+    JIT function with the config cached for that key: with the 20 to 40 arguments of these kernels, host time that
+    every launch pays (the first H100 run found batch 1 host-bound). Here the key is
     what the autotuner builds (the key arguments' values and the dtype of every tensor argument), in a tuple made
     without dicts; its first launch goes through the autotuner (timing, or its cache) and records the config it
     used; later ones launch ``tuner.fn`` with that config: the same compiled kernel, the same bits. Under a

@@ -81,12 +81,13 @@ def encode_pattern(pattern, nb: int) -> list:
     if isinstance(pattern, str):
         # Every eager attention call encodes its pattern: a named one is encoded once per (name, nb) (traced
         # calls skip the memo, so that no dict of this module is guarded on).
-        if torch.compiler.is_compiling():
-            return _encode_masks([_named_row_mask(pattern, i) for i in range(nb)], nb)
-        rows = _NAMED_ROWS.get((pattern, nb))
+        traced = torch.compiler.is_compiling()
+        rows = None if traced else _NAMED_ROWS.get((pattern, nb))
         if rows is None:
-            rows = _NAMED_ROWS[(pattern, nb)] = tuple(_encode_masks([_named_row_mask(pattern, i) for i in range(nb)],
-                                                                    nb))
+            rows = _encode_masks([_named_row_mask(pattern, i) for i in range(nb)], nb)
+            if not traced:
+                _NAMED_ROWS[(pattern, nb)] = tuple(rows)
+            return rows
         return list(rows)
     return _encode_masks([sum(1 << j for j, seen in enumerate(row) if seen) for row in pattern.tolist()], nb)
 

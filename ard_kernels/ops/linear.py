@@ -207,8 +207,8 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 DOT_PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32", **pdl)
     if pdl["USE_PDL"]:
         meta["LINE"] = 128 // weight.element_size()  # elements per 128-byte line: the prefetch's stride
-    args = (x, weight, bias_arg, y, part, counters if serial else y, M, N, K, k_per_split, *x.stride()[:2],
-            *weight.stride()[:2], *y.stride()[:2])
+    args = (x, weight, bias_arg, y, part, counters if serial else y, M, N, K, k_per_split, *x.stride(),
+            *weight.stride(), *y.stride())
     with launch_device(x):
         if interp:
             bm, bn, bk, w, st = _INTERPRETER_CONFIG
@@ -219,7 +219,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             launch_autotuned(_tuned_kernel(), grid, args, meta)
         if splits > 1 and not serial:
             _linear_reduce_kernel[(cdiv(M * N, _REDUCE_BLOCK),)](
-                part, bias_arg, y, M, N, *y.stride()[:2], SPLIT_K=splits, HAS_BIAS=bias is not None,
+                part, bias_arg, y, M, N, *y.stride(), SPLIT_K=splits, HAS_BIAS=bias is not None,
                 GELU=gelu, BLOCK=_REDUCE_BLOCK, num_warps=4, **pdl)
     return y
 
