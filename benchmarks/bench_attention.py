@@ -301,7 +301,7 @@ def _case(shp, mode, provs, device, dtype, check: bool, rows: list, on_rows=None
                 row["err"] = float(f"{(out.float() - ref).abs().max().item():.3g}")
             del out
         except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is a table gap
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row["error"] = common.error_text(e)
         common.free_device_memory(device)
         rows.append(row)
         common.emit(row, ("shape", "mode", "provider", "ms", "tflops", "first_s", "err", "configs"))

@@ -182,10 +182,6 @@ def _inputs(b, input_size, device, dtype):
     return noise, torch.randint(0, 1000, (b,), generator=g).to(device)
 
 
-def _error(exc) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-
-
 def run(args, on_rows=None) -> list[dict]:
     """Rows in measurement order; ``on_rows(rows)`` after each one (incremental JSON)."""
     from ard_kernels import flops
@@ -221,11 +217,11 @@ def run(args, on_rows=None) -> list[dict]:
         try:
             models[n] = _build(args.config, n, args.steps, device, dtype, stacks)
         except Exception as exc:  # e.g. the published twin failing: keep what can run
-            add({"config": args.config, "variant": variant(n), "error": "build: " + _error(exc)})
+            add({"config": args.config, "variant": variant(n), "error": "build: " + common.error_text(exc)})
             try:
                 models[n] = _build(args.config, n, args.steps, device, dtype, [])
             except Exception as exc2:  # noqa: BLE001
-                add({"config": args.config, "variant": variant(n), "error": "build: " + _error(exc2)})
+                add({"config": args.config, "variant": variant(n), "error": "build: " + common.error_text(exc2)})
     base: dict[tuple, float] = {}
     for b in batches:
         noise, y = _inputs(b, shape.input_size, device, dtype)
@@ -243,7 +239,7 @@ def run(args, on_rows=None) -> list[dict]:
                 try:
                     ms = common.time_ms(_runner(stack, models[n], noise, y), device)
                 except Exception as exc:  # one stack failing must not hide the others
-                    add({**row, "error": _error(exc)})
+                    add({**row, "error": common.error_text(exc)})
                     common.free_device_memory(device)
                     continue
                 base.setdefault((stack, b, n), ms)
@@ -278,7 +274,7 @@ def run(args, on_rows=None) -> list[dict]:
                                     min_reps=3)
                 row.update(ms=ms, ms_per_img=ms / b, **{"TFLOP/s": gflop_teacher * b / ms})
             except Exception as exc:
-                row["error"] = _error(exc)
+                row["error"] = common.error_text(exc)
             add(row)
     return rows
 
@@ -301,7 +297,7 @@ def _profile(args, models, plan, input_size, device, dtype, budget) -> list[dict
             try:
                 run = _runner(stack, models, noise, y)
             except Exception as exc:  # noqa: BLE001 - a diagnostic, never a reason to lose the timings
-                rows.append({"stack": stack, "variant": variant, "batch": batch, "error": _error(exc)})
+                rows.append({"stack": stack, "variant": variant, "batch": batch, "error": common.error_text(exc)})
                 continue
             rows += common.kernel_profile(run, device, stack=stack, variant=variant, batch=batch)
         del noise, y

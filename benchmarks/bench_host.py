@@ -214,11 +214,16 @@ def _kv_cases(device, dtype, heads):
     }
 
 
+def _row(op: str, shape: str, layer: str, args) -> dict:
+    """A case's row before its timing: what it is, and whether the kernels ran."""
+    return {"op": op, "shape": shape, "layer": layer, **({"kernels": "stubbed"} if args.stub_kernels else {})}
+
+
 def _interleaved(groups, device, args) -> list[dict]:
     """Every case's rounds taken in turn (round r times each case once), so that a slow spell of a shared machine
     falls on all cases alike rather than on the one being timed; then each case's ``--stat`` over its rounds."""
-    cases = [({"op": op, "shape": shape, "layer": layer, **({"kernels": "stubbed"} if args.stub_kernels else {})}, fn)
-             for op, shape, group in filter(None, groups) for layer, fn in group.items()]
+    cases = [(_row(op, shape, layer, args), fn) for op, shape, group in filter(None, groups)
+             for layer, fn in group.items()]
     times: dict = {}
     with stubbed_kernels(args.stub_kernels):
         for r in range(args.reps + 1):  # round 0 warms every case up
@@ -229,7 +234,7 @@ def _interleaved(groups, device, args) -> list[dict]:
                     with torch.set_grad_enabled(row["layer"].endswith("fwd+bwd")):
                         times.setdefault(i, []).append(host_us(fn, device, args.calls, 1) if r else fn())
                 except Exception as exc:  # noqa: BLE001 - one layer failing leaves a gap, not a crash
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                    row["error"] = common.error_text(exc)
     for i, (row, _) in enumerate(cases):
         per_round = times.get(i, [])[1:]
         if "error" not in row and per_round:
@@ -257,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for group in filter(None, () if args.interleave else groups):
         op, shape, cases = group
         for layer, fn in cases.items():
-            row = {"op": op, "shape": shape, "layer": layer, **({"kernels": "stubbed"} if args.stub_kernels else {})}
+            row = _row(op, shape, layer, args)
             if not budget.allows():
                 rows.append(common.skipped(**row))
                 continue
@@ -265,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 with stubbed_kernels(args.stub_kernels), torch.set_grad_enabled(layer.endswith("fwd+bwd")):
                     row["us"] = host_us(fn, device, args.calls, args.reps, args.stat)
             except Exception as exc:  # noqa: BLE001 - one layer failing leaves a gap, not a crash
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                row["error"] = common.error_text(exc)
             rows.append(row)
             common.emit(row, ("op", "layer", "us", "error"))
             if not args.no_json:

@@ -172,7 +172,7 @@ def _measure(rows, op, shape, cases, nbytes, device, dtype_name, ext, layers):
             if op == "cache_step" and device.type == "cuda":
                 row["launches_per_layer"] = _launches(fn, layers)
         except Exception as e:  # noqa: BLE001 - one provider failing leaves a gap, not a crash
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row["error"] = common.error_text(e)
         rows.append(row)
         common.emit(row, ("op", "shape", "provider", "us", "gbps", "launches_per_layer"))
 

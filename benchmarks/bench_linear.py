@@ -105,7 +105,7 @@ def run(args, on_rows=None) -> list[dict]:
                             plan = lin._PLANS.get((m, n, k, dtype, gelu, True, device, False))
                             row["plan"] = lin.plan_name(plan) if plan is not None else None
                     except Exception as e:  # noqa: BLE001 - one provider failing leaves a gap, not a crash
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        row["error"] = common.error_text(e)
                     rows.append(row)
                     common.emit(row, ("shape", "provider", "us", "tflops", "weight_gbps", "plan"))
             ref = next((r["us"] for r in rows if r.get("shape") == shape and r.get("provider") == "cublas"
@@ -140,6 +140,7 @@ def run(args, on_rows=None) -> list[dict]:
 
 def _chain_rows(name, batch, m, n, k, gelu, device, dtype, pairs: int = 8) -> list:
     """The ``chain`` rows of one Linear (module docstring): µs per (LayerNorm → Linear) pair, 8 pairs a graph."""
+    from ard_kernels.graphs import GraphRunner
     from ard_kernels.ops import programmatic_launch
     from ard_kernels.ops.modulated_layer_norm import modulated_layer_norm_fwd
 
@@ -158,19 +159,11 @@ def _chain_rows(name, batch, m, n, k, gelu, device, dtype, pairs: int = 8) -> li
                         h = modulated_layer_norm_fwd(x, shift, scale, m, 1e-6, dtype)[0].reshape(m, k)
                         y = lin.linear(h, w, b, gelu, backend=backend)
                     return y
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # plans timed, kernels compiled, counters made: never in the capture
-                    chain()
-                    chain()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    chain()
-                row["us"] = 1e3 * common.time_ms(graph.replay, device) / pairs
-            del graph
+                # the warm-up runs time the plans, compile the kernels and make the counters: never in the capture
+                replay, _ = GraphRunner(device).capture(chain)
+                row["us"] = 1e3 * common.time_ms(replay, device) / pairs
         except Exception as e:  # noqa: BLE001 - one provider failing leaves a gap, not a crash
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row["error"] = common.error_text(e)
         rows.append(row)
         common.emit(row, ("shape", "provider", "us"))
     return rows

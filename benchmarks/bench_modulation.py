@@ -234,7 +234,7 @@ def _run_case(rows, op, shape, mode, provider, fn, inputs, dy, device, nbytes=No
     except torch.cuda.OutOfMemoryError:
         row["note"] = "out of memory"
     except Exception as e:  # noqa: BLE001 - one provider failing (e.g. a compile error) leaves a gap, not a crash
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        row["error"] = common.error_text(e)
     common.free_device_memory(device)
     rows.append(row)
     common.emit(row, ("op", "shape", "mode", "provider", "ms", "gbps"))

@@ -251,6 +251,11 @@ class Budget:
         return self.left() >= need_s
 
 
+def error_text(exc: BaseException) -> str:
+    """A failed case's ``error`` cell: the exception's type and the first line of its message (160 characters)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
 def skipped(reason: str = "time budget", **fields) -> dict:
     """A row for a case that was not run, so tables say what is missing rather than hide it."""
     return {**fields, "skipped": reason}
